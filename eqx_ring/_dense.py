@@ -1,0 +1,75 @@
+"""Dense attention: the reference every fast path is tested against."""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from ._checks import check_mask_args, check_qkv
+from ._masks import visible
+
+
+def dot_product_attention(
+    q: Float[Array, "*batch q_seq q_heads head_dim"],
+    k: Float[Array, "*batch kv_seq kv_heads head_dim"],
+    v: Float[Array, "*batch kv_seq kv_heads head_dim"],
+    /,
+    *,
+    causal: bool = False,
+    causal_block_size: int = 1,
+    segment_ids: Int[Array, "*batch q_seq"] | None = None,
+    kv_segment_ids: Int[Array, "*batch kv_seq"] | None = None,
+    key_bias: Float[Array, "*#batch kv_seq"] | None = None,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+) -> Float[Array, "*batch q_seq q_heads head_dim"]:
+    """Dense multi-head attention with every mask of the library; materializes the scores.
+
+    The reference that [`blockwise_attention`][eqx_ring.blockwise_attention] and
+    [`ring_attention`][eqx_ring.ring_attention] equal. Computes in float32 whatever the input
+    dtype and returns q's dtype. Memory is O(q_seq · kv_seq) per head: use it for checking and
+    for short sequences only.
+
+    **Arguments:**
+
+    - `q`: queries, `[*batch, q_seq, q_heads, head_dim]`.
+    - `k`, `v`: keys and values, `[*batch, kv_seq, kv_heads, head_dim]`; `q_heads` must be a
+      multiple of `kv_heads` (grouped-query attention: q head `h` reads kv head `h // (q_heads // kv_heads)`).
+    - `causal`: query `i` sees key `j` only if `j // causal_block_size <= i // causal_block_size`.
+    - `causal_block_size`: 1 for ordinary causal attention; tokens per frame for frame-causal.
+    - `segment_ids`: `[*batch, q_seq]` ints; a query sees only keys of its own segment (packing).
+    - `kv_segment_ids`: the keys' segment ids when they differ from `segment_ids`.
+    - `key_bias`: added to the scores of each key, broadcast over queries and heads (e.g. `-inf`
+      for padding).
+    - `sliding_window`: `w`; query `i` sees key `j` only if `i - w < j <= i`.
+    - `scale`: multiplies `q·k`; defaults to `head_dim ** -0.5`.
+
+    Positions are token indices starting at 0 on both sides. A query that sees no key returns 0.
+    """
+    dims = check_qkv(q, k, v)
+    spec, q_seg, k_seg, bias = check_mask_args(
+        dims,
+        causal=causal,
+        causal_block_size=causal_block_size,
+        sliding_window=sliding_window,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        key_bias=key_bias,
+    )
+    scale = dims.head_dim**-0.5 if scale is None else scale
+    groups = dims.q_heads // dims.kv_heads
+    f32 = jnp.float32
+    qg = q.astype(f32).reshape(*dims.batch, dims.q_len, dims.kv_heads, groups, dims.head_dim)
+    s = jnp.einsum("...qhgd,...khd->...hgqk", qg, k.astype(f32)) * scale
+    if bias is not None:
+        s = s + bias.astype(f32)[..., None, None, None, :]
+    mask = visible(
+        spec, jnp.arange(dims.q_len), jnp.arange(dims.kv_len), q_seg, k_seg
+    )
+    if mask is not None:
+        s = jnp.where(mask[..., None, None, :, :], s, -jnp.inf)
+    m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = p.sum(-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    o = jnp.einsum("...hgqk,...khd->...qhgd", p, v.astype(f32))
+    return o.reshape(q.shape).astype(q.dtype)

@@ -1,0 +1,281 @@
+"""Blockwise online-softmax attention and its ring, forward and backward.
+
+One implementation serves both public kernels: `blockwise_attention` is a ring of one device.
+
+Internal shapes (B = flattened batch, K = kv heads, G = q heads per kv head):
+
+    q, do        [B, Lq, K, G, D]      input dtype
+    k, v         [B, Lk, K, D]         input dtype, travel around the ring
+    acc, dq      [B, K, G, Lq, D]      float32 (head-major, so block matmuls need no transposes)
+    m, l, lse    [B, K, G, Lq]         float32
+    seg          [B, L] int32;  bias [B, Lk] float32;  positions [L] int32 (recomputed, never sent)
+"""
+
+from collections.abc import Callable, Hashable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array
+
+from ._layout import shard_positions
+from ._masks import SKIP, MaskSpec, classify, visible
+
+_F32 = jnp.float32
+
+
+class Config(NamedTuple):
+    """Everything static about one attention call (hashable: it is a custom_vjp nondiff arg)."""
+
+    spec: MaskSpec
+    scale: float
+    q_chunk: int
+    k_chunk: int
+    axis_name: Hashable | None
+    layout: str
+
+
+class KV(NamedTuple):
+    """What travels around the ring together: a key/value block and its per-key data."""
+
+    k: Array
+    v: Array
+    seg: Array | None
+    bias: Array | None
+
+
+def _dsl(x, start, size, axis):
+    return lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _dus(x, update, start, axis):
+    return lax.dynamic_update_slice_in_dim(x, update, start, axis)
+
+
+def _opt(f, x, *rest):
+    return None if x is None else f(x, *rest)
+
+
+def _dispatch(cfg: Config, q_pos, q_seg, k_pos, k_seg, compute: Callable[[Any], Any], skipped):
+    """Run `compute(mask)` only where some pair is visible, and build the mask only where needed."""
+    spec = cfg.spec
+    if not spec.positional and q_seg is None:
+        return compute(None)
+    kind = classify(spec, q_pos, k_pos, q_seg, k_seg)
+    return lax.switch(
+        kind,
+        (
+            lambda: skipped,
+            lambda: compute(None),
+            lambda: compute(visible(spec, q_pos, k_pos, q_seg, k_seg)),
+        ),
+    )
+
+
+def _scores(qc, kc, bias_c, mask, scale):
+    s = jnp.einsum("bqkgd,bpkd->bkgqp", qc, kc, preferred_element_type=_F32) * scale
+    if bias_c is not None:
+        s = s + bias_c[:, None, None, None, :]
+    if mask is not None:
+        s = jnp.where(mask[:, None, None] if mask.ndim == 3 else mask, s, -jnp.inf)
+    return s
+
+
+def _fwd_block(qc, kc, vc, bias_c, mask, acc, m, l, scale):
+    s = _scores(qc, kc, bias_c, mask, scale)
+    m_new = jnp.maximum(m, s.max(-1))
+    # A row with nothing visible yet keeps m = -inf; shifting by 0 there keeps exp() at 0, not NaN.
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_use[..., None])
+    alpha = jnp.exp(m - m_use)
+    l = alpha * l + p.sum(-1)
+    pv = jnp.einsum("bkgqp,bpkd->bkgqd", p.astype(vc.dtype), vc, preferred_element_type=_F32)
+    return acc * alpha[..., None] + pv, m_new, l
+
+
+def _bwd_block(qc, kc, vc, bias_c, mask, doc, lse_c, delta_c, scale):
+    s = _scores(qc, kc, bias_c, mask, scale)
+    p = jnp.exp(s - lse_c[..., None])
+    dv = jnp.einsum("bkgqp,bqkgd->bpkd", p.astype(doc.dtype), doc, preferred_element_type=_F32)
+    dp = jnp.einsum("bqkgd,bpkd->bkgqp", doc, vc, preferred_element_type=_F32)
+    ds = p * (dp - delta_c[..., None])
+    # dq and dk miss the factor `scale`; it is applied once to the finished sums.
+    dq = jnp.einsum("bkgqp,bpkd->bkgqd", ds.astype(kc.dtype), kc, preferred_element_type=_F32)
+    dk = jnp.einsum("bkgqp,bqkgd->bpkd", ds.astype(qc.dtype), qc, preferred_element_type=_F32)
+    db = None if bias_c is None else ds.sum((1, 2, 3))
+    return dq, dk, dv, db
+
+
+def _fwd_sweep(cfg: Config, q, q_pos, q_seg, kv: KV, k_pos, state):
+    """Fold one key/value block into the running (acc, m, l) of every local query."""
+    cq, ck = cfg.q_chunk, cfg.k_chunk
+
+    def q_step(i, state):
+        qs = i * cq
+        qc, qp, qsg = _dsl(q, qs, cq, 1), _dsl(q_pos, qs, cq, 0), _opt(_dsl, q_seg, qs, cq, 1)
+        blk = tuple(_dsl(x, qs, cq, 3) for x in state)
+
+        def k_step(j, blk):
+            ks = j * ck
+            kc, vc, kp = _dsl(kv.k, ks, ck, 1), _dsl(kv.v, ks, ck, 1), _dsl(k_pos, ks, ck, 0)
+            ksg, kb = _opt(_dsl, kv.seg, ks, ck, 1), _opt(_dsl, kv.bias, ks, ck, 1)
+            return _dispatch(
+                cfg, qp, qsg, kp, ksg, lambda mask: _fwd_block(qc, kc, vc, kb, mask, *blk, cfg.scale), blk
+            )
+
+        blk = lax.fori_loop(0, kv.k.shape[1] // ck, k_step, blk)
+        return tuple(_dus(x, b, qs, 3) for x, b in zip(state, blk, strict=True))
+
+    return lax.fori_loop(0, q.shape[1] // cq, q_step, state)
+
+
+def _bwd_sweep(cfg: Config, q, q_pos, q_seg, do, lse, delta, kv: KV, k_pos, dq, dkv):
+    """Add one key/value block's contribution to dq and to that block's (dk, dv, dbias)."""
+    cq, ck = cfg.q_chunk, cfg.k_chunk
+
+    def k_step(j, carry):
+        dq, dkv = carry
+        ks = j * ck
+        kc, vc, kp = _dsl(kv.k, ks, ck, 1), _dsl(kv.v, ks, ck, 1), _dsl(k_pos, ks, ck, 0)
+        ksg, kb = _opt(_dsl, kv.seg, ks, ck, 1), _opt(_dsl, kv.bias, ks, ck, 1)
+        blk = tuple(_opt(_dsl, x, ks, ck, 1) for x in dkv)
+
+        def q_step(i, c):
+            dq, blk = c
+            qs = i * cq
+            qp, qsg = _dsl(q_pos, qs, cq, 0), _opt(_dsl, q_seg, qs, cq, 1)
+
+            def compute(mask):
+                ddq, *dblk = _bwd_block(
+                    _dsl(q, qs, cq, 1), kc, vc, kb, mask, _dsl(do, qs, cq, 1),
+                    _dsl(lse, qs, cq, 3), _dsl(delta, qs, cq, 3), cfg.scale,
+                )
+                dq_new = _dus(dq, _dsl(dq, qs, cq, 3) + ddq, qs, 3)
+                return dq_new, tuple(None if a is None else a + b for a, b in zip(blk, dblk, strict=True))
+
+            return _dispatch(cfg, qp, qsg, kp, ksg, compute, c)
+
+        dq, blk = lax.fori_loop(0, q.shape[1] // cq, q_step, (dq, blk))
+        return dq, tuple(_opt(_dus, x, b, ks, 1) for x, b in zip(dkv, blk, strict=True))
+
+    return lax.fori_loop(0, kv.k.shape[1] // ck, k_step, (dq, dkv))
+
+
+def _ring_geometry(cfg: Config):
+    """(devices on the ring, this device's index); (1, 0) without an axis."""
+    if cfg.axis_name is None:
+        return 1, 0
+    return lax.axis_size(cfg.axis_name), lax.axis_index(cfg.axis_name)
+
+
+def _shift(tree, cfg: Config, n: int):
+    """Send a pytree one step along the ring: device i -> i + 1."""
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    return jax.tree.map(lambda x: lax.ppermute(x, cfg.axis_name, perm), tree)
+
+
+def _unless_skipped(cfg: Config, q_pos, q_seg, k_pos, k_seg, fn: Callable[[], Any], skipped):
+    """Skip a whole ring step when no query of this device sees any key of the visiting block."""
+    if not cfg.spec.positional and q_seg is None:
+        return fn()
+    kind = classify(cfg.spec, q_pos, k_pos, q_seg, k_seg)
+    return lax.cond(kind == SKIP, lambda: skipped, fn)
+
+
+def _forward(cfg: Config, q, kv: KV, q_seg):
+    n, r = _ring_geometry(cfg)
+    b, lq, kh, g, d = q.shape
+    lk = kv.k.shape[1]
+    q_pos = shard_positions(r, lq, cfg.layout, n)
+    # full_like inherits q's varying mesh axes, so the carries type-check under shard_map.
+    state = (
+        jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq, d)),
+        jnp.full_like(q, -jnp.inf, _F32, shape=(b, kh, g, lq)),
+        jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq)),
+    )
+
+    def step(s, kv, state):
+        k_pos = shard_positions((r - s) % n, lk, cfg.layout, n)
+        return _unless_skipped(
+            cfg, q_pos, q_seg, k_pos, kv.seg, lambda: _fwd_sweep(cfg, q, q_pos, q_seg, kv, k_pos, state), state
+        )
+
+    if n > 1:
+
+        def body(carry, s):
+            kv, state = carry
+            nxt = _shift(kv, cfg, n)  # issued before this step's compute, which it overlaps
+            return (nxt, step(s, kv, state)), None
+
+        (kv, state), _ = lax.scan(body, (kv, state), jnp.arange(n - 1))
+    acc, m, l = step(n - 1, kv, state)
+    seen = l > 0
+    l_safe = jnp.where(seen, l, 1.0)
+    o = (acc / l_safe[..., None]).transpose(0, 3, 1, 2, 4)
+    lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+    return o, lse
+
+
+def _backward(cfg: Config, q, kv: KV, q_seg, o, lse, do):
+    n, r = _ring_geometry(cfg)
+    b, lq, kh, g, d = q.shape
+    lk = kv.k.shape[1]
+    q_pos = shard_positions(r, lq, cfg.layout, n)
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(_F32), o.astype(_F32))
+    # Rows that saw no key have lse = -inf and every score -inf; shifting by 0 keeps p at 0.
+    lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+    dq = jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq, d))
+    dkv = (
+        jnp.full_like(kv.k, 0.0, _F32),
+        jnp.full_like(kv.v, 0.0, _F32),
+        _opt(jnp.full_like, kv.bias, 0.0, _F32),
+    )
+
+    def step(s, kv, dq, dkv):
+        k_pos = shard_positions((r - s) % n, lk, cfg.layout, n)
+        return _unless_skipped(
+            cfg, q_pos, q_seg, k_pos, kv.seg,
+            lambda: _bwd_sweep(cfg, q, q_pos, q_seg, do, lse, delta, kv, k_pos, dq, dkv),
+            (dq, dkv),
+        )
+
+    if n > 1:
+
+        def body(carry, s):
+            kv, dq, dkv = carry
+            nxt = _shift(kv, cfg, n)
+            dq, dkv = step(s, kv, dq, dkv)
+            # The gradient accumulators travel with their block, one step behind its k/v.
+            return (nxt, dq, _shift(dkv, cfg, n)), None
+
+        (kv, dq, dkv), _ = lax.scan(body, (kv, dq, dkv), jnp.arange(n - 1))
+    dq, dkv = step(n - 1, kv, dq, dkv)
+    if n > 1:
+        dkv = _shift(dkv, cfg, n)  # the last hop brings each block's gradients home
+    dk, dv, db = dkv
+    dq = (dq * cfg.scale).transpose(0, 3, 1, 2, 4)
+    return dq, dk * cfg.scale, dv, db
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attention(cfg: Config, q, k, v, bias, q_seg, k_seg):
+    """Exact attention of local queries against the ring's keys. Shapes as in the module docstring."""
+    o, _ = _forward(cfg, q, KV(k, v, k_seg, bias), q_seg)
+    return o.astype(q.dtype)
+
+
+def _attention_fwd(cfg: Config, q, k, v, bias, q_seg, k_seg):
+    o, lse = _forward(cfg, q, KV(k, v, k_seg, bias), q_seg)
+    o = o.astype(q.dtype)
+    return o, (q, k, v, bias, q_seg, k_seg, o, lse)
+
+
+def _attention_bwd(cfg: Config, res, do):
+    q, k, v, bias, q_seg, k_seg, o, lse = res
+    dq, dk, dv, db = _backward(cfg, q, KV(k, v, k_seg, bias), q_seg, o, lse, do)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), _opt(lambda x: x.astype(bias.dtype), db), None, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)

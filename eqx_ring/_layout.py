@@ -1,0 +1,87 @@
+"""Sequence layouts that balance causal work around the ring.
+
+A layout is a permutation of a global sequence axis. Shard ``r`` of ``n`` holds the slots
+``[r * L, (r + 1) * L)`` of the permuted axis, where ``L = seq_len // n``. Kernels never see the
+permutation itself: they recompute each local slot's true position from ``(layout, shard, n)``.
+"""
+
+from typing import Literal, TypeAlias, TypeVar
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Int
+
+Layout: TypeAlias = Literal["contiguous", "zigzag", "striped"]
+LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag", "striped")
+
+_A = TypeVar("_A", np.ndarray, Array)
+
+
+def check_layout(layout: str, seq_len: int, num_shards: int, *, what: str = "seq_len") -> None:
+    """Raise a `ValueError` unless `layout` is known and splits `seq_len` evenly into `num_shards`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+    parts = 2 * num_shards if layout == "zigzag" else num_shards
+    if seq_len % parts:
+        detail = f"2 × {num_shards} shards" if layout == "zigzag" else f"{num_shards} shards"
+        raise ValueError(
+            f"{what}={seq_len} must be divisible by {parts} ({detail}) for layout={layout!r}"
+        )
+
+
+def shard_positions(shard, local_len: int, layout: str, num_shards: int, xp=jnp):
+    """True positions of the `local_len` slots held by `shard` (which may be a traced index)."""
+    i = xp.arange(local_len, dtype=xp.int32)
+    if layout == "contiguous" or num_shards == 1:
+        return shard * local_len + i
+    if layout == "striped":
+        return i * num_shards + shard
+    half = local_len // 2  # zigzag: shard r holds chunks r and 2n-1-r of size half
+    return xp.where(i < half, shard * half + i, (2 * num_shards - 1 - shard) * half + (i - half))
+
+
+def layout_positions(seq_len: int, layout: Layout, num_shards: int) -> Int[np.ndarray, " seq"]:
+    """True position of the token stored in each slot after [`to_layout`][eqx_ring.to_layout].
+
+    **Arguments:**
+
+    - `seq_len`: global sequence length.
+    - `layout`: `"contiguous"`, `"zigzag"` or `"striped"`.
+    - `num_shards`: number of devices on the ring.
+
+    **Returns:**
+
+    An int32 NumPy array `pos` of shape `(seq_len,)`: slot `t` of the laid-out sequence holds the
+    token whose original index is `pos[t]`.
+    """
+    check_layout(layout, seq_len, num_shards)
+    local = seq_len // num_shards
+    return np.concatenate(
+        [shard_positions(r, local, layout, num_shards, xp=np) for r in range(num_shards)]
+    ).astype(np.int32)
+
+
+def _take(x: _A, index: np.ndarray, axis: int) -> _A:
+    if isinstance(x, np.ndarray):
+        return np.take(x, index, axis=axis)
+    return jnp.take(x, index, axis=axis)
+
+
+def to_layout(x: ArrayLike, layout: Layout, num_shards: int, *, axis: int) -> Array | np.ndarray:
+    """Permute the sequence axis `axis` of `x` from natural order into `layout`.
+
+    NumPy input gives NumPy output (for data pipelines); anything else gives a JAX array.
+    Splitting the result evenly over `num_shards` devices along `axis` gives each device the
+    tokens the layout assigns to it.
+    """
+    x = x if isinstance(x, np.ndarray) else jnp.asarray(x)
+    return _take(x, layout_positions(x.shape[axis], layout, num_shards), axis)
+
+
+def from_layout(x: ArrayLike, layout: Layout, num_shards: int, *, axis: int) -> Array | np.ndarray:
+    """Inverse of [`to_layout`][eqx_ring.to_layout]: back to natural token order along `axis`."""
+    x = x if isinstance(x, np.ndarray) else jnp.asarray(x)
+    perm = layout_positions(x.shape[axis], layout, num_shards)
+    return _take(x, np.argsort(perm).astype(np.int32), axis)
