@@ -275,7 +275,8 @@ def _attention_fwd(cfg: Config, q, k, v, bias, q_seg, k_seg):
 def _attention_bwd(cfg: Config, res, do):
     q, k, v, bias, q_seg, k_seg, o, lse = res
     dq, dk, dv, db = _backward(cfg, q, KV(k, v, k_seg, bias), q_seg, o, lse, do)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), _opt(lambda x: x.astype(bias.dtype), db), None, None
+    db = None if db is None else db.astype(bias.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), db, None, None
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

@@ -37,7 +37,10 @@ def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, s
     qi = q.reshape(b, dims.q_len, dims.kv_heads, groups, dims.head_dim)
     ki = k.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim)
     vi = v.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim)
-    flat = (lambda x, n: None if x is None else x.reshape(b, n))
+
+    def flat(x, n):
+        return None if x is None else x.reshape(b, n)
+
     bias = None if bias is None else bias.astype(jnp.float32)
     o = attention(cfg, qi, ki, vi, flat(bias, dims.kv_len), flat(q_seg, dims.q_len), flat(k_seg, dims.kv_len))
     return o.reshape(q.shape)
