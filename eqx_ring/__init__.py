@@ -3,17 +3,10 @@
 from ._dense import dot_product_attention as dot_product_attention
 from ._layout import (
     Layout as Layout,
-)
-from ._layout import (
     from_layout as from_layout,
-)
-from ._layout import (
     layout_positions as layout_positions,
-)
-from ._layout import (
     to_layout as to_layout,
 )
-from ._ring import blockwise_attention as blockwise_attention
-from ._ring import ring_attention as ring_attention
+from ._ring import blockwise_attention as blockwise_attention, ring_attention as ring_attention
 
 __version__ = "0.1.0"

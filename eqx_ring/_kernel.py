@@ -2,13 +2,15 @@
 
 One implementation serves both public kernels: `blockwise_attention` is a ring of one device.
 
-Internal shapes (B = flattened batch, K = kv heads, G = q heads per kv head):
+Internal shapes are head-major, so every block matmul is a plain or a right-transposed
+product (XLA:CPU runs left-transposed ones about 3x slower). B = flattened batch, K = kv heads,
+G = q heads per kv head:
 
-    q, do        [B, Lq, K, G, D]      input dtype
-    k, v         [B, Lk, K, D]         input dtype, travel around the ring
-    acc, dq      [B, K, G, Lq, D]      float32 (head-major, so block matmuls need no transposes)
-    m, l, lse    [B, K, G, Lq]         float32
-    seg          [B, L] int32;  bias [B, Lk] float32;  positions [L] int32 (recomputed, never sent)
+    q, do, acc, dq    [B, K, G, Lq, D]     (acc, dq float32)
+    k, v              [B, K, Lk, D]        input dtype, travel around the ring
+    dk^T, dv^T        [B, K, D, Lk]        float32, travel with their block
+    m, l, lse, delta  [B, K, G, Lq]        float32
+    seg [B, L] int32;  bias [B, Lk] float32;  positions [L] int32 (recomputed, never sent)
 """
 
 from collections.abc import Callable, Hashable
@@ -75,7 +77,7 @@ def _dispatch(cfg: Config, q_pos, q_seg, k_pos, k_seg, compute: Callable[[Any], 
 
 
 def _scores(qc, kc, bias_c, mask, scale):
-    s = jnp.einsum("bqkgd,bpkd->bkgqp", qc, kc, preferred_element_type=_F32) * scale
+    s = jnp.einsum("bkgqd,bkpd->bkgqp", qc, kc, preferred_element_type=_F32) * scale
     if bias_c is not None:
         s = s + bias_c[:, None, None, None, :]
     if mask is not None:
@@ -91,21 +93,22 @@ def _fwd_block(qc, kc, vc, bias_c, mask, acc, m, l, scale):
     p = jnp.exp(s - m_use[..., None])
     alpha = jnp.exp(m - m_use)
     l = alpha * l + p.sum(-1)
-    pv = jnp.einsum("bkgqp,bpkd->bkgqd", p.astype(vc.dtype), vc, preferred_element_type=_F32)
+    pv = jnp.einsum("bkgqp,bkpd->bkgqd", p.astype(vc.dtype), vc, preferred_element_type=_F32)
     return acc * alpha[..., None] + pv, m_new, l
 
 
-def _bwd_block(qc, kc, vc, bias_c, mask, doc, lse_c, delta_c, scale):
+def _bwd_block(qc, q_t, kc, vc, bias_c, mask, doc, do_t, lse_c, delta_c, scale):
+    """Gradients of one block; q_t / do_t are the chunks transposed to [B, K, D, G, Cq]."""
     s = _scores(qc, kc, bias_c, mask, scale)
     p = jnp.exp(s - lse_c[..., None])
-    dv = jnp.einsum("bkgqp,bqkgd->bpkd", p.astype(doc.dtype), doc, preferred_element_type=_F32)
-    dp = jnp.einsum("bqkgd,bpkd->bkgqp", doc, vc, preferred_element_type=_F32)
+    dv_t = jnp.einsum("bkdgq,bkgqp->bkdp", do_t, p.astype(do_t.dtype), preferred_element_type=_F32)
+    dp = jnp.einsum("bkgqd,bkpd->bkgqp", doc, vc, preferred_element_type=_F32)
     ds = p * (dp - delta_c[..., None])
     # dq and dk miss the factor `scale`; it is applied once to the finished sums.
-    dq = jnp.einsum("bkgqp,bpkd->bkgqd", ds.astype(kc.dtype), kc, preferred_element_type=_F32)
-    dk = jnp.einsum("bkgqp,bqkgd->bpkd", ds.astype(qc.dtype), qc, preferred_element_type=_F32)
+    dq = jnp.einsum("bkgqp,bkpd->bkgqd", ds.astype(kc.dtype), kc, preferred_element_type=_F32)
+    dk_t = jnp.einsum("bkdgq,bkgqp->bkdp", q_t, ds.astype(q_t.dtype), preferred_element_type=_F32)
     db = None if bias_c is None else ds.sum((1, 2, 3))
-    return dq, dk, dv, db
+    return dq, dk_t, dv_t, db
 
 
 def _fwd_sweep(cfg: Config, q, q_pos, q_seg, kv: KV, k_pos, state):
@@ -114,53 +117,56 @@ def _fwd_sweep(cfg: Config, q, q_pos, q_seg, kv: KV, k_pos, state):
 
     def q_step(i, state):
         qs = i * cq
-        qc, qp, qsg = _dsl(q, qs, cq, 1), _dsl(q_pos, qs, cq, 0), _opt(_dsl, q_seg, qs, cq, 1)
+        qc, qp, qsg = _dsl(q, qs, cq, 3), _dsl(q_pos, qs, cq, 0), _opt(_dsl, q_seg, qs, cq, 1)
         blk = tuple(_dsl(x, qs, cq, 3) for x in state)
 
         def k_step(j, blk):
             ks = j * ck
-            kc, vc, kp = _dsl(kv.k, ks, ck, 1), _dsl(kv.v, ks, ck, 1), _dsl(k_pos, ks, ck, 0)
+            kc, vc, kp = _dsl(kv.k, ks, ck, 2), _dsl(kv.v, ks, ck, 2), _dsl(k_pos, ks, ck, 0)
             ksg, kb = _opt(_dsl, kv.seg, ks, ck, 1), _opt(_dsl, kv.bias, ks, ck, 1)
             return _dispatch(
                 cfg, qp, qsg, kp, ksg, lambda mask: _fwd_block(qc, kc, vc, kb, mask, *blk, cfg.scale), blk
             )
 
-        blk = lax.fori_loop(0, kv.k.shape[1] // ck, k_step, blk)
+        blk = lax.fori_loop(0, kv.k.shape[2] // ck, k_step, blk)
         return tuple(_dus(x, b, qs, 3) for x, b in zip(state, blk, strict=True))
 
-    return lax.fori_loop(0, q.shape[1] // cq, q_step, state)
+    return lax.fori_loop(0, q.shape[3] // cq, q_step, state)
 
 
 def _bwd_sweep(cfg: Config, q, q_pos, q_seg, do, lse, delta, kv: KV, k_pos, dq, dkv):
-    """Add one key/value block's contribution to dq and to that block's (dk, dv, dbias)."""
+    """Add one key/value block's contribution to dq and to that block's (dk^T, dv^T, dbias)."""
     cq, ck = cfg.q_chunk, cfg.k_chunk
 
-    def k_step(j, carry):
+    def q_step(i, carry):
         dq, dkv = carry
-        ks = j * ck
-        kc, vc, kp = _dsl(kv.k, ks, ck, 1), _dsl(kv.v, ks, ck, 1), _dsl(k_pos, ks, ck, 0)
-        ksg, kb = _opt(_dsl, kv.seg, ks, ck, 1), _opt(_dsl, kv.bias, ks, ck, 1)
-        blk = tuple(_opt(_dsl, x, ks, ck, 1) for x in dkv)
+        qs = i * cq
+        qc, doc = _dsl(q, qs, cq, 3), _dsl(do, qs, cq, 3)
+        q_t, do_t = qc.transpose(0, 1, 4, 2, 3), doc.transpose(0, 1, 4, 2, 3)
+        lse_c, delta_c = _dsl(lse, qs, cq, 3), _dsl(delta, qs, cq, 3)
+        qp, qsg = _dsl(q_pos, qs, cq, 0), _opt(_dsl, q_seg, qs, cq, 1)
 
-        def q_step(i, c):
-            dq, blk = c
-            qs = i * cq
-            qp, qsg = _dsl(q_pos, qs, cq, 0), _opt(_dsl, q_seg, qs, cq, 1)
+        def k_step(j, c):
+            dqc, dkv = c
+            ks = j * ck
+            kc, vc, kp = _dsl(kv.k, ks, ck, 2), _dsl(kv.v, ks, ck, 2), _dsl(k_pos, ks, ck, 0)
+            ksg, kb = _opt(_dsl, kv.seg, ks, ck, 1), _opt(_dsl, kv.bias, ks, ck, 1)
 
             def compute(mask):
-                ddq, *dblk = _bwd_block(
-                    _dsl(q, qs, cq, 1), kc, vc, kb, mask, _dsl(do, qs, cq, 1),
-                    _dsl(lse, qs, cq, 3), _dsl(delta, qs, cq, 3), cfg.scale,
+                ddq, *dblk = _bwd_block(qc, q_t, kc, vc, kb, mask, doc, do_t, lse_c, delta_c, cfg.scale)
+                axes = (3, 3, 1)  # dk^T, dv^T, dbias
+                dkv_new = tuple(
+                    None if x is None else _dus(x, _dsl(x, ks, ck, ax) + d, ks, ax)
+                    for x, d, ax in zip(dkv, dblk, axes, strict=True)
                 )
-                dq_new = _dus(dq, _dsl(dq, qs, cq, 3) + ddq, qs, 3)
-                return dq_new, tuple(None if a is None else a + b for a, b in zip(blk, dblk, strict=True))
+                return dqc + ddq, dkv_new
 
             return _dispatch(cfg, qp, qsg, kp, ksg, compute, c)
 
-        dq, blk = lax.fori_loop(0, q.shape[1] // cq, q_step, (dq, blk))
-        return dq, tuple(_opt(_dus, x, b, ks, 1) for x, b in zip(dkv, blk, strict=True))
+        dqc, dkv = lax.fori_loop(0, kv.k.shape[2] // ck, k_step, (_dsl(dq, qs, cq, 3), dkv))
+        return _dus(dq, dqc, qs, 3), dkv
 
-    return lax.fori_loop(0, kv.k.shape[1] // ck, k_step, (dq, dkv))
+    return lax.fori_loop(0, q.shape[3] // cq, q_step, (dq, dkv))
 
 
 def _ring_geometry(cfg: Config):
@@ -186,8 +192,8 @@ def _unless_skipped(cfg: Config, q_pos, q_seg, k_pos, k_seg, fn: Callable[[], An
 
 def _forward(cfg: Config, q, kv: KV, q_seg):
     n, r = _ring_geometry(cfg)
-    b, lq, kh, g, d = q.shape
-    lk = kv.k.shape[1]
+    b, kh, g, lq, d = q.shape
+    lk = kv.k.shape[2]
     q_pos = shard_positions(r, lq, cfg.layout, n)
     # full_like inherits q's varying mesh axes, so the carries type-check under shard_map.
     state = (
@@ -213,23 +219,23 @@ def _forward(cfg: Config, q, kv: KV, q_seg):
     acc, m, l = step(n - 1, kv, state)
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
-    o = (acc / l_safe[..., None]).transpose(0, 3, 1, 2, 4)
+    o = acc / l_safe[..., None]
     lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
     return o, lse
 
 
 def _backward(cfg: Config, q, kv: KV, q_seg, o, lse, do):
     n, r = _ring_geometry(cfg)
-    b, lq, kh, g, d = q.shape
-    lk = kv.k.shape[1]
+    b, kh, g, lq, d = q.shape
+    lk = kv.k.shape[2]
     q_pos = shard_positions(r, lq, cfg.layout, n)
-    delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(_F32), o.astype(_F32))
+    delta = jnp.einsum("bkgqd,bkgqd->bkgq", do.astype(_F32), o.astype(_F32))
     # Rows that saw no key have lse = -inf and every score -inf; shifting by 0 keeps p at 0.
     lse = jnp.where(lse == -jnp.inf, 0.0, lse)
     dq = jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq, d))
     dkv = (
-        jnp.full_like(kv.k, 0.0, _F32),
-        jnp.full_like(kv.v, 0.0, _F32),
+        jnp.full_like(kv.k, 0.0, _F32, shape=(b, kh, d, lk)),
+        jnp.full_like(kv.v, 0.0, _F32, shape=(b, kh, d, lk)),
         _opt(jnp.full_like, kv.bias, 0.0, _F32),
     )
 
@@ -254,9 +260,8 @@ def _backward(cfg: Config, q, kv: KV, q_seg, o, lse, do):
     dq, dkv = step(n - 1, kv, dq, dkv)
     if n > 1:
         dkv = _shift(dkv, cfg, n)  # the last hop brings each block's gradients home
-    dk, dv, db = dkv
-    dq = (dq * cfg.scale).transpose(0, 3, 1, 2, 4)
-    return dq, dk * cfg.scale, dv, db
+    dk_t, dv_t, db = dkv
+    return dq * cfg.scale, (dk_t * cfg.scale).transpose(0, 1, 3, 2), dv_t.transpose(0, 1, 3, 2), db
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

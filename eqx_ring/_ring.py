@@ -34,16 +34,17 @@ def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, s
     )
     b = -1 if dims.batch else 1
     groups = dims.q_heads // dims.kv_heads
-    qi = q.reshape(b, dims.q_len, dims.kv_heads, groups, dims.head_dim)
-    ki = k.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim)
-    vi = v.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim)
+    # Head-major inside the kernel; autodiff transposes the cotangents back.
+    qi = q.reshape(b, dims.q_len, dims.kv_heads, groups, dims.head_dim).transpose(0, 2, 3, 1, 4)
+    ki = k.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim).transpose(0, 2, 1, 3)
+    vi = v.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim).transpose(0, 2, 1, 3)
 
     def flat(x, n):
         return None if x is None else x.reshape(b, n)
 
     bias = None if bias is None else bias.astype(jnp.float32)
     o = attention(cfg, qi, ki, vi, flat(bias, dims.kv_len), flat(q_seg, dims.q_len), flat(k_seg, dims.kv_len))
-    return o.reshape(q.shape)
+    return o.transpose(0, 3, 1, 2, 4).reshape(q.shape)
 
 
 def blockwise_attention(
