@@ -95,7 +95,7 @@ def matmul_gflops(mesh, one, reps):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 16384], help="sequence lengths to time")
+    ap.add_argument("--seq", type=int, nargs="*", default=[8192, 16384], help="sequence lengths to time")
     ap.add_argument("--mem-seq", type=int, nargs="+", default=[8192, 16384, 32768], help="lengths for memory")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--impls", nargs="+", help="only implementations whose name contains one of these words")

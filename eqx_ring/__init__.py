@@ -2,7 +2,6 @@
 
 from ._dense import dot_product_attention as dot_product_attention
 from ._layout import (
-    Layout as Layout,
     from_layout as from_layout,
     layout_positions as layout_positions,
     to_layout as to_layout,

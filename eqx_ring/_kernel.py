@@ -2,12 +2,14 @@
 
 One implementation serves both public kernels: `blockwise_attention` is a ring of one device.
 
-Internal shapes are head-major, so every block matmul is a plain or a right-transposed
-product (XLA:CPU runs left-transposed ones about 3x slower). B = flattened batch, K = kv heads,
+Whole arrays keep the caller's sequence-major layout (no copies); each chunk is transposed
+to head-major when it is used, so every block matmul is a plain or a right-transposed product
+(XLA:CPU runs left-transposed ones about 3x slower). B = flattened batch, K = kv heads,
 G = q heads per kv head:
 
-    q, do, acc, dq    [B, K, G, Lq, D]     (acc, dq float32)
-    k, v              [B, K, Lk, D]        input dtype, travel around the ring
+    q, o, do          [B, Lq, K, G, D]     input dtype
+    k, v              [B, Lk, K, D]        input dtype, travel around the ring
+    acc, dq           [B, K, G, Lq, D]     float32 accumulators, head-major
     dk^T, dv^T        [B, K, D, Lk]        float32, travel with their block
     m, l, lse, delta  [B, K, G, Lq]        float32
     seg [B, L] int32;  bias [B, Lk] float32;  positions [L] int32 (recomputed, never sent)
@@ -23,7 +25,7 @@ from jax import lax
 from jaxtyping import Array
 
 from ._layout import shard_positions
-from ._masks import SKIP, MaskSpec, classify, visible
+from ._masks import MaskSpec, classify, visible
 
 _F32 = jnp.float32
 
@@ -50,6 +52,16 @@ class KV(NamedTuple):
 
 def _dsl(x, start, size, axis):
     return lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _q_chunk(x, start, size):
+    """[B, L, K, G, D] -> the head-major chunk [B, K, G, size, D]."""
+    return _dsl(x, start, size, 1).transpose(0, 2, 3, 1, 4)
+
+
+def _kv_chunk(x, start, size):
+    """[B, L, K, D] -> the head-major chunk [B, K, size, D]."""
+    return _dsl(x, start, size, 1).transpose(0, 2, 1, 3)
 
 
 def _dus(x, update, start, axis):
@@ -111,27 +123,52 @@ def _bwd_block(qc, q_t, kc, vc, bias_c, mask, doc, do_t, lse_c, delta_c, scale):
     return dq, dk_t, dv_t, db
 
 
+def _each_kv_head(fn, per_head, headed, shared):
+    """Run `fn` on one kv head (with its G q heads) at a time.
+
+    `per_head` and `headed` have the kv-head axis at 1 and are sliced; `headed` and `shared`
+    are carried and updated. Block temporaries then hold Cq x Ck scores for G q heads only, so a
+    chunk pair's memory no longer grows with the head count; each matmul stays Cq x Ck x D.
+    """
+
+    def head(h, carry):
+        headed, shared = carry
+
+        def one(x):
+            return _dsl(x, h, 1, 1)
+
+        new_headed, shared = fn(*(one(x) for x in per_head), tuple(one(x) for x in headed), shared)
+        return tuple(_dus(x, y, h, 1) for x, y in zip(headed, new_headed, strict=True)), shared
+
+    return lax.fori_loop(0, per_head[0].shape[1], head, (headed, shared))
+
+
 def _fwd_sweep(cfg: Config, q, q_pos, q_seg, kv: KV, k_pos, state):
     """Fold one key/value block into the running (acc, m, l) of every local query."""
     cq, ck = cfg.q_chunk, cfg.k_chunk
 
     def q_step(i, state):
         qs = i * cq
-        qc, qp, qsg = _dsl(q, qs, cq, 3), _dsl(q_pos, qs, cq, 0), _opt(_dsl, q_seg, qs, cq, 1)
+        qc, qp, qsg = _q_chunk(q, qs, cq), _dsl(q_pos, qs, cq, 0), _opt(_dsl, q_seg, qs, cq, 1)
         blk = tuple(_dsl(x, qs, cq, 3) for x in state)
 
         def k_step(j, blk):
             ks = j * ck
-            kc, vc, kp = _dsl(kv.k, ks, ck, 2), _dsl(kv.v, ks, ck, 2), _dsl(k_pos, ks, ck, 0)
-            ksg, kb = _opt(_dsl, kv.seg, ks, ck, 1), _opt(_dsl, kv.bias, ks, ck, 1)
-            return _dispatch(
-                cfg, qp, qsg, kp, ksg, lambda mask: _fwd_block(qc, kc, vc, kb, mask, *blk, cfg.scale), blk
-            )
+            kp, ksg, kb = _dsl(k_pos, ks, ck, 0), _opt(_dsl, kv.seg, ks, ck, 1), _opt(_dsl, kv.bias, ks, ck, 1)
 
-        blk = lax.fori_loop(0, kv.k.shape[2] // ck, k_step, blk)
+            def compute(mask):
+                def block(qh, kh, vh, carry, shared):
+                    return _fwd_block(qh, kh, vh, kb, mask, *carry, cfg.scale), shared
+
+                per_head = (qc, _kv_chunk(kv.k, ks, ck), _kv_chunk(kv.v, ks, ck))
+                return _each_kv_head(block, per_head, blk, ())[0]
+
+            return _dispatch(cfg, qp, qsg, kp, ksg, compute, blk)
+
+        blk = lax.fori_loop(0, kv.k.shape[1] // ck, k_step, blk)
         return tuple(_dus(x, b, qs, 3) for x, b in zip(state, blk, strict=True))
 
-    return lax.fori_loop(0, q.shape[3] // cq, q_step, state)
+    return lax.fori_loop(0, q.shape[1] // cq, q_step, state)
 
 
 def _bwd_sweep(cfg: Config, q, q_pos, q_seg, do, lse, delta, kv: KV, k_pos, dq, dkv):
@@ -141,32 +178,38 @@ def _bwd_sweep(cfg: Config, q, q_pos, q_seg, do, lse, delta, kv: KV, k_pos, dq, 
     def q_step(i, carry):
         dq, dkv = carry
         qs = i * cq
-        qc, doc = _dsl(q, qs, cq, 3), _dsl(do, qs, cq, 3)
-        q_t, do_t = qc.transpose(0, 1, 4, 2, 3), doc.transpose(0, 1, 4, 2, 3)
+        q_raw, do_raw = _dsl(q, qs, cq, 1), _dsl(do, qs, cq, 1)
+        qc, doc = q_raw.transpose(0, 2, 3, 1, 4), do_raw.transpose(0, 2, 3, 1, 4)
+        q_t, do_t = q_raw.transpose(0, 2, 4, 3, 1), do_raw.transpose(0, 2, 4, 3, 1)
         lse_c, delta_c = _dsl(lse, qs, cq, 3), _dsl(delta, qs, cq, 3)
         qp, qsg = _dsl(q_pos, qs, cq, 0), _opt(_dsl, q_seg, qs, cq, 1)
 
         def k_step(j, c):
             dqc, dkv = c
             ks = j * ck
-            kc, vc, kp = _dsl(kv.k, ks, ck, 2), _dsl(kv.v, ks, ck, 2), _dsl(k_pos, ks, ck, 0)
-            ksg, kb = _opt(_dsl, kv.seg, ks, ck, 1), _opt(_dsl, kv.bias, ks, ck, 1)
+            kp, ksg, kb = _dsl(k_pos, ks, ck, 0), _opt(_dsl, kv.seg, ks, ck, 1), _opt(_dsl, kv.bias, ks, ck, 1)
+            axes = (3, 3, 1)  # dk^T, dv^T, dbias
+            blk = (dqc, *(_opt(_dsl, x, ks, ck, ax) for x, ax in zip(dkv, axes, strict=True)))
 
             def compute(mask):
-                ddq, *dblk = _bwd_block(qc, q_t, kc, vc, kb, mask, doc, do_t, lse_c, delta_c, cfg.scale)
-                axes = (3, 3, 1)  # dk^T, dv^T, dbias
-                dkv_new = tuple(
-                    None if x is None else _dus(x, _dsl(x, ks, ck, ax) + d, ks, ax)
-                    for x, d, ax in zip(dkv, dblk, axes, strict=True)
-                )
-                return dqc + ddq, dkv_new
+                def block(qh, q_th, kh, vh, doh, do_th, lse_h, delta_h, carry, db):
+                    *grads, ddb = _bwd_block(qh, q_th, kh, vh, kb, mask, doh, do_th, lse_h, delta_h, cfg.scale)
+                    carry = tuple(a + g for a, g in zip(carry, grads, strict=True))
+                    return carry, None if db is None else db + ddb
 
-            return _dispatch(cfg, qp, qsg, kp, ksg, compute, c)
+                per_head = (qc, q_t, _kv_chunk(kv.k, ks, ck), _kv_chunk(kv.v, ks, ck), doc, do_t, lse_c, delta_c)
+                headed, db = _each_kv_head(block, per_head, blk[:3], blk[3])
+                return (*headed, db)
 
-        dqc, dkv = lax.fori_loop(0, kv.k.shape[2] // ck, k_step, (_dsl(dq, qs, cq, 3), dkv))
+            # The branches see chunk-sized values only: whole accumulators stay outside the
+            # conditional, where XLA updates them in place instead of copying them.
+            dqc, *dblk = _dispatch(cfg, qp, qsg, kp, ksg, compute, blk)
+            return dqc, tuple(_opt(_dus, x, d, ks, ax) for x, d, ax in zip(dkv, dblk, axes, strict=True))
+
+        dqc, dkv = lax.fori_loop(0, kv.k.shape[1] // ck, k_step, (_dsl(dq, qs, cq, 3), dkv))
         return _dus(dq, dqc, qs, 3), dkv
 
-    return lax.fori_loop(0, q.shape[3] // cq, q_step, (dq, dkv))
+    return lax.fori_loop(0, q.shape[1] // cq, q_step, (dq, dkv))
 
 
 def _ring_geometry(cfg: Config):
@@ -182,18 +225,10 @@ def _shift(tree, cfg: Config, n: int):
     return jax.tree.map(lambda x: lax.ppermute(x, cfg.axis_name, perm), tree)
 
 
-def _unless_skipped(cfg: Config, q_pos, q_seg, k_pos, k_seg, fn: Callable[[], Any], skipped):
-    """Skip a whole ring step when no query of this device sees any key of the visiting block."""
-    if not cfg.spec.positional and q_seg is None:
-        return fn()
-    kind = classify(cfg.spec, q_pos, k_pos, q_seg, k_seg)
-    return lax.cond(kind == SKIP, lambda: skipped, fn)
-
-
 def _forward(cfg: Config, q, kv: KV, q_seg):
     n, r = _ring_geometry(cfg)
-    b, kh, g, lq, d = q.shape
-    lk = kv.k.shape[2]
+    b, lq, kh, g, d = q.shape
+    lk = kv.k.shape[1]
     q_pos = shard_positions(r, lq, cfg.layout, n)
     # full_like inherits q's varying mesh axes, so the carries type-check under shard_map.
     state = (
@@ -204,9 +239,7 @@ def _forward(cfg: Config, q, kv: KV, q_seg):
 
     def step(s, kv, state):
         k_pos = shard_positions((r - s) % n, lk, cfg.layout, n)
-        return _unless_skipped(
-            cfg, q_pos, q_seg, k_pos, kv.seg, lambda: _fwd_sweep(cfg, q, q_pos, q_seg, kv, k_pos, state), state
-        )
+        return _fwd_sweep(cfg, q, q_pos, q_seg, kv, k_pos, state)
 
     if n > 1:
 
@@ -219,17 +252,17 @@ def _forward(cfg: Config, q, kv: KV, q_seg):
     acc, m, l = step(n - 1, kv, state)
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
-    o = acc / l_safe[..., None]
+    o = (acc / l_safe[..., None]).transpose(0, 3, 1, 2, 4)
     lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
     return o, lse
 
 
 def _backward(cfg: Config, q, kv: KV, q_seg, o, lse, do):
     n, r = _ring_geometry(cfg)
-    b, kh, g, lq, d = q.shape
-    lk = kv.k.shape[2]
+    b, lq, kh, g, d = q.shape
+    lk = kv.k.shape[1]
     q_pos = shard_positions(r, lq, cfg.layout, n)
-    delta = jnp.einsum("bkgqd,bkgqd->bkgq", do.astype(_F32), o.astype(_F32))
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(_F32), o.astype(_F32))
     # Rows that saw no key have lse = -inf and every score -inf; shifting by 0 keeps p at 0.
     lse = jnp.where(lse == -jnp.inf, 0.0, lse)
     dq = jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq, d))
@@ -241,11 +274,7 @@ def _backward(cfg: Config, q, kv: KV, q_seg, o, lse, do):
 
     def step(s, kv, dq, dkv):
         k_pos = shard_positions((r - s) % n, lk, cfg.layout, n)
-        return _unless_skipped(
-            cfg, q_pos, q_seg, k_pos, kv.seg,
-            lambda: _bwd_sweep(cfg, q, q_pos, q_seg, do, lse, delta, kv, k_pos, dq, dkv),
-            (dq, dkv),
-        )
+        return _bwd_sweep(cfg, q, q_pos, q_seg, do, lse, delta, kv, k_pos, dq, dkv)
 
     if n > 1:
 
@@ -261,7 +290,8 @@ def _backward(cfg: Config, q, kv: KV, q_seg, o, lse, do):
     if n > 1:
         dkv = _shift(dkv, cfg, n)  # the last hop brings each block's gradients home
     dk_t, dv_t, db = dkv
-    return dq * cfg.scale, (dk_t * cfg.scale).transpose(0, 1, 3, 2), dv_t.transpose(0, 1, 3, 2), db
+    dq = (dq * cfg.scale).transpose(0, 3, 1, 2, 4)
+    return dq, (dk_t * cfg.scale).transpose(0, 3, 1, 2), dv_t.transpose(0, 3, 1, 2), db
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -5,13 +5,12 @@ A layout is a permutation of a global sequence axis. Shard ``r`` of ``n`` holds 
 permutation itself: they recompute each local slot's true position from ``(layout, shard, n)``.
 """
 
-from typing import Literal, TypeAlias, TypeVar
+from typing import TypeVar
 
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
-Layout: TypeAlias = Literal["contiguous", "zigzag", "striped"]
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag", "striped")
 
 _A = TypeVar("_A", np.ndarray, Array)
@@ -42,7 +41,7 @@ def shard_positions(shard, local_len: int, layout: str, num_shards: int, xp=jnp)
     return xp.where(i < half, shard * half + i, (2 * num_shards - 1 - shard) * half + (i - half))
 
 
-def layout_positions(seq_len: int, layout: Layout, num_shards: int) -> Int[np.ndarray, " seq"]:
+def layout_positions(seq_len: int, layout: str, num_shards: int) -> Int[np.ndarray, " seq"]:
     """True position of the token stored in each slot after [`to_layout`][eqx_ring.to_layout].
 
     **Arguments:**
@@ -69,7 +68,7 @@ def _take(x: _A, index: np.ndarray, axis: int) -> _A:
     return jnp.take(x, index, axis=axis)
 
 
-def to_layout(x: ArrayLike, layout: Layout, num_shards: int, *, axis: int) -> Array | np.ndarray:
+def to_layout(x: ArrayLike, layout: str, num_shards: int, *, axis: int) -> Array | np.ndarray:
     """Permute the sequence axis `axis` of `x` from natural order into `layout`.
 
     NumPy input gives NumPy output (for data pipelines); anything else gives a JAX array.
@@ -80,7 +79,7 @@ def to_layout(x: ArrayLike, layout: Layout, num_shards: int, *, axis: int) -> Ar
     return _take(x, layout_positions(x.shape[axis], layout, num_shards), axis)
 
 
-def from_layout(x: ArrayLike, layout: Layout, num_shards: int, *, axis: int) -> Array | np.ndarray:
+def from_layout(x: ArrayLike, layout: str, num_shards: int, *, axis: int) -> Array | np.ndarray:
     """Inverse of [`to_layout`][eqx_ring.to_layout]: back to natural token order along `axis`."""
     x = x if isinstance(x, np.ndarray) else jnp.asarray(x)
     perm = layout_positions(x.shape[axis], layout, num_shards)

@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, Int
 
 from ._checks import check_chunk, check_mask_args, check_qkv
 from ._kernel import Config, attention
-from ._layout import Layout, check_layout
+from ._layout import check_layout
 
 
 def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, segment_ids, kv_segment_ids,
@@ -24,27 +24,29 @@ def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, s
         key_bias=key_bias,
     )
     where = "" if num_shards == 1 else f" (the local shard of {num_shards} devices on axis {axis_name!r})"
+    # A zigzag shard holds two far-apart halves; a chunk inside one half keeps causal skipping exact.
+    halves = 2 if layout == "zigzag" and num_shards > 1 else 1
+    where = where if halves == 1 else f"{where}/2 (one zigzag half)"
     cfg = Config(
         spec=spec,
         scale=float(dims.head_dim**-0.5 if scale is None else scale),
-        q_chunk=check_chunk("query_chunk_size", query_chunk_size, dims.q_len, f"q_seq{where}"),
-        k_chunk=check_chunk("key_chunk_size", key_chunk_size, dims.kv_len, f"kv_seq{where}"),
+        q_chunk=check_chunk("query_chunk_size", query_chunk_size, dims.q_len // halves, f"q_seq{where}"),
+        k_chunk=check_chunk("key_chunk_size", key_chunk_size, dims.kv_len // halves, f"kv_seq{where}"),
         axis_name=axis_name,
         layout=layout,
     )
     b = -1 if dims.batch else 1
     groups = dims.q_heads // dims.kv_heads
-    # Head-major inside the kernel; autodiff transposes the cotangents back.
-    qi = q.reshape(b, dims.q_len, dims.kv_heads, groups, dims.head_dim).transpose(0, 2, 3, 1, 4)
-    ki = k.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim).transpose(0, 2, 1, 3)
-    vi = v.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim).transpose(0, 2, 1, 3)
+    qi = q.reshape(b, dims.q_len, dims.kv_heads, groups, dims.head_dim)
+    ki = k.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim)
+    vi = v.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim)
 
     def flat(x, n):
         return None if x is None else x.reshape(b, n)
 
     bias = None if bias is None else bias.astype(jnp.float32)
     o = attention(cfg, qi, ki, vi, flat(bias, dims.kv_len), flat(q_seg, dims.q_len), flat(k_seg, dims.kv_len))
-    return o.transpose(0, 3, 1, 2, 4).reshape(q.shape)
+    return o.reshape(q.shape)
 
 
 def blockwise_attention(
@@ -91,7 +93,7 @@ def ring_attention(
     /,
     *,
     axis_name: Hashable,
-    layout: Layout = "contiguous",
+    layout: str = "contiguous",
     causal: bool = False,
     causal_block_size: int = 1,
     segment_ids: Int[Array, "*batch q_seq"] | None = None,

@@ -1,0 +1,81 @@
+"""Shared inputs, runners and error measures for the kernel tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, PartitionSpec as P
+
+import eqx_ring
+
+T = 256  # global sequence length: 32 tokens per device on 8 devices
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def segments(lengths, batch=2, roll=0):
+    """[batch, sum(lengths)] int32 ids of consecutive segments; each row rolled by `roll` more lengths."""
+    rows = [np.repeat(np.arange(len(lengths)) + 10 * r, np.roll(lengths, r * roll)) for r in range(batch)]
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+# Mask configurations named in the kernels issue; T=256 so causal_block_size=64 spans several blocks.
+CASES = {
+    "none": dict(),
+    "causal": dict(causal=True),
+    "block64": dict(causal=True, causal_block_size=64),
+    "segments": dict(causal=True, segment_ids=segments([37, 90, 61, 68], roll=1)),
+    "window": dict(sliding_window=24),
+    "gqa": dict(causal=True, q_heads=8, kv_heads=2),
+    "key_bias": dict(key_bias=True),
+}
+
+
+def make_inputs(case, *, dtype=jnp.float32, t=T, batch=2, head_dim=16, seed=0):
+    kw = dict(CASES[case]) if isinstance(case, str) else dict(case)
+    hq, hk = kw.pop("q_heads", 2), kw.pop("kv_heads", 2)
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(keys[0], (batch, t, hq, head_dim)).astype(dtype)
+    k = jax.random.normal(keys[1], (batch, t, hk, head_dim)).astype(dtype)
+    v = jax.random.normal(keys[2], (batch, t, hk, head_dim)).astype(dtype)
+    ct = jax.random.normal(keys[3], (batch, t, hq, head_dim)).astype(dtype)
+    if kw.get("key_bias") is True:
+        kw["key_bias"] = jax.random.normal(keys[4], (batch, t))
+    return (q, k, v), ct, kw
+
+
+def ring_fn(n, layout, **static):
+    """Global natural-order attention through ring_attention on an n-device 'sp' mesh."""
+    mesh = jax.make_mesh((n,), ("sp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+    seq = P(None, "sp")
+
+    def local(q, k, v, seg, kv_seg, bias):
+        return eqx_ring.ring_attention(q, k, v, axis_name="sp", layout=layout, segment_ids=seg,
+                                       kv_segment_ids=kv_seg, key_bias=bias, **static)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(seq,) * 6, out_specs=seq)
+
+    def f(q, k, v, *, segment_ids=None, kv_segment_ids=None, key_bias=None):
+        def tl(x):
+            return None if x is None else eqx_ring.to_layout(x, layout, n, axis=1)
+
+        out = sharded(tl(q), tl(k), tl(v), tl(segment_ids), tl(kv_segment_ids), tl(key_bias))
+        return eqx_ring.from_layout(out, layout, n, axis=1)
+
+    return f
+
+
+def value_and_grads(f, qkv, ct, kw):
+    """Output and gradients of <f(q, k, v), ct> w.r.t. q, k, v (and key_bias when given), jitted."""
+    bias = kw.get("key_bias")
+    rest = {a: b for a, b in kw.items() if a != "key_bias"}
+
+    def loss(q, k, v, bias):
+        out = f(q, k, v, key_bias=bias, **rest)
+        return jnp.vdot(out.astype(jnp.float32), ct.astype(jnp.float32)), out
+
+    argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(*qkv, bias)
+    return out, grads

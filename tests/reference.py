@@ -1,0 +1,36 @@
+"""An independent float64 NumPy attention, written from the definitions of the masks."""
+
+import numpy as np
+
+
+def numpy_attention(q, k, v, *, causal=False, causal_block_size=1, segment_ids=None, kv_segment_ids=None,
+                    key_bias=None, sliding_window=None, scale=None):
+    """q [B, Tq, H, D], k/v [B, Tk, Hk, D]; loops over batch, heads and queries."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, tq, h, d = q.shape
+    tk, hk = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            kh = hi // (h // hk)
+            for i in range(tq):
+                keep = np.ones(tk, bool)
+                j = np.arange(tk)
+                if causal:
+                    keep &= j // causal_block_size <= i // causal_block_size
+                if sliding_window is not None:
+                    keep &= (i - sliding_window < j) & (j <= i)
+                if segment_ids is not None:
+                    keep &= np.asarray(kv_segment_ids)[bi] == np.asarray(segment_ids)[bi, i]
+                s = k[bi, :, kh] @ q[bi, i, hi] * scale
+                if key_bias is not None:
+                    s = s + np.broadcast_to(np.asarray(key_bias, np.float64), (b, tk))[bi]
+                s = np.where(keep, s, -np.inf)
+                if not np.isfinite(s).any():
+                    continue  # sees no key: output 0
+                p = np.exp(s - s.max())
+                out[bi, i, hi] = p @ v[bi, :, kh] / p.sum()
+    return out

@@ -1,0 +1,142 @@
+"""blockwise_attention and ring_attention equal dense attention, in value and gradient."""
+
+from functools import partial
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import CASES, T, make_inputs, rel_err, ring_fn, value_and_grads
+
+import eqx_ring
+
+LAYOUTS = ["contiguous", "zigzag", "striped"]
+DATA_ARGS = ("segment_ids", "kv_segment_ids", "key_bias")
+
+
+def split(kw):
+    """(static mask arguments, per-token data arguments)."""
+    return ({a: b for a, b in kw.items() if a not in DATA_ARGS}, {a: b for a, b in kw.items() if a in DATA_ARGS})
+
+
+def check(f, case_or_kw, *, dtype=jnp.float32, out_tol=1e-5, grad_tol=1e-4, **input_kw):
+    qkv, ct, kw = make_inputs(case_or_kw, dtype=dtype, **input_kw)
+    static, data = split(kw)
+    out, grads = value_and_grads(f(**static), qkv, ct, data)
+    # The reference sees the same (possibly bf16-rounded) inputs, upcast to float32.
+    ref_qkv = tuple(x.astype(jnp.float32) for x in qkv)
+    ref, ref_grads = value_and_grads(partial(eqx_ring.dot_product_attention, **static), ref_qkv, ct, data)
+    assert out.dtype == dtype and out.shape == qkv[0].shape
+    assert rel_err(out, ref) <= out_tol
+    for name, g, r, x in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads, (*qkv, data.get("key_bias")),
+                             strict=False):
+        assert g.dtype == x.dtype, name
+        assert np.isfinite(np.asarray(g, np.float32)).all(), name
+        assert rel_err(g, r) <= grad_tol, name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("chunks", [(16, 32), (32, 8), (512, 512)])
+def test_blockwise_f32(case, chunks):
+    check(lambda **s: partial(eqx_ring.blockwise_attention, query_chunk_size=chunks[0],
+                              key_chunk_size=chunks[1], **s), case)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_ring_f32(n, layout, case):
+    check(lambda **s: ring_fn(n, layout, query_chunk_size=8, key_chunk_size=4, **s), case)
+
+
+@pytest.mark.parametrize("case", ["causal", "segments", "gqa", "window"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ring_bf16(layout, case):
+    check(lambda **s: ring_fn(4, layout, query_chunk_size=16, key_chunk_size=16, **s), case,
+          dtype=jnp.bfloat16, out_tol=2e-2, grad_tol=2e-2)
+
+
+@pytest.mark.parametrize("case", ["none", "causal", "segments", "gqa", "key_bias"])
+def test_blockwise_bf16(case):
+    check(lambda **s: partial(eqx_ring.blockwise_attention, query_chunk_size=32, key_chunk_size=64, **s), case,
+          dtype=jnp.bfloat16, out_tol=2e-2, grad_tol=2e-2)
+
+
+@pytest.mark.parametrize("cq", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("ck", [1, 3, 16])
+def test_blockwise_any_chunk_size(cq, ck):
+    case = dict(causal=True, segment_ids=jnp.asarray([[0] * 5 + [1] * 4 + [2] * 7, [3] * 16], jnp.int32))
+    t = 48 if ck == 3 else 16
+    if t == 48:
+        case["segment_ids"] = jnp.repeat(case["segment_ids"], 3, axis=1)
+    check(lambda **s: partial(eqx_ring.blockwise_attention, query_chunk_size=cq, key_chunk_size=ck, **s), case, t=t)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ring_chunk_size_one(layout):
+    check(lambda **s: ring_fn(4, layout, query_chunk_size=1, key_chunk_size=2, **s),
+          dict(causal=True, sliding_window=5), t=32)
+
+
+def _blind_rows_case():
+    # Queries of segment 7 find no key of segment 7; batch row 1 also has every key biased to -inf.
+    seg = jnp.asarray(np.repeat([[0, 7, 1, 2], [3, 3, 7, 4]], [30, 50, 60, 116], axis=1), jnp.int32)
+    kv_seg = jnp.where(seg == 7, 8, seg)
+    bias = jnp.zeros((2, T)).at[1].set(-jnp.inf)
+    return dict(causal=True, segment_ids=seg, kv_segment_ids=kv_seg, key_bias=bias)
+
+
+@pytest.mark.parametrize("runner", ["blockwise", "ring"])
+def test_rows_that_see_nothing(runner):
+    case = _blind_rows_case()
+    if runner == "blockwise":
+        def f(**s):
+            return partial(eqx_ring.blockwise_attention, query_chunk_size=32, key_chunk_size=16, **s)
+    else:
+        def f(**s):
+            return ring_fn(8, "zigzag", query_chunk_size=8, key_chunk_size=8, **s)
+    check(f, case)
+    qkv, ct, kw = make_inputs(case)
+    static, data = split(kw)
+    out, _ = value_and_grads(f(**static), qkv, ct, data)
+    blind = np.asarray((case["segment_ids"] == 7)[..., None, None] | (jnp.arange(2) == 1)[:, None, None, None])
+    np.testing.assert_array_equal(np.where(blind, np.asarray(out), 0.0), 0.0)
+
+
+def test_blockwise_memory_is_linear_in_sequence():
+    def temp(t):
+        shape = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
+
+        def loss(q, k, v):
+            return eqx_ring.blockwise_attention(q, k, v, causal=True, query_chunk_size=256, key_chunk_size=256).sum()
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        return grad.lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp(2048), temp(8192)
+    assert large < 4.5 * small  # linear growth; O(T²) would be 16×
+    assert large < 8192 * 8192 * 2 * 4 / 16  # far below one [T, T] score matrix per head
+
+
+def _transfers(jaxpr, mult=1):
+    """Number of ppermute'd arrays a jaxpr sends, loops unrolled."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "ppermute":
+            total += mult * len(eqn.invars)
+        inner_mult = mult * eqn.params["length"] if eqn.primitive.name == "scan" else mult
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += _transfers(sub, inner_mult)
+    return total
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_ring_sends_each_block_n_minus_1_times(n):
+    (q, k, v), ct, _ = make_inputs("gqa")
+    f = ring_fn(n, "contiguous", causal=True)
+    fwd = jax.make_jaxpr(f)(q, k, v)
+    assert _transfers(fwd.jaxpr) == 2 * (n - 1)  # k and v, at kv_heads (never repeated to q heads)
+    bwd = jax.make_jaxpr(jax.grad(lambda q, k, v: jnp.vdot(f(q, k, v), ct), argnums=(0, 1, 2)))(q, k, v)
+    # forward ring, then backward: k, v n-1 times and dk, dv n times (home after the last step).
+    assert _transfers(bwd.jaxpr) == 2 * (n - 1) + 2 * (n - 1) + 2 * n
