@@ -99,7 +99,7 @@ def main():
     ap.add_argument("--mem-seq", type=int, nargs="+", default=[8192, 16384, 32768], help="lengths for memory")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--impls", nargs="+", help="only implementations whose name contains one of these words")
-    ap.add_argument("--max-temp-gib", type=float, default=6.0, help="skip timing a program needing more temp")
+    ap.add_argument("--max-temp-gib", type=float, default=12.0, help="skip timing a program needing more temp")
     args = ap.parse_args()
 
     mesh = jax.make_mesh((N_DEV,), ("sp",), axis_types=(AxisType.Auto,))
