@@ -15,6 +15,7 @@ current JAX, so its `ringattention_jax.py` is loaded by path.
 import argparse
 import importlib.util
 import os
+import statistics
 import sys
 
 import jax
@@ -114,9 +115,9 @@ def main():
     print(f"jax {jax.__version__}, {jax.device_count()} CPU devices on {os.cpu_count()} cores; "
           f"f32 matmul: {peak['mesh']:.1f} GFLOP/s on the 8-device mesh, {peak['one']:.1f} on one device")
 
-    # Memory: compile only, nothing runs.
+    # Memory: compile only, nothing runs. Timed lengths too: their size decides what may run.
     mem = {}
-    for t in args.mem_seq:
+    for t in sorted(set(args.mem_seq) | set(args.seq)):
         for name, (f, dev) in impls.items():
             shapes = [jax.ShapeDtypeStruct((B, t, H, D), jnp.float32, sharding=where[dev])] * 4
             mem[name, t] = temp_bytes(fwd_bwd(f), *shapes)
@@ -125,7 +126,7 @@ def main():
     for t in args.seq:
         runs = {}
         for name, (f, dev) in impls.items():
-            if mem.get((name, t), 0) > args.max_temp_gib * 2**30:
+            if mem[name, t] > args.max_temp_gib * 2**30:
                 continue
             q, k, v, ct = inputs(t, where[dev])
             for mode, g in (("fwd", jax.jit(f)), ("fwd+bwd", jax.jit(fwd_bwd(f)))):
@@ -139,7 +140,7 @@ def main():
         flops = {"fwd": 4 * B * H * D * t * t / 2}
         flops["fwd+bwd"] = 3.5 * flops["fwd"]
         for (name, mode), (_, dev, times) in runs.items():
-            sec = sorted(times)[len(times) // 2]
+            sec = statistics.median(times)
             rows.append((t, mode, name, sec, flops[mode] / sec / 1e9 / peak[dev]))
         for name in impls:
             if (name, "fwd") not in runs:
