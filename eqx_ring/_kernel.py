@@ -17,12 +17,13 @@ G = q heads per kv head:
 """
 
 from collections.abc import Callable, Hashable
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_batching import custom_vmap
 from jaxtyping import Array
 
 from ._layout import shard_positions
@@ -295,22 +296,56 @@ def _backward(cfg: Config, q, kv: KV, q_seg, o, lse, do):
     return dq, (dk_t * cfg.scale).transpose(0, 3, 1, 2), dv_t.transpose(0, 3, 1, 2), db
 
 
+def _fold_vmap(fn: Callable) -> Callable:
+    """`fn` (arrays with a leading batch axis B) under `jax.vmap` folds the mapped axis into B.
+
+    Without this, vmapping the kernel would batch the block classification (its segment ranges
+    differ per example), turning every `lax.switch` into a select that computes all branches.
+    Folded, one classification covers the whole batch and masked blocks are still skipped.
+    """
+    f = custom_vmap(fn)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, *args):
+        def fold(x, batched):
+            if not batched:
+                x = jnp.broadcast_to(x, (axis_size, *x.shape))
+            return x.reshape(-1, *x.shape[2:])
+
+        out = f(*jax.tree.map(fold, list(args), list(in_batched)))
+        out = jax.tree.map(lambda y: y.reshape(axis_size, -1, *y.shape[1:]), out)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return f
+
+
+@lru_cache(maxsize=None)
+def _impls(cfg: Config) -> tuple[Callable, Callable]:
+    def fwd(q, k, v, bias, q_seg, k_seg):
+        return _forward(cfg, q, KV(k, v, k_seg, bias), q_seg)
+
+    def bwd(q, k, v, bias, q_seg, k_seg, o, lse, do):
+        return _backward(cfg, q, KV(k, v, k_seg, bias), q_seg, o, lse, do)
+
+    return _fold_vmap(fwd), _fold_vmap(bwd)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def attention(cfg: Config, q, k, v, bias, q_seg, k_seg):
     """Exact attention of local queries against the ring's keys. Shapes as in the module docstring."""
-    o, _ = _forward(cfg, q, KV(k, v, k_seg, bias), q_seg)
+    o, _ = _impls(cfg)[0](q, k, v, bias, q_seg, k_seg)
     return o.astype(q.dtype)
 
 
 def _attention_fwd(cfg: Config, q, k, v, bias, q_seg, k_seg):
-    o, lse = _forward(cfg, q, KV(k, v, k_seg, bias), q_seg)
+    o, lse = _impls(cfg)[0](q, k, v, bias, q_seg, k_seg)
     o = o.astype(q.dtype)
     return o, (q, k, v, bias, q_seg, k_seg, o, lse)
 
 
 def _attention_bwd(cfg: Config, res, do):
     q, k, v, bias, q_seg, k_seg, o, lse = res
-    dq, dk, dv, db = _backward(cfg, q, KV(k, v, k_seg, bias), q_seg, o, lse, do)
+    dq, dk, dv, db = _impls(cfg)[1](q, k, v, bias, q_seg, k_seg, o, lse, do)
     db = None if db is None else db.astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), db, None, None
 
