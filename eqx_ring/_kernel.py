@@ -17,7 +17,7 @@ G = q heads per kv head:
 """
 
 from collections.abc import Callable, Hashable
-from functools import lru_cache, partial
+from functools import cache, partial
 from typing import Any, NamedTuple
 
 import jax
@@ -319,7 +319,7 @@ def _fold_vmap(fn: Callable) -> Callable:
     return f
 
 
-@lru_cache(maxsize=None)
+@cache
 def _impls(cfg: Config) -> tuple[Callable, Callable]:
     def fwd(q, k, v, bias, q_seg, k_seg):
         return _forward(cfg, q, KV(k, v, k_seg, bias), q_seg)

@@ -1,0 +1,277 @@
+"""`RingAttention`: multi-head self-attention whose kernel is blockwise on one device or a ring over a mesh."""
+
+from functools import partial
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+from jax.typing import DTypeLike
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._layout import LAYOUTS, check_layout, layout_positions, shard_positions
+from ._ring import blockwise_attention, ring_attention
+from ._rope import apply_rope
+
+
+def linear(layer: eqx.nn.Linear, x: Float[Array, "seq in"]) -> Float[Array, "seq out"]:
+    """An `eqx.nn.Linear` applied to every row of `x` as one matmul."""
+    y = x @ layer.weight.T
+    return y if layer.bias is None else y + layer.bias
+
+
+def manual_axes() -> tuple[str, ...]:
+    """Mesh axes that are manual here, i.e. the axes of the `shard_map` we are traced inside."""
+    return tuple(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def mesh_axis_size(mesh: Mesh, axis: str | None) -> int:
+    return 1 if axis is None else mesh.shape[axis]
+
+
+def check_mesh_axes(mesh: Mesh | None, **axes: str | None) -> None:
+    if mesh is None:
+        return
+    for name, axis in axes.items():
+        if axis is not None and axis not in mesh.axis_names:
+            raise ValueError(f"{name}={axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
+
+
+class RingAttention(eqx.Module):
+    """Multi-head self-attention with RoPE, GQA and masks, computed exactly in O(chunk²) memory.
+
+    The projections run in the global view; the attention itself is
+    [`blockwise_attention`][eqx_ring.blockwise_attention] when `mesh` is `None`, and
+    [`ring_attention`][eqx_ring.ring_attention] inside `jax.shard_map` over `seq_axis` (and heads
+    over `head_axis`) when a mesh is given. Called inside a caller's own `shard_map` in which
+    `seq_axis` is manual, it works on the local shard and runs the ring directly.
+
+    Like every Equinox layer it takes one example, `[seq, d_model]`; batch it with `jax.vmap`
+    (over a mesh, `jax.vmap(attn, spmd_axis_name=("dp", "fsdp"))` keeps each data shard's examples
+    on their devices). The sequence must be in `layout` order (see
+    [`to_layout`][eqx_ring.to_layout]); masks use true positions, so the result equals attention
+    over the naturally ordered sequence.
+    """
+
+    query_proj: eqx.nn.Linear
+    key_proj: eqx.nn.Linear
+    value_proj: eqx.nn.Linear
+    output_proj: eqx.nn.Linear
+    d_model: int = eqx.field(static=True)
+    num_heads: int = eqx.field(static=True)
+    num_kv_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+    causal: bool = eqx.field(static=True)
+    causal_block_size: int = eqx.field(static=True)
+    sliding_window: int | None = eqx.field(static=True)
+    rope_theta: float | None = eqx.field(static=True)
+    layout: str = eqx.field(static=True)
+    query_chunk_size: int = eqx.field(static=True)
+    key_chunk_size: int = eqx.field(static=True)
+    mesh: Mesh | None = eqx.field(static=True)
+    seq_axis: str = eqx.field(static=True)
+    head_axis: str | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        causal: bool = True,
+        causal_block_size: int = 1,
+        sliding_window: int | None = None,
+        rope_theta: float | None = 10_000.0,
+        use_bias: bool = False,
+        layout: str = "contiguous",
+        query_chunk_size: int = 512,
+        key_chunk_size: int = 512,
+        mesh: Mesh | None = None,
+        seq_axis: str = "sp",
+        head_axis: str | None = None,
+        dtype: DTypeLike | None = None,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `d_model`: width of the input and output.
+        - `num_heads`: query heads.
+        - `num_kv_heads`: key/value heads (GQA/MQA); must divide `num_heads`. Defaults to `num_heads`.
+        - `head_dim`: width of each head; defaults to `d_model // num_heads`.
+        - `causal`, `causal_block_size`, `sliding_window`: the mask, as in
+          [`dot_product_attention`][eqx_ring.dot_product_attention].
+        - `rope_theta`: RoPE base, or `None` for no rotary embedding.
+        - `use_bias`: whether the four projections have biases.
+        - `layout`: the order of the sequence on the ring: `"contiguous"`, `"zigzag"` or `"striped"`.
+        - `query_chunk_size`, `key_chunk_size`: the kernel's block sizes.
+        - `mesh`: a mesh to run the ring over, or `None` for one device.
+        - `seq_axis`: the mesh axis the sequence is split over.
+        - `head_axis`: a mesh axis to split the heads over (tensor parallelism), or `None`.
+        - `dtype`: parameter dtype; defaults to float32.
+        - `key`: a `jax.random.PRNGKey` for the initialisation.
+        """
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(
+                    f"d_model={d_model} must be divisible by num_heads={num_heads}, or pass head_dim explicitly"
+                )
+            head_dim = d_model // num_heads
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        qk, kk, vk, ok = jax.random.split(key, 4)
+        lin = partial(eqx.nn.Linear, use_bias=use_bias, dtype=dtype)
+        self.query_proj = lin(d_model, num_heads * head_dim, key=qk)
+        self.key_proj = lin(d_model, num_kv_heads * head_dim, key=kk)
+        self.value_proj = lin(d_model, num_kv_heads * head_dim, key=vk)
+        self.output_proj = lin(num_heads * head_dim, d_model, key=ok)
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.causal = causal
+        self.causal_block_size = causal_block_size
+        self.sliding_window = sliding_window
+        self.rope_theta = rope_theta
+        self.layout = layout
+        self.query_chunk_size = query_chunk_size
+        self.key_chunk_size = key_chunk_size
+        self.mesh = mesh
+        self.seq_axis = seq_axis
+        self.head_axis = head_axis
+
+    def __check_init__(self):
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.rope_theta is not None and self.head_dim % 2:
+            raise ValueError(f"RoPE rotates pairs of features: head_dim={self.head_dim} must be even")
+        for name in ("query_chunk_size", "key_chunk_size", "causal_block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        check_mesh_axes(self.mesh, seq_axis=self.seq_axis, head_axis=self.head_axis)
+        if self.mesh is not None and self.num_kv_heads % mesh_axis_size(self.mesh, self.head_axis):
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} must be divisible by the size "
+                f"{self.mesh.shape[self.head_axis]} of head_axis={self.head_axis!r}"
+            )
+
+    @classmethod
+    def from_multihead_attention(cls, mha: eqx.nn.MultiheadAttention, **kwargs) -> "RingAttention":
+        """A `RingAttention` holding `mha`'s weights, computing what `mha(x, x, x)` computes.
+
+        Unless given in `kwargs`, the result is non-causal with no RoPE, like `mha`. Any other
+        constructor argument (`mesh`, `layout`, chunk sizes, masks) may be passed too, except
+        those fixed by `mha`'s weights.
+
+        **Raises:** `ValueError` if `mha` is not a self-attention layer that `RingAttention` can
+        express (equal query/key/value/output sizes and equal qk/vo head sizes), or if it has
+        attention dropout, which `RingAttention` does not implement.
+        """
+        fixed = {"num_kv_heads", "head_dim", "use_bias", "dtype", "key"} & kwargs.keys()
+        if fixed:
+            raise TypeError(f"{sorted(fixed)} are taken from the MultiheadAttention and cannot be passed")
+        sizes = (mha.query_size, mha.key_size, mha.value_size, mha.output_size)
+        if len(set(sizes)) != 1 or mha.qk_size != mha.vo_size:
+            raise ValueError(
+                "RingAttention is self-attention with one width and one head size; got query/key/value/output "
+                f"sizes {sizes} and qk_size={mha.qk_size}, vo_size={mha.vo_size}"
+            )
+        if mha.dropout.p != 0:
+            raise ValueError(
+                f"RingAttention has no attention dropout but mha.dropout.p={mha.dropout.p}; set it to 0 first "
+                "(eqx.tree_at(lambda m: m.dropout.p, mha, 0.0))"
+            )
+        kwargs.setdefault("causal", False)
+        kwargs.setdefault("rope_theta", None)
+        attn = cls(mha.query_size, mha.num_heads, head_dim=mha.qk_size, dtype=mha.query_proj.weight.dtype,
+                   key=jax.random.key(0), **kwargs)
+        return eqx.tree_at(
+            lambda a: (a.query_proj, a.key_proj, a.value_proj, a.output_proj),
+            attn,
+            (mha.query_proj, mha.key_proj, mha.value_proj, mha.output_proj),
+        )
+
+    def __call__(
+        self,
+        x: Float[Array, "seq {self.d_model}"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> Float[Array, "seq {self.d_model}"]:
+        """**Arguments:**
+
+        - `x`: the sequence (or, inside a caller's `shard_map` over `seq_axis`, the local shard),
+          in `layout` order.
+        - `positions`: each token's position for RoPE (e.g. restarting in every packed segment).
+          Defaults to the true position of each slot in the layout. Masks never use it.
+        - `segment_ids`: packed-sequence ids; tokens attend only within their own id.
+        - `key`, `inference`: unused (there is no dropout); accepted so the layer drops into
+          Equinox code that passes them.
+
+        **Returns:** an array like `x`.
+        """
+        del key, inference
+        with jax.named_scope("eqx_ring.RingAttention"):
+            seq = x.shape[0]
+            ring = self._ring_size(seq)
+            inside = self.seq_axis in manual_axes()
+            if positions is None:
+                if inside:
+                    positions = shard_positions(jax.lax.axis_index(self.seq_axis), seq, self.layout, ring)
+                else:
+                    positions = jnp.asarray(layout_positions(seq, self.layout, ring))
+
+            def heads(layer, n):
+                return linear(layer, x).reshape(seq, n, self.head_dim)
+
+            q = heads(self.query_proj, self.num_heads)
+            k = heads(self.key_proj, self.num_kv_heads)
+            v = heads(self.value_proj, self.num_kv_heads)
+            if self.rope_theta is not None:
+                q = apply_rope(q, positions, self.rope_theta)
+                k = apply_rope(k, positions, self.rope_theta)
+            o = self._attend(q, k, v, segment_ids, inside)
+            return linear(self.output_proj, o.reshape(seq, self.num_heads * self.head_dim))
+
+    def _ring_size(self, seq: int) -> int:
+        """Devices on the sequence ring (1 without one); checks that `seq` splits over them."""
+        if self.seq_axis in manual_axes():
+            return jax.lax.axis_size(self.seq_axis)
+        if self.mesh is None:
+            return 1
+        n = self.mesh.shape[self.seq_axis]
+        check_layout(self.layout, seq, n, what=f"x seq (split over {self.seq_axis!r})")
+        return n
+
+    def _attend(self, q, k, v, segment_ids, inside: bool):
+        kernel_kw = dict(
+            causal=self.causal,
+            causal_block_size=self.causal_block_size,
+            sliding_window=self.sliding_window,
+            query_chunk_size=self.query_chunk_size,
+            key_chunk_size=self.key_chunk_size,
+        )
+        if inside:
+            return ring_attention(q, k, v, axis_name=self.seq_axis, layout=self.layout, segment_ids=segment_ids,
+                                  **kernel_kw)
+        if self.mesh is None:
+            return blockwise_attention(q, k, v, segment_ids=segment_ids, **kernel_kw)
+        ring = partial(ring_attention, axis_name=self.seq_axis, layout=self.layout, **kernel_kw)
+        qkv_spec = P(self.seq_axis, self.head_axis, None)
+        if segment_ids is None:
+            return jax.shard_map(ring, mesh=self.mesh, in_specs=(qkv_spec,) * 3, out_specs=qkv_spec)(q, k, v)
+
+        def with_ids(q, k, v, ids):
+            return ring(q, k, v, segment_ids=ids)
+
+        return jax.shard_map(with_ids, mesh=self.mesh, in_specs=(qkv_spec,) * 3 + (P(self.seq_axis),),
+                             out_specs=qkv_spec)(q, k, v, segment_ids)
+

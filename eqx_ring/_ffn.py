@@ -1,0 +1,130 @@
+"""`BlockwiseFFN` and `RMSNorm`: the position-wise layers of a blockwise transformer."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import DTypeLike
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._attention import linear
+
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+class BlockwiseFFN(eqx.Module):
+    """The feed-forward network applied to `chunk_size` tokens at a time under `jax.checkpoint`.
+
+    Equal to the plain FFN in value and gradient, but the `[seq, hidden_size]` activations never
+    exist at once: the forward pass keeps one chunk's, and the backward pass recomputes each chunk
+    from its input. Peak activation memory is O(chunk_size · hidden_size) instead of
+    O(seq · hidden_size) (`benchmarks/ffn_memory.py` measures it).
+
+    - `"swiglu"`: `down(silu(gate(x)) * up(x))` (LLaMA).
+    - `"gelu"`: `down(gelu(up(x)))` with the exact (erf) GELU.
+    """
+
+    gate_proj: eqx.nn.Linear | None
+    up_proj: eqx.nn.Linear
+    down_proj: eqx.nn.Linear
+    d_model: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+    activation: str = eqx.field(static=True)
+    chunk_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden_size: int,
+        *,
+        activation: str = "swiglu",
+        chunk_size: int = 2048,
+        use_bias: bool = False,
+        dtype: DTypeLike | None = None,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `d_model`: width of the input and output.
+        - `hidden_size`: width of the hidden layer.
+        - `activation`: `"swiglu"` or `"gelu"`.
+        - `chunk_size`: tokens per chunk; must divide the sequence length (a longer chunk is
+          shortened to the sequence). Over a mesh each chunk is spread evenly across the
+          sequence's devices, so a device holds `chunk_size / devices` tokens' activations.
+        - `use_bias`: whether the projections have biases.
+        - `dtype`: parameter dtype; defaults to float32.
+        - `key`: a `jax.random.PRNGKey` for the initialisation.
+        """
+        gk, uk, dk = jax.random.split(key, 3)
+        self.gate_proj = (
+            eqx.nn.Linear(d_model, hidden_size, use_bias=use_bias, dtype=dtype, key=gk)
+            if activation == "swiglu"
+            else None
+        )
+        self.up_proj = eqx.nn.Linear(d_model, hidden_size, use_bias=use_bias, dtype=dtype, key=uk)
+        self.down_proj = eqx.nn.Linear(hidden_size, d_model, use_bias=use_bias, dtype=dtype, key=dk)
+        self.d_model = d_model
+        self.hidden_size = hidden_size
+        self.activation = activation
+        self.chunk_size = chunk_size
+
+    def __check_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+
+    def dense(self, x: Float[Array, "tokens {self.d_model}"]) -> Float[Array, "tokens {self.d_model}"]:
+        """The plain (unchunked) FFN: what `__call__` computes, with every activation at once."""
+        up = linear(self.up_proj, x)
+        if self.gate_proj is None:
+            hidden = jax.nn.gelu(up, approximate=False)
+        else:
+            hidden = jax.nn.silu(linear(self.gate_proj, x)) * up
+        return linear(self.down_proj, hidden)
+
+    def __call__(
+        self,
+        x: Float[Array, "seq {self.d_model}"],
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> Float[Array, "seq {self.d_model}"]:
+        """**Arguments:** `x`, a sequence; `key` and `inference` are unused (no dropout).
+
+        **Returns:** an array like `x`.
+        """
+        del key, inference
+        with jax.named_scope("eqx_ring.BlockwiseFFN"):
+            seq, d = x.shape
+            chunk = min(self.chunk_size, seq)
+            if seq % chunk:
+                raise ValueError(f"chunk_size={chunk} must divide the sequence length {seq}")
+            # Chunk i takes tokens i, i + m, i + 2m, ... (m chunks): the loop runs over an axis that
+            # is never sharded, and a sequence split over a mesh splits every chunk evenly with it.
+            m = seq // chunk
+            chunks = x.reshape(chunk, m, d).swapaxes(0, 1)
+            out = lax.map(jax.checkpoint(lambda c: self.dense(c)), chunks)
+            return out.swapaxes(0, 1).reshape(seq, d)
+
+
+class RMSNorm(eqx.Module):
+    """Root-mean-square normalisation over the last axis, computed in float32, with a learned scale."""
+
+    weight: Float[Array, " dim"]
+    dim: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype: DTypeLike | None = None):
+        """**Arguments:** `dim`, the normalised width; `eps`, added to the mean square; `dtype`,
+        the scale's dtype (float32 by default)."""
+        self.weight = jnp.ones((dim,), dtype=jnp.float32 if dtype is None else dtype)
+        self.dim = dim
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*batch {self.dim}"]) -> Float[Array, "*batch {self.dim}"]:
+        """**Returns:** `x / rms(x) * weight`, in `x`'s dtype."""
+        with jax.named_scope("eqx_ring.RMSNorm"):
+            x32 = x.astype(jnp.float32)
+            normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            return (normed * self.weight.astype(jnp.float32)).astype(x.dtype)

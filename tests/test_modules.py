@@ -1,0 +1,373 @@
+"""RingAttention, BlockwiseFFN, RMSNorm, RingTransformer and chunked_cross_entropy against plain references."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jaxtyping
+import numpy as np
+import optax
+import pytest
+from helpers import rel_err
+from jax.sharding import PartitionSpec as P
+
+import eqx_ring
+from eqx_ring.sharding import make_mesh
+
+D_MODEL, T = 32, 64
+
+
+def jit_call(module, *args, **kwargs):
+    return eqx.filter_jit(lambda m, *a: m(*a, **kwargs))(module, *args)
+
+
+def grads_of(module, f, *args):
+    """Gradients of sum(f(module, *args) * fixed cotangent) w.r.t. every array in `module`."""
+    out = f(module, *args)
+    ct = jax.random.normal(jax.random.key(9), out.shape)
+    return eqx.filter_jit(eqx.filter_grad(lambda m: jnp.vdot(f(m, *args), ct)))(module)
+
+
+def tree_rel_err(a, b) -> float:
+    return max(rel_err(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+# ---- an independent plain-JAX reference for RingAttention -------------------------------------
+
+
+def rope_reference(x, positions, theta):
+    """RoPE as a complex rotation of (first half + i * second half) of each head."""
+    half = x.shape[-1] // 2
+    freq = 1.0 / theta ** (np.arange(half) / half)
+    z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * positions[:, None, None] * freq)
+    return np.concatenate([z.real, z.imag], -1)
+
+
+def attention_reference(attn: eqx_ring.RingAttention, x, *, positions=None, segment_ids=None):
+    """float64 NumPy self-attention with attn's weights: projections, RoPE, GQA, causal/segment masks."""
+    x = np.asarray(x, np.float64)
+    seq = x.shape[0]
+    positions = np.arange(seq) if positions is None else np.asarray(positions)
+
+    def proj(layer, n):
+        y = x @ np.asarray(layer.weight, np.float64).T
+        y = y if layer.bias is None else y + np.asarray(layer.bias, np.float64)
+        return y.reshape(seq, n, attn.head_dim)
+
+    q, k, v = proj(attn.query_proj, attn.num_heads), proj(attn.key_proj, attn.num_kv_heads), proj(
+        attn.value_proj, attn.num_kv_heads)
+    if attn.rope_theta is not None:
+        q, k = rope_reference(q, positions, attn.rope_theta), rope_reference(k, positions, attn.rope_theta)
+    groups = attn.num_heads // attn.num_kv_heads
+    k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
+    s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(attn.head_dim)
+    i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    visible = np.ones((seq, seq), bool)
+    if attn.causal:
+        visible &= j // attn.causal_block_size <= i // attn.causal_block_size
+    if segment_ids is not None:
+        ids = np.asarray(segment_ids)
+        visible &= ids[:, None] == ids[None, :]
+    s = np.where(visible, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    o = np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v).reshape(seq, -1)
+    return o @ np.asarray(attn.output_proj.weight, np.float64).T + (
+        0 if attn.output_proj.bias is None else np.asarray(attn.output_proj.bias, np.float64))
+
+
+def packed(seq=T):
+    """Segment ids and per-segment positions of three packed documents."""
+    lengths = [23, 30, seq - 53]
+    ids = np.repeat(np.arange(3), lengths).astype(np.int32)
+    positions = np.concatenate([np.arange(n) for n in lengths]).astype(np.int32)
+    return jnp.asarray(ids), jnp.asarray(positions)
+
+
+def x_input(seq=T, d=D_MODEL, seed=1):
+    return jax.random.normal(jax.random.key(seed), (seq, d))
+
+
+# ---- RingAttention --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mesh_size", [None, 4])
+def test_from_multihead_attention_equals_equinox(mesh_size):
+    mha = eqx.nn.MultiheadAttention(4, D_MODEL, use_query_bias=True, use_output_bias=True, key=jax.random.key(0))
+    mesh = None if mesh_size is None else make_mesh(sp=mesh_size, devices=jax.devices()[:mesh_size])
+    attn = eqx_ring.RingAttention.from_multihead_attention(mha, mesh=mesh, query_chunk_size=8, key_chunk_size=8)
+    x = x_input()
+    expected = mha(x, x, x)
+    assert rel_err(jit_call(attn, x), expected) <= 1e-5
+    # Asking for a causal mask gives what MultiheadAttention computes with the same mask.
+    causal = eqx_ring.RingAttention.from_multihead_attention(mha, mesh=mesh, causal=True, query_chunk_size=8,
+                                                             key_chunk_size=8)
+    assert rel_err(jit_call(causal, x), mha(x, x, x, mask=jnp.tril(jnp.ones((T, T), bool)))) <= 1e-5
+
+
+def test_from_multihead_attention_rejects_what_it_cannot_express():
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="dropout.p=0.1"):
+        eqx_ring.RingAttention.from_multihead_attention(eqx.nn.MultiheadAttention(4, 32, dropout_p=0.1, key=key))
+    with pytest.raises(ValueError, match="query/key/value/output sizes"):
+        eqx_ring.RingAttention.from_multihead_attention(eqx.nn.MultiheadAttention(4, 32, key_size=16, key=key))
+    with pytest.raises(TypeError, match="num_kv_heads"):
+        eqx_ring.RingAttention.from_multihead_attention(eqx.nn.MultiheadAttention(4, 32, key=key), num_kv_heads=2)
+
+
+ATTENTION_CASES = {
+    "rope_gqa_causal": dict(num_heads=4, num_kv_heads=2),
+    "mqa_bias": dict(num_heads=4, num_kv_heads=1, use_bias=True),
+    "block_causal_no_rope": dict(num_heads=2, causal_block_size=16, rope_theta=None),
+    "packed": dict(num_heads=4, num_kv_heads=2, packed=True),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+@pytest.mark.parametrize("mesh_size", [None, 4])
+def test_ring_attention_module_equals_reference(case, mesh_size):
+    kw = dict(ATTENTION_CASES[case])
+    is_packed = kw.pop("packed", False)
+    mesh = None if mesh_size is None else make_mesh(sp=mesh_size, devices=jax.devices()[:mesh_size])
+    attn = eqx_ring.RingAttention(D_MODEL, query_chunk_size=8, key_chunk_size=8, mesh=mesh, key=jax.random.key(0),
+                                  **kw)
+    x = x_input()
+    ids, positions = packed() if is_packed else (None, None)
+    call_kw = dict(positions=positions, segment_ids=ids) if is_packed else {}
+    assert rel_err(jit_call(attn, x, **call_kw), attention_reference(attn, x, **call_kw)) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_layouts_give_the_natural_order_result(layout):
+    """x in layout order on a 4-device ring equals the natural-order single-device result, permuted."""
+    mesh = make_mesh(sp=4, devices=jax.devices()[:4])
+    kw = dict(num_kv_heads=2, query_chunk_size=8, key_chunk_size=8, key=jax.random.key(0))
+    ring = eqx_ring.RingAttention(D_MODEL, 4, layout=layout, mesh=mesh, **kw)
+    single = eqx_ring.RingAttention(D_MODEL, 4, **kw)
+    x = x_input()
+    ids, positions = packed()
+
+    def lay(a):
+        return jnp.asarray(eqx_ring.to_layout(np.asarray(a), layout, 4, axis=0))
+
+    out = jit_call(ring, lay(x), positions=lay(positions), segment_ids=lay(ids))
+    expected = jit_call(single, x, positions=positions, segment_ids=ids)
+    assert rel_err(eqx_ring.from_layout(np.asarray(out), layout, 4, axis=0), expected) <= 1e-5
+    # Without positions, RoPE uses each slot's true position, not its index in the layout.
+    out = jit_call(ring, lay(x))
+    assert rel_err(eqx_ring.from_layout(np.asarray(out), layout, 4, axis=0), jit_call(single, x)) <= 1e-5
+
+
+def test_ring_attention_gradients_equal_single_device():
+    mesh = make_mesh(sp=4, devices=jax.devices()[:4])
+    kw = dict(num_kv_heads=2, query_chunk_size=8, key_chunk_size=8, layout="zigzag", key=jax.random.key(0))
+    ring = eqx_ring.RingAttention(D_MODEL, 4, mesh=mesh, **kw)
+    single = eqx_ring.RingAttention(D_MODEL, 4, **kw)
+    slot_position = jnp.asarray(eqx_ring.layout_positions(T, "zigzag", 4))
+
+    def natural_order_ring(m, x):
+        return m(x[slot_position])[jnp.argsort(slot_position)]
+
+    x = x_input()
+    assert tree_rel_err(grads_of(ring, natural_order_ring, x), grads_of(single, lambda m, x: m(x), x)) <= 1e-5
+
+
+def test_inside_a_callers_shard_map():
+    """Called on local shards inside the caller's shard_map, the module runs the ring directly."""
+    mesh = make_mesh(sp=4, devices=jax.devices()[:4])
+    attn = eqx_ring.RingAttention(D_MODEL, 4, num_kv_heads=2, query_chunk_size=8, key_chunk_size=8,
+                                  layout="striped", key=jax.random.key(0))
+    params, static = eqx.partition(attn, eqx.is_array)
+    ids, _ = packed()
+
+    def local(params, x, ids):
+        return eqx.combine(params, static)(x, segment_ids=ids)
+
+    sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("sp"), P("sp")), out_specs=P("sp")))
+    lay = lambda a: jnp.asarray(eqx_ring.to_layout(np.asarray(a), "striped", 4, axis=0))  # noqa: E731
+    x = x_input()
+    out = eqx_ring.from_layout(np.asarray(sharded(params, lay(x), lay(ids))), "striped", 4, axis=0)
+    assert rel_err(out, attention_reference(attn, x, segment_ids=ids)) <= 1e-5
+
+
+def test_bfloat16_module():
+    attn = eqx_ring.RingAttention(D_MODEL, 4, num_kv_heads=2, query_chunk_size=16, key_chunk_size=16,
+                                  dtype=jnp.bfloat16, key=jax.random.key(0))
+    x = x_input().astype(jnp.bfloat16)
+    out = jit_call(attn, x)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, attention_reference(attn, x.astype(jnp.float32))) <= 2e-2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(d_model=30, num_heads=4), "d_model=30 must be divisible by num_heads=4"),
+        (dict(num_heads=4, num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
+        (dict(num_heads=4, head_dim=7), "head_dim=7 must be even"),
+        (dict(num_heads=4, query_chunk_size=0), "query_chunk_size must be a positive int, got 0"),
+        (dict(num_heads=4, layout="spiral"), "layout must be one of"),
+        (dict(num_heads=4, mesh="sp8", seq_axis="seq"), "seq_axis='seq' is not an axis of the mesh"),
+        (dict(num_heads=4, num_kv_heads=1, mesh="tp2", head_axis="tp"), "num_kv_heads=1 must be divisible"),
+    ],
+)
+def test_bad_hyperparameters_are_named(kwargs, message):
+    kwargs = {"d_model": D_MODEL, **kwargs}
+    meshes = {"sp8": make_mesh(sp=8), "tp2": make_mesh(tp=2, sp=4)}
+    if "mesh" in kwargs:
+        kwargs["mesh"] = meshes[kwargs["mesh"]]
+    with pytest.raises(ValueError, match=message):
+        eqx_ring.RingAttention(key=jax.random.key(0), **kwargs)
+
+
+def test_sequence_not_divisible_by_the_ring_is_named():
+    attn = eqx_ring.RingAttention(D_MODEL, 4, layout="zigzag", mesh=make_mesh(sp=8), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"x seq \(split over 'sp'\)=40 must be divisible by 16"):
+        attn(x_input(seq=40))
+
+
+def test_wrong_d_model_shape_error():
+    """The message a user sees for a wrong input width (the jaxtyping hook is on in the tests)."""
+    attn = eqx_ring.RingAttention(D_MODEL, 4, key=jax.random.key(0))
+    with pytest.raises(jaxtyping.TypeCheckError) as info:
+        attn(jnp.ones((T, 16)))
+    message = str(info.value)
+    assert "RingAttention.__call__" in message
+    assert "parameter 'x'" in message
+    assert "Actual value: f32[64,16]" in message
+    assert "seq {self.d_model}" in message
+    assert "seq=64" in message
+    # The chained beartype error underneath says which dimension is wrong and what it is bound to.
+    chain, err = [], info.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__ or err.__context__
+    assert any("the dimension size 16 does not equal the existing value of {self.d_model}=32" in m for m in chain)
+
+
+# ---- BlockwiseFFN, RMSNorm ------------------------------------------------------------------------
+
+
+def plain_ffn(ffn: eqx_ring.BlockwiseFFN, x):
+    up = x @ ffn.up_proj.weight.T
+    if ffn.activation == "swiglu":
+        gate = x @ ffn.gate_proj.weight.T
+        return (gate * jax.nn.sigmoid(gate) * up) @ ffn.down_proj.weight.T
+    return (0.5 * up * (1 + jax.scipy.special.erf(up / np.sqrt(2)))) @ ffn.down_proj.weight.T
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("chunk_size", [8, 64, 4096])
+def test_blockwise_ffn_equals_plain_ffn(activation, chunk_size):
+    ffn = eqx_ring.BlockwiseFFN(D_MODEL, 96, activation=activation, chunk_size=chunk_size, key=jax.random.key(0))
+    x = x_input()
+    assert rel_err(jit_call(ffn, x), plain_ffn(ffn, x)) <= 1e-5
+    assert tree_rel_err(grads_of(ffn, lambda m, x: m(x), x), grads_of(ffn, plain_ffn, x)) <= 1e-5
+    dx = eqx.filter_jit(jax.grad(lambda x: jnp.sum(ffn(x) ** 2)))(x)
+    assert rel_err(dx, jax.grad(lambda x: jnp.sum(plain_ffn(ffn, x) ** 2))(x)) <= 1e-5
+
+
+def test_blockwise_ffn_chunk_must_divide():
+    ffn = eqx_ring.BlockwiseFFN(D_MODEL, 64, chunk_size=24, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="chunk_size=24 must divide the sequence length 64"):
+        ffn(x_input())
+    with pytest.raises(ValueError, match="activation must be one of"):
+        eqx_ring.BlockwiseFFN(D_MODEL, 64, activation="relu", key=jax.random.key(0))
+
+
+def test_rms_norm():
+    norm = eqx.tree_at(lambda n: n.weight, eqx_ring.RMSNorm(D_MODEL), jnp.linspace(0.5, 2.0, D_MODEL))
+    x = x_input().astype(jnp.bfloat16)
+    x64 = np.asarray(x, np.float64)
+    expected = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6) * np.linspace(0.5, 2.0, D_MODEL)
+    out = norm(x)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, expected) <= 1e-2
+
+
+# ---- chunked cross-entropy, RingTransformer -------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab_chunk_size", [7, 16, 100])
+def test_chunked_cross_entropy_equals_optax(vocab_chunk_size):
+    keys = jax.random.split(jax.random.key(0), 4)
+    hidden = jax.random.normal(keys[0], (2, 24, 16))
+    weight = jax.random.normal(keys[1], (50, 16))
+    labels = jax.random.randint(keys[2], (2, 24), 0, 50)
+    mask = jax.random.bernoulli(keys[3], 0.7, (2, 24))
+
+    def ours(hidden, weight):
+        return eqx_ring.chunked_cross_entropy(hidden, weight, labels, mask, vocab_chunk_size=vocab_chunk_size)
+
+    def reference(hidden, weight):
+        losses = optax.softmax_cross_entropy_with_integer_labels(hidden @ weight.T, labels)
+        weights = mask.astype(jnp.float32)
+        return jnp.sum(losses * weights) / jnp.sum(weights)
+
+    value, grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(hidden, weight)
+    ref_value, ref_grads = jax.value_and_grad(reference, argnums=(0, 1))(hidden, weight)
+    assert rel_err(value, ref_value) <= 1e-6
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel_err(g, r) <= 1e-5
+
+
+def test_chunked_cross_entropy_never_builds_the_logits():
+    """4096 tokens x 32768 vocab: the logits alone are 512 MiB; the chunked loss and its gradient need a fraction."""
+    hidden = jax.ShapeDtypeStruct((4096, 64), jnp.float32)
+    weight = jax.ShapeDtypeStruct((32768, 64), jnp.float32)
+    labels = jax.ShapeDtypeStruct((4096,), jnp.int32)
+
+    def chunked(h, w, y):
+        return eqx_ring.chunked_cross_entropy(h, w, y, vocab_chunk_size=1024)
+
+    def dense(h, w, y):
+        return optax.softmax_cross_entropy_with_integer_labels(h @ w.T, y).mean()
+
+    def temp(f):
+        compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(hidden, weight, labels).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    logits_bytes = 4096 * 32768 * 4
+    assert temp(dense) >= logits_bytes
+    assert temp(chunked) <= logits_bytes // 4
+
+
+def transformer(**kw):
+    base = dict(num_kv_heads=2, hidden_size=64, query_chunk_size=16, key_chunk_size=16, ffn_chunk_size=16,
+                key=jax.random.key(0))
+    return eqx_ring.RingTransformer(48, D_MODEL, 3, 4, **{**base, **kw})
+
+
+def lm_loss(model, tokens):
+    hidden = jax.vmap(model)(tokens[:, :-1])
+    return eqx_ring.chunked_cross_entropy(hidden, model.head_weight, tokens[:, 1:], vocab_chunk_size=20)
+
+
+def test_transformer_scan_remat_and_unrolled_agree():
+    tokens = jax.random.randint(jax.random.key(3), (2, T + 1), 0, 48)
+    scanned = transformer()
+    unrolled = transformer(scan_layers=False, remat_policy=None)
+    # Same key, same weights: the unrolled blocks are the scanned stack's slices.
+    first = jax.tree.map(lambda a: a[0], eqx.filter(scanned.blocks, eqx.is_array))
+    assert tree_rel_err(eqx.filter(unrolled.blocks[0], eqx.is_array), first) == 0
+    results = [eqx.filter_jit(eqx.filter_value_and_grad(lm_loss))(m, tokens) for m in (scanned, unrolled)]
+    (loss_s, grads_s), (loss_u, grads_u) = results
+    assert rel_err(loss_s, loss_u) <= 1e-6
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[eqx.filter(b, eqx.is_array) for b in grads_u.blocks])
+    assert tree_rel_err(eqx.filter(grads_s.blocks, eqx.is_array), stacked) <= 1e-5
+    assert tree_rel_err(grads_s.embedding, grads_u.embedding) <= 1e-5
+
+
+def test_transformer_logits_and_tied_head():
+    model = transformer(tie_embeddings=True)
+    assert model.lm_head is None and model.head_weight is model.embedding.weight
+    tokens = jax.random.randint(jax.random.key(3), (T,), 0, 48)
+    hidden = jit_call(model, tokens)
+    logits = model.logits(hidden)
+    assert logits.shape == (T, 48)
+    labels = jnp.roll(tokens, -1)
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    assert rel_err(eqx_ring.chunked_cross_entropy(hidden, model.head_weight, labels), expected) <= 1e-6
+
+
+def test_transformer_rejects_unknown_remat_policy():
+    with pytest.raises(ValueError, match="remat_policy must be None or one of"):
+        transformer(remat_policy="save_everything")
