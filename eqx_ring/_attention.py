@@ -25,10 +25,6 @@ def manual_axes() -> tuple[str, ...]:
     return tuple(jax.sharding.get_abstract_mesh().manual_axes)
 
 
-def mesh_axis_size(mesh: Mesh, axis: str | None) -> int:
-    return 1 if axis is None else mesh.shape[axis]
-
-
 def check_mesh_axes(mesh: Mesh | None, **axes: str | None) -> None:
     if mesh is None:
         return
@@ -155,7 +151,7 @@ class RingAttention(eqx.Module):
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         check_mesh_axes(self.mesh, seq_axis=self.seq_axis, head_axis=self.head_axis)
-        if self.mesh is not None and self.num_kv_heads % mesh_axis_size(self.mesh, self.head_axis):
+        if self.mesh is not None and self.head_axis is not None and self.num_kv_heads % self.mesh.shape[self.head_axis]:
             raise ValueError(
                 f"num_kv_heads={self.num_kv_heads} must be divisible by the size "
                 f"{self.mesh.shape[self.head_axis]} of head_axis={self.head_axis!r}"
@@ -221,8 +217,8 @@ class RingAttention(eqx.Module):
         del key, inference
         with jax.named_scope("eqx_ring.RingAttention"):
             seq = x.shape[0]
-            ring = self._ring_size(seq)
             inside = self.seq_axis in manual_axes()
+            ring = self._ring_size(seq, inside)
             if positions is None:
                 if inside:
                     positions = shard_positions(jax.lax.axis_index(self.seq_axis), seq, self.layout, ring)
@@ -241,9 +237,9 @@ class RingAttention(eqx.Module):
             o = self._attend(q, k, v, segment_ids, inside)
             return linear(self.output_proj, o.reshape(seq, self.num_heads * self.head_dim))
 
-    def _ring_size(self, seq: int) -> int:
+    def _ring_size(self, seq: int, inside: bool) -> int:
         """Devices on the sequence ring (1 without one); checks that `seq` splits over them."""
-        if self.seq_axis in manual_axes():
+        if inside:
             return jax.lax.axis_size(self.seq_axis)
         if self.mesh is None:
             return 1
