@@ -1,1 +1,10 @@
-"""grain data pipelines for eqx-ring (synthetic video-text data, packing, layouts): arriving in later releases."""
+"""grain data pipelines for eqx-ring: synthetic video-text data and text tokenizers (more arriving)."""
+
+from ._synthetic import (
+    COLORS as COLORS,
+    MOTIONS as MOTIONS,
+    SHAPES as SHAPES,
+    MovingShapes as MovingShapes,
+    caption as caption,
+)
+from ._tokenizer import SPECIAL_TOKENS as SPECIAL_TOKENS, ByteTokenizer as ByteTokenizer, Tokenizer as Tokenizer

@@ -1,0 +1,120 @@
+"""`MovingShapes`: a procedural video-text dataset, deterministic from (seed, index), for offline training."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 235),
+    "yellow": (240, 220, 40),
+    "cyan": (40, 220, 220),
+    "magenta": (220, 50, 220),
+    "white": (245, 245, 245),
+    "orange": (250, 140, 20),
+}
+# Unit velocity of each motion in (row, column) per frame.
+MOTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0), "still": (0, 0)}
+_PHRASE = {"left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down", "still": "stays still"}
+_COLOR_TABLE = np.array(list(COLORS.values()), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class MovingShapes:
+    """Videos of 1 to `max_shapes` coloured shapes moving in straight lines, with a caption saying what happens.
+
+    A grain random-access source (`len`, `[index]`): example `i` depends only on `(seed, i)`. Each
+    record is a dict:
+
+    - `"frames"`: uint8 `[num_frames, size, size, 3]` on a black background; later shapes are drawn
+      over earlier ones.
+    - `"caption"`: e.g. `"a red square moves left and a blue circle stays still"`.
+    - `"num_shapes"` and int32 `[max_shapes]` arrays `"shape"`, `"color"`, `"motion"` (indices into
+      `SHAPES`, `COLORS`, `MOTIONS`; -1 past `num_shapes`): the ground truth the caption was made from,
+      for evaluation.
+    - `"index"`: the example's index.
+    """
+
+    num_examples: int
+    num_frames: int = 8
+    size: int = 32
+    max_shapes: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_examples < 0:
+            raise ValueError(f"num_examples must be >= 0, got {self.num_examples}")
+        if self.num_frames < 1 or self.max_shapes < 1:
+            raise ValueError(f"num_frames and max_shapes must be >= 1, got {self.num_frames}, {self.max_shapes}")
+        if self.size < 12:
+            raise ValueError(f"size must be at least 12 pixels to draw a shape, got {self.size}")
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < self.num_examples:
+            raise IndexError(f"index {index} out of range for MovingShapes of {self.num_examples} examples")
+        rng = np.random.default_rng([self.seed, index])
+        count = int(rng.integers(1, self.max_shapes + 1))
+        shape = rng.integers(0, len(SHAPES), count)
+        color = rng.choice(len(COLORS), count, replace=False) if count <= len(COLORS) else rng.integers(
+            0, len(COLORS), count)
+        motion = rng.integers(0, len(MOTIONS), count)
+        frames = np.zeros((self.num_frames, self.size, self.size, 3), np.uint8)
+        rows = np.arange(self.size, dtype=np.float32)[None, :, None]
+        cols = np.arange(self.size, dtype=np.float32)[None, None, :]
+        t = np.arange(self.num_frames, dtype=np.float32)[:, None, None]
+        for s, c, m in zip(shape, color, motion, strict=True):
+            radius = float(rng.uniform(0.12, 0.2) * self.size)
+            start, step = self._path(rng, radius, MOTIONS[list(MOTIONS)[m]])
+            dy, dx = rows - (start[0] + step[0] * t), cols - (start[1] + step[1] * t)
+            frames[_inside(SHAPES[s], dy, dx, radius)] = _COLOR_TABLE[c]
+        pad = np.full(self.max_shapes - count, -1, np.int32)
+        return {
+            "frames": frames,
+            "caption": caption(shape, color, motion),
+            "num_shapes": count,
+            "shape": np.concatenate([shape.astype(np.int32), pad]),
+            "color": np.concatenate([color.astype(np.int32), pad]),
+            "motion": np.concatenate([motion.astype(np.int32), pad]),
+            "index": index,
+        }
+
+    def _path(self, rng: np.random.Generator, radius: float, direction: tuple[int, int]):
+        """A start point and per-frame step along `direction` that keep the shape inside the frame."""
+        lo, hi = radius + 1, self.size - radius - 2
+        travel = (hi - lo) * rng.uniform(0.5, 1.0)
+        speed = travel / max(self.num_frames - 1, 1)
+        start = []
+        for d in direction:
+            if d == 0:
+                start.append(rng.uniform(lo, hi))
+            else:
+                first = lo + rng.uniform(0, hi - lo - travel)
+                start.append(first if d > 0 else first + travel)
+        return np.array(start, np.float32), np.array(direction, np.float32) * speed
+
+
+def _inside(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+    if shape == "circle":
+        return dy * dy + dx * dx <= r * r
+    if shape == "square":
+        return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
+    # An upward triangle: apex at dy = -r, base at dy = +r, half-width growing to r.
+    return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+
+
+def caption(shape, color, motion) -> str:
+    """`"a red square moves left and a blue circle stays still"` from index arrays (as in the records)."""
+    color_names, motion_names = list(COLORS), list(MOTIONS)
+    parts = [
+        f"a {color_names[c]} {SHAPES[s]} {_PHRASE[motion_names[m]]}"
+        for s, c, m in zip(shape, color, motion, strict=True)
+        if s >= 0
+    ]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
