@@ -1,5 +1,7 @@
-"""grain data pipelines for eqx-ring: synthetic video-text data and text tokenizers (more arriving)."""
+"""grain data pipelines for eqx-ring: synthetic video-text data, tokenizers, the LWM layout and packing."""
 
+from ._lwm import TASKS as TASKS, lwm_sequence as lwm_sequence
+from ._packing import Packer as Packer, PackStats as PackStats, pack as pack
 from ._synthetic import (
     COLORS as COLORS,
     MOTIONS as MOTIONS,

@@ -1,0 +1,55 @@
+"""The Large World Model token layout: video codes and a caption as one token sequence with loss masks."""
+
+import numpy as np
+
+from ._tokenizer import Tokenizer
+
+TASKS: tuple[str, ...] = ("video_to_text", "text_to_video", "both")
+
+
+def lwm_sequence(
+    codes: np.ndarray, caption_ids: np.ndarray, tokenizer: Tokenizer, task: str
+) -> dict[str, np.ndarray]:
+    """One example as a token sequence in the LWM layout.
+
+    The vision part is `<vision>`, then each frame's codes followed by `<eof>` (`<eov>` after the
+    last frame), then `</vision>`. Code `c` becomes token `tokenizer.vocab_size + c`, so text and
+    vision share one vocabulary of `tokenizer.vocab_size + codebook_size` ids.
+
+    - `"video_to_text"` (captioning): `<bos> vision caption <eos>`; the caption and `<eos>` are trained.
+    - `"text_to_video"` (generation): `<bos> caption vision <eos>`; the vision part and `<eos>` are
+      trained. The caption comes first so that a causal model generates the video from it.
+    - `"both"`: `<bos> vision caption <eos>`, every token after `<bos>` trained.
+
+    **Arguments:** `codes`, int `[frames, codes_per_frame]` from a video tokenizer; `caption_ids`,
+    the tokenized caption; `tokenizer`, for the special ids; `task`, one of `TASKS`.
+
+    **Returns:** a dict of `[length]` arrays: `"tokens"` (int32), `"vision_mask"` (bool, True on
+    vision tokens including the markers), `"loss_mask"` (bool, True where the token is a training
+    target, i.e. predicted from the tokens before it).
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[0] < 1:
+        raise ValueError(f"codes must have shape [frames >= 1, codes_per_frame], got {codes.shape}")
+    if codes.size and codes.min() < 0:
+        raise ValueError(f"codes must be non-negative, got minimum {codes.min()}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    tok = tokenizer
+    frames = np.concatenate([codes.astype(np.int32) + tok.vocab_size, np.full((len(codes), 1), tok.eof_id, np.int32)],
+                            axis=1)
+    frames[-1, -1] = tok.eov_id
+    vision = np.concatenate([[tok.vision_start_id], frames.reshape(-1), [tok.vision_end_id]]).astype(np.int32)
+    text = np.asarray(caption_ids, np.int32)
+    parts = [vision, text] if task != "text_to_video" else [text, vision]
+    tokens = np.concatenate([[tok.bos_id], *parts, [tok.eos_id]]).astype(np.int32)
+    is_vision = np.concatenate([[False], *(np.full(len(p), p is vision) for p in parts), [False]])
+    if task == "video_to_text":
+        loss = ~is_vision
+    elif task == "text_to_video":
+        loss = is_vision.copy()
+    else:
+        loss = np.ones(len(tokens), bool)
+    loss[0] = False  # <bos> is never predicted
+    loss[-1] = True  # <eos> ends every task
+    return {"tokens": tokens, "vision_mask": is_vision, "loss_mask": loss}

@@ -1,0 +1,103 @@
+"""The LWM token layout and packing: every token and every boundary kept, masks where the task says."""
+
+import numpy as np
+import pytest
+
+from data_pipelines import ByteTokenizer, Packer, lwm_sequence, pack
+
+TOK = ByteTokenizer()
+
+
+def video_codes(frames=3, per_frame=4, seed=0):
+    return np.random.default_rng(seed).integers(0, 16, (frames, per_frame))
+
+
+@pytest.mark.parametrize("task", ["video_to_text", "text_to_video", "both"])
+def test_lwm_sequence_layout(task):
+    codes, text = video_codes(), "a red square moves left"
+    ex = lwm_sequence(codes, TOK.encode(text), TOK, task)
+    tokens, vision, loss = ex["tokens"], ex["vision_mask"], ex["loss_mask"]
+    assert tokens.dtype == np.int32 and len(tokens) == len(vision) == len(loss)
+    v = tokens[vision]
+    expected_vision = [TOK.vision_start_id]
+    for f, frame in enumerate(codes):
+        expected_vision += [*(frame + TOK.vocab_size), TOK.eov_id if f == len(codes) - 1 else TOK.eof_id]
+    expected_vision.append(TOK.vision_end_id)
+    assert v.tolist() == expected_vision
+    assert tokens[0] == TOK.bos_id and tokens[-1] == TOK.eos_id
+    assert TOK.decode(tokens[~vision]) == text
+    vision_first = np.flatnonzero(vision)[0] == 1
+    assert vision_first == (task != "text_to_video")
+    trained = {"video_to_text": ~vision, "text_to_video": vision.copy(), "both": np.ones_like(vision)}[task]
+    trained[0], trained[-1] = False, True
+    np.testing.assert_array_equal(loss, trained)
+
+
+def test_lwm_sequence_errors():
+    with pytest.raises(ValueError, match="task must be one of"):
+        lwm_sequence(video_codes(), TOK.encode("x"), TOK, "captioning")
+    with pytest.raises(ValueError, match=r"codes must have shape \[frames >= 1, codes_per_frame\]"):
+        lwm_sequence(np.zeros(5, int), TOK.encode("x"), TOK, "both")
+
+
+def random_examples(count, max_len, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        n = int(rng.integers(1, max_len + 1))
+        out.append({"tokens": rng.integers(0, 256, n).astype(np.int32), "loss_mask": rng.random(n) < 0.5,
+                    "vision_mask": np.full(n, i % 2 == 0)})
+    return out
+
+
+def unpack(rows):
+    """The segments of packed rows, in order, as dicts of arrays."""
+    segments = []
+    for row in rows:
+        for s in range(1, row["segment_ids"].max() + 1):
+            where = row["segment_ids"] == s
+            assert where.any() and np.all(np.diff(np.flatnonzero(where)) == 1), "a segment is one contiguous run"
+            np.testing.assert_array_equal(row["positions"][where], np.arange(where.sum()))
+            segments.append({k: row[k][where] for k in ("tokens", "loss_mask", "vision_mask")})
+        pad = row["segment_ids"] == 0
+        assert (row["tokens"][pad] == TOK.pad_id).all() and not row["loss_mask"][pad].any()
+        assert (row["positions"][pad] == 0).all()
+    return segments
+
+
+@pytest.mark.parametrize("seq_len", [16, 64, 100])
+def test_packing_keeps_every_token_and_boundary(seq_len):
+    examples = random_examples(200, 40)
+    rows, stats = pack(examples, seq_len, TOK.pad_id)
+    assert all(len(r["tokens"]) == seq_len for r in rows)
+    pieces = unpack(rows)
+    # Split examples come back as consecutive seq_len pieces; rejoin them in order.
+    rejoined, i = [], 0
+    for ex in examples:
+        n = len(ex["tokens"])
+        count = -(-n // seq_len)
+        rejoined.append({k: np.concatenate([p[k] for p in pieces[i : i + count]]) for k in ex})
+        i += count
+    assert i == len(pieces)
+    for got, ex in zip(rejoined, examples, strict=True):
+        for k in ex:
+            np.testing.assert_array_equal(got[k], ex[k])
+    total = sum(len(e["tokens"]) for e in examples)
+    assert stats.tokens == total and stats.rows == len(rows) and stats.padding == len(rows) * seq_len - total
+    assert stats.split == sum(len(e["tokens"]) > seq_len for e in examples) and stats.rejected == 0
+
+
+def test_packing_rejects_and_counts_long_examples():
+    examples = random_examples(100, 40, seed=1)
+    rows, stats = pack(examples, 24, TOK.pad_id, overflow="reject")
+    kept = [e for e in examples if len(e["tokens"]) <= 24]
+    assert stats.rejected == len(examples) - len(kept) > 0 and stats.split == 0 and stats.examples == 100
+    for got, ex in zip(unpack(rows), kept, strict=True):
+        np.testing.assert_array_equal(got["tokens"], ex["tokens"])
+
+
+def test_packer_errors():
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        Packer(8, TOK.pad_id, overflow="truncate")
+    with pytest.raises(ValueError, match="must have one length"):
+        Packer(8, TOK.pad_id).add({"tokens": np.zeros(3), "loss_mask": np.zeros(2), "vision_mask": np.zeros(3)})
