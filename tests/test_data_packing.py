@@ -1,9 +1,10 @@
 """The LWM token layout and packing: every token and every boundary kept, masks where the task says."""
 
+import grain
 import numpy as np
 import pytest
 
-from data_pipelines import ByteTokenizer, Packer, lwm_sequence, pack
+from data_pipelines import ByteTokenizer, PackIterDataset, lwm_sequence, pack
 
 TOK = ByteTokenizer()
 
@@ -98,6 +99,29 @@ def test_packing_rejects_and_counts_long_examples():
 
 def test_packer_errors():
     with pytest.raises(ValueError, match="overflow must be one of"):
-        Packer(8, TOK.pad_id, overflow="truncate")
+        PackIterDataset(grain.MapDataset.range(3).to_iter_dataset(), 8, TOK.pad_id, overflow="truncate")
     with pytest.raises(ValueError, match="must have one length"):
-        Packer(8, TOK.pad_id).add({"tokens": np.zeros(3), "loss_mask": np.zeros(2), "vision_mask": np.zeros(3)})
+        pack([{"tokens": np.zeros(3), "loss_mask": np.zeros(2), "vision_mask": np.zeros(3)}], 8, TOK.pad_id)
+
+
+@pytest.mark.parametrize("overflow", ["split", "reject"])
+def test_packing_resumes_exactly(overflow):
+    """Restoring the state saved after k rows gives the same following rows and the same counts."""
+    examples = random_examples(120, 40, seed=2)
+    dataset = PackIterDataset(grain.MapDataset.source(examples).to_iter_dataset(), 24, TOK.pad_id, overflow=overflow)
+    full = list(dataset)
+    for k in (0, 1, 7, 30, len(full) - 1):
+        it = iter(dataset)
+        for _ in range(k):
+            next(it)
+        state = it.get_state()
+        restored = iter(dataset)
+        restored.set_state(state)
+        rest = list(restored)
+        assert len(rest) == len(full) - k
+        for a, b in zip(rest, full[k:], strict=True):
+            for key in b:
+                np.testing.assert_array_equal(a[key], b[key])
+        complete = iter(dataset)
+        list(complete)
+        assert restored.stats == complete.stats
