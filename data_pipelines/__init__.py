@@ -1,4 +1,4 @@
-"""grain data pipelines for eqx-ring: synthetic video-text data, tokenizers, the LWM layout and packing."""
+"""grain data pipelines for eqx-ring: video-text sources, tokenizers, the LWM layout, packing, sharded batches."""
 
 from ._lwm import TASKS as TASKS, lwm_sequence as lwm_sequence
 from ._packing import (
@@ -6,6 +6,15 @@ from ._packing import (
     PackIterDataset as PackIterDataset,
     PackStats as PackStats,
     pack as pack,
+)
+from ._pipeline import (
+    ROW_KEYS as ROW_KEYS,
+    PatchQuantizer as PatchQuantizer,
+    ToLWMSequence as ToLWMSequence,
+    ToRingLayout as ToRingLayout,
+    global_batch as global_batch,
+    packed_batches as packed_batches,
+    video_text_examples as video_text_examples,
 )
 from ._synthetic import (
     COLORS as COLORS,
