@@ -24,3 +24,4 @@ from ._synthetic import (
     caption as caption,
 )
 from ._tokenizer import SPECIAL_TOKENS as SPECIAL_TOKENS, ByteTokenizer as ByteTokenizer, Tokenizer as Tokenizer
+from ._video_files import VideoDecodeError as VideoDecodeError, VideoFiles as VideoFiles

@@ -1,0 +1,144 @@
+"""`VideoFiles`: a grain source of real videos and captions, listed in a JSONL manifest and decoded with PyAV."""
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class VideoDecodeError(ValueError):
+    """A manifest entry whose video is missing, truncated or undecodable; the message names file and line."""
+
+
+class VideoFiles:
+    """Videos with captions, from a JSONL manifest of `{"path", "caption"}` (optional `"start"`, `"end"` in seconds).
+
+    A grain random-access source: record `i` decodes manifest entry `i` into `num_frames` uint8 RGB
+    frames of `size × size` pixels (scaled so the short side is `size`, then centre-cropped),
+    sampled uniformly over `[start, end)` or, with `fps`, at that rate from `start`. Relative paths
+    are relative to the manifest's folder. Records are dicts with `"frames"`, `"caption"`,
+    `"index"` and `"path"`, like [`MovingShapes`][data_pipelines.MovingShapes] without labels.
+
+    **Errors:** a malformed manifest line raises `ValueError` when the source is built, naming the
+    manifest and line. A missing, truncated or undecodable video raises
+    [`VideoDecodeError`][data_pipelines.VideoDecodeError] naming the file and its manifest line; with
+    `skip_errors=True` the record is `None` instead (grain drops it), a warning names the file, and
+    `skipped` maps each skipped index to its message (`num_skipped` counts them): never a silent drop.
+    """
+
+    def __init__(
+        self, manifest: str | os.PathLike, *, num_frames: int = 8, size: int = 32, fps: float | None = None,
+        skip_errors: bool = False,
+    ):
+        self.manifest = os.fspath(manifest)
+        self.num_frames = num_frames
+        self.size = size
+        self.fps = fps
+        self.skip_errors = skip_errors
+        self.skipped: dict[int, str] = {}
+        self._entries = self._read_manifest()
+
+    def _read_manifest(self) -> list[dict[str, Any]]:
+        root = os.path.dirname(os.path.abspath(self.manifest))
+        entries = []
+        with open(self.manifest, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{self.manifest}:{line_number}"
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(
+                        entry.get("caption"), str):
+                    raise ValueError(f'{where}: each line must be an object with string "path" and "caption"')
+                start, end = float(entry.get("start", 0.0)), entry.get("end")
+                if end is not None and float(end) <= start:
+                    raise ValueError(f"{where}: end={end} must be after start={start}")
+                path = entry["path"] if os.path.isabs(entry["path"]) else os.path.join(root, entry["path"])
+                entries.append({"path": path, "caption": entry["caption"], "start": start,
+                                "end": None if end is None else float(end), "line": line_number})
+        return entries
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        entry = self._entries[index]
+        try:
+            frames = self._decode(entry)
+        except VideoDecodeError as e:
+            if not self.skip_errors:
+                raise
+            self.skipped[int(index)] = str(e)
+            logger.warning("skipping a video: %s", e)
+            return None
+        return {"frames": frames, "caption": entry["caption"], "index": int(index), "path": entry["path"]}
+
+    def _decode(self, entry: dict[str, Any]) -> np.ndarray:
+        import av  # a heavy import, needed only when real video is read
+
+        where = f"{entry['path']} (manifest {self.manifest}:{entry['line']})"
+        if not os.path.exists(entry["path"]):
+            raise VideoDecodeError(f"{where}: file not found")
+        frames, times = [], []
+        try:
+            with av.open(entry["path"]) as container:
+                if not container.streams.video:
+                    raise VideoDecodeError(f"{where}: no video stream")
+                for frame in container.decode(video=0):
+                    t = float(frame.time or 0.0)
+                    if t < entry["start"]:
+                        continue
+                    if entry["end"] is not None and t >= entry["end"]:
+                        break
+                    frames.append(frame)
+                    times.append(t)
+                self._check_complete(container, times, entry, where)
+                chosen = self._sample(times, entry, where)
+                return np.stack([self._resize(frames[i]) for i in chosen])
+        except (av.FFmpegError, OSError) as e:
+            raise VideoDecodeError(f"{where}: cannot decode ({type(e).__name__}: {e})") from None
+
+    @staticmethod
+    def _check_complete(container, times: list[float], entry: dict[str, Any], where: str) -> None:
+        """Raise if decoding stopped well before the duration the container declares (a truncated file)."""
+        rate = container.streams.video[0].average_rate
+        if not times or container.duration is None or not rate:
+            return
+        period = 1 / float(rate)
+        declared = container.duration / 1e6
+        limit = declared if entry["end"] is None else min(entry["end"], declared)
+        if times[-1] < limit - 2.5 * period:
+            raise VideoDecodeError(
+                f"{where}: truncated: frames stop at {times[-1]:.2f} s but the file declares {declared:.2f} s"
+            )
+
+    def _sample(self, times: list[float], entry: dict[str, Any], where: str) -> np.ndarray:
+        if not times:
+            raise VideoDecodeError(f"{where}: no frames decoded in [{entry['start']}, {entry['end']})")
+        if self.fps is None:
+            return np.linspace(0, len(times) - 1, self.num_frames).round().astype(int)
+        wanted = entry["start"] + np.arange(self.num_frames) / self.fps
+        if wanted[-1] > times[-1] + 0.5 / self.fps:
+            raise VideoDecodeError(
+                f"{where}: {self.num_frames} frames at fps={self.fps} need {wanted[-1] - entry['start']:.2f} s, "
+                f"the clip has {times[-1] - entry['start']:.2f} s"
+            )
+        return np.abs(np.asarray(times)[None, :] - wanted[:, None]).argmin(axis=1)
+
+    def _resize(self, frame) -> np.ndarray:
+        scale = self.size / min(frame.width, frame.height)
+        w, h = max(self.size, round(frame.width * scale)), max(self.size, round(frame.height * scale))
+        pixels = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
+        top, left = (h - self.size) // 2, (w - self.size) // 2
+        return pixels[top : top + self.size, left : left + self.size]
