@@ -14,8 +14,10 @@ from ._pipeline import (
     ToRingLayout as ToRingLayout,
     global_batch as global_batch,
     packed_batches as packed_batches,
+    shard_batches as shard_batches,
     video_text_examples as video_text_examples,
 )
+from ._shards import PackedShards as PackedShards, write_packed_shards as write_packed_shards
 from ._synthetic import (
     COLORS as COLORS,
     MOTIONS as MOTIONS,

@@ -13,6 +13,7 @@ from eqx_ring import to_layout
 
 from ._lwm import TASKS, lwm_sequence
 from ._packing import PackIterDataset
+from ._shards import PackedShards
 from ._tokenizer import ByteTokenizer, Tokenizer
 
 ROW_KEYS: tuple[str, ...] = ("tokens", "loss_mask", "vision_mask", "segment_ids", "positions")
@@ -90,6 +91,16 @@ def video_text_examples(
     from `tasks` (a task name or `{task: weight}`), deterministically from `(seed, position)`.
     """
     task_names, weights = _task_mixture(tasks)
+    ds = _this_process(source, seed, shuffle, num_epochs, process_index, process_count)
+    transform = ToLWMSequence(video_tokenizer, tokenizer or ByteTokenizer(), task_names, weights)
+    return ds.random_map(transform, seed=seed)
+
+
+def _this_process(
+    source: grain.sources.RandomAccessDataSource, seed: int, shuffle: bool, num_epochs: int | None,
+    process_index: int | None, process_count: int | None,
+) -> grain.MapDataset:
+    """This process's slice of `source`, shuffled per epoch and repeated."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -97,10 +108,7 @@ def video_text_examples(
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    if num_epochs != 1:
-        ds = ds.repeat(num_epochs)
-    transform = ToLWMSequence(video_tokenizer, tokenizer or ByteTokenizer(), task_names, weights)
-    return ds.random_map(transform, seed=seed)
+    return ds if num_epochs == 1 else ds.repeat(num_epochs)
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,35 @@ def packed_batches(
     just as deterministic, and the iterator state covers every worker.
     """
     rows = PackIterDataset(examples.to_iter_dataset(), seq_len, pad_id, overflow=overflow)
+    return _batch_rows(rows, batch_size, layout, ring_size, num_workers)
+
+
+def shard_batches(
+    shards: PackedShards,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = 1,
+    layout: str | None = None,
+    ring_size: int = 1,
+    num_workers: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """Batches of pre-packed rows read from ArrayRecord shards: this process's rows, shuffled per epoch.
+
+    Arguments as [`video_text_examples`][data_pipelines.video_text_examples] and
+    [`packed_batches`][data_pipelines.packed_batches]. Rows are stored in natural order, so the
+    same shards serve any `layout` and `ring_size`.
+    """
+    rows = _this_process(shards, seed, shuffle, num_epochs, process_index, process_count).to_iter_dataset()
+    return _batch_rows(rows, batch_size, layout, ring_size, num_workers)
+
+
+def _batch_rows(
+    rows: grain.IterDataset, batch_size: int, layout: str | None, ring_size: int, num_workers: int
+) -> grain.IterDataset:
     if layout is not None:
         rows = rows.map(ToRingLayout(layout, ring_size))
     batches = rows.batch(batch_size, drop_remainder=True)

@@ -1,0 +1,71 @@
+"""Pre-tokenized shards: packed rows written once to ArrayRecord files, read back as a grain source."""
+
+import io
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+
+def _encode(row: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _decode(record: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(record), allow_pickle=False) as arrays:
+        return {k: arrays[k] for k in arrays.files}
+
+
+def write_packed_shards(
+    rows: Iterable[Mapping[str, np.ndarray]], directory: str | os.PathLike, *, rows_per_shard: int = 1024,
+    prefix: str = "packed",
+) -> list[str]:
+    """Write packed rows (e.g. from [`PackIterDataset`][data_pipelines.PackIterDataset]) to ArrayRecord files.
+
+    Each row is one record (its arrays in NumPy's `.npz` format, no pickle). Files are named
+    `{prefix}-00000.array_record`, ... with `rows_per_shard` rows each; returns their paths, in order.
+    Decoding video and tokenizing happen once here, not every epoch.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    os.makedirs(directory, exist_ok=True)
+    paths: list[str] = []
+    writer = None
+    for i, row in enumerate(rows):
+        if i % rows_per_shard == 0:
+            if writer is not None:
+                writer.close()
+            paths.append(os.path.join(os.fspath(directory), f"{prefix}-{len(paths):05d}.array_record"))
+            writer = ArrayRecordWriter(paths[-1], "group_size:1")
+        writer.write(_encode(row))
+    if writer is not None:
+        writer.close()
+    return paths
+
+
+class PackedShards:
+    """A grain random-access source over the rows [`write_packed_shards`][data_pipelines.write_packed_shards] wrote.
+
+    `source[i]` is row `i` (across the files, in order) as a dict of arrays, exactly as written.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        if not paths:
+            raise ValueError("PackedShards needs at least one file")
+        missing = [os.fspath(p) for p in paths if not os.path.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"packed shard files not found: {missing}")
+        self.paths = [os.fspath(p) for p in paths]
+        self._records = grain.sources.ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return _decode(self._records[index])
+
+    def __repr__(self) -> str:
+        return f"PackedShards({len(self.paths)} files, {len(self)} rows)"
