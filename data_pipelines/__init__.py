@@ -6,6 +6,7 @@ from ._packing import (
     PackIterDataset as PackIterDataset,
     PackStats as PackStats,
     pack as pack,
+    packing_stats as packing_stats,
 )
 from ._pipeline import (
     ROW_KEYS as ROW_KEYS,

@@ -174,3 +174,27 @@ def pack(examples, seq_len: int, pad_id: int, **kwargs) -> tuple[list[dict[str, 
                                     **kwargs))
     rows = list(iterator)
     return rows, iterator.stats
+
+
+def packing_stats(iterator: grain.DatasetIterator) -> PackStats:
+    """The summed `PackStats` of every packer behind `iterator`, read from its state.
+
+    Works through `mp_prefetch` too: each worker's packer state travels in the iterator's state,
+    so rejected and split examples are counted even when packing runs in other processes.
+    """
+    total = PackStats()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.keys() == {"parent", "offset", "stats"}:
+                for name, value in node["stats"].items():
+                    setattr(total, name, getattr(total, name) + value)
+            else:
+                for value in node.values():
+                    visit(value)
+        elif isinstance(node, list | tuple):
+            for value in node:
+                visit(value)
+
+    visit(iterator.get_state())
+    return total
