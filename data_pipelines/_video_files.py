@@ -57,12 +57,16 @@ class VideoFiles:
                 if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(
                         entry.get("caption"), str):
                     raise ValueError(f'{where}: each line must be an object with string "path" and "caption"')
-                start, end = float(entry.get("start", 0.0)), entry.get("end")
-                if end is not None and float(end) <= start:
-                    raise ValueError(f"{where}: end={end} must be after start={start}")
+                try:
+                    start = float(entry.get("start", 0.0))
+                    end = None if entry.get("end") is None else float(entry["end"])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{where}: start and end must be numbers of seconds") from None
+                if end is not None and end <= start:
+                    raise ValueError(f"{where}: end={end:g} must be after start={start:g}")
                 path = entry["path"] if os.path.isabs(entry["path"]) else os.path.join(root, entry["path"])
                 entries.append({"path": path, "caption": entry["caption"], "start": start,
-                                "end": None if end is None else float(end), "line": line_number})
+                                "end": end, "line": line_number})
         return entries
 
     @property

@@ -111,6 +111,7 @@ def test_skip_errors_counts_and_reports(videos, caplog):
         ("{not json", r"m.jsonl:2: not valid JSON"),
         ('{"path": "v0.mkv"}', r'm.jsonl:2: each line must be an object with string "path" and "caption"'),
         ('{"path": "v0.mkv", "caption": "x", "start": 2, "end": 1}', r"m.jsonl:2: end=1 must be after start=2"),
+        ('{"path": "v0.mkv", "caption": "x", "start": "soon"}', r"m.jsonl:2: start and end must be numbers"),
     ],
 )
 def test_bad_manifest_lines_are_named(tmp_path, line, message):
