@@ -17,6 +17,7 @@ from ._pipeline import (
     packed_batches as packed_batches,
     shard_batches as shard_batches,
     video_text_examples as video_text_examples,
+    with_targets as with_targets,
 )
 from ._shards import PackedShards as PackedShards, write_packed_shards as write_packed_shards
 from ._synthetic import (

@@ -16,7 +16,9 @@ from ._packing import PackIterDataset
 from ._shards import PackedShards
 from ._tokenizer import ByteTokenizer, Tokenizer
 
-ROW_KEYS: tuple[str, ...] = ("tokens", "loss_mask", "vision_mask", "segment_ids", "positions")
+ROW_KEYS: tuple[str, ...] = (
+    "tokens", "loss_mask", "vision_mask", "segment_ids", "positions", "targets", "target_mask",
+)
 
 
 @dataclass(frozen=True)
@@ -168,9 +170,23 @@ def shard_batches(
     return _batch_rows(rows, batch_size, layout, ring_size, num_workers)
 
 
+def with_targets(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Add next-token `"targets"` and `"target_mask"` to a packed row, in natural order.
+
+    `targets[t] = tokens[t + 1]`, trained where `loss_mask[t + 1]` is set and `t + 1` is in the same
+    (non-padding) segment as `t`. Computed before any ring layout, so a model's loss needs no shift
+    (a shift of a layout-ordered or sequence-sharded array would be wrong or would move data).
+    """
+    tokens, segments = row["tokens"], row["segment_ids"]
+    targets = np.append(tokens[1:], tokens[-1])  # the last target is never trained
+    same = np.append((segments[1:] == segments[:-1]) & (segments[1:] > 0), False)
+    return {**row, "targets": targets, "target_mask": same & np.append(row["loss_mask"][1:].astype(bool), False)}
+
+
 def _batch_rows(
     rows: grain.IterDataset, batch_size: int, layout: str | None, ring_size: int, num_workers: int
 ) -> grain.IterDataset:
+    rows = rows.map(with_targets)
     if layout is not None:
         rows = rows.map(ToRingLayout(layout, ring_size))
     batches = rows.batch(batch_size, drop_remainder=True)

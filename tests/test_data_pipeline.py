@@ -21,6 +21,7 @@ from data_pipelines import (
     packing_stats,
     shard_batches,
     video_text_examples,
+    with_targets,
     write_packed_shards,
 )
 from eqx_ring.sharding import make_mesh
@@ -155,6 +156,7 @@ def test_packed_shards_round_trip(tmp_path):
     read = list(shard_batches(shards, batch_size=1, shuffle=False, layout="zigzag", ring_size=4, process_index=0,
                               process_count=1))
     for batch, row in zip(read, rows, strict=True):
+        row = with_targets(row)
         for k in ROW_KEYS:
             np.testing.assert_array_equal(eqx_ring.from_layout(batch[k][0], "zigzag", 4, axis=0), row[k])
     halves = [list(shard_batches(shards, batch_size=1, seed=3, process_index=i, process_count=2)) for i in (0, 1)]
@@ -162,3 +164,16 @@ def test_packed_shards_round_trip(tmp_path):
     assert seen == sorted(r["tokens"].tobytes() for r in rows)
     with pytest.raises(FileNotFoundError, match="nope.array_record"):
         PackedShards([tmp_path / "nope.array_record"])
+
+
+def test_next_token_targets_are_taken_in_natural_order():
+    natural = take(iter(batches()), 2)
+    laid_out = take(iter(batches(layout="striped", ring_size=4)), 2)
+    for n, lay in zip(natural, laid_out, strict=True):
+        np.testing.assert_array_equal(n["targets"][:, :-1], n["tokens"][:, 1:])
+        seg = n["segment_ids"]
+        expected = n["loss_mask"][:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+        np.testing.assert_array_equal(n["target_mask"][:, :-1], expected)
+        assert not n["target_mask"][:, -1].any()
+        for k in ("targets", "target_mask"):
+            np.testing.assert_array_equal(eqx_ring.from_layout(lay[k], "striped", 4, axis=1), n[k])
