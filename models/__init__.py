@@ -1,1 +1,4 @@
-"""The eqx-ring model zoo (video tokenizer, video-text LM, LLaMA-style presets): arriving in later releases."""
+"""The eqx-ring model zoo: LLaMA-style language models on ring attention, and zoo files (more arriving)."""
+
+from ._lm import PRESETS as PRESETS, LMConfig as LMConfig, RingLM as RingLM
+from ._zoo import REGISTRY as REGISTRY, ZooIntegrityError as ZooIntegrityError, load as load, save as save

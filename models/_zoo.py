@@ -1,0 +1,78 @@
+"""Zoo files: JSON hyperparameters + Equinox-serialised weights, checked by SHA-256 before loading."""
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+
+from ._lm import LMConfig, RingLM
+
+FORMAT = "eqx-ring-zoo/1"
+
+REGISTRY: dict[str, tuple[type, Callable[..., Any]]] = {"RingLM": (RingLM, LMConfig)}
+"""The classes `load` can rebuild, by name: `(class, config class)`."""
+
+
+class ZooIntegrityError(ValueError):
+    """A zoo weights file whose SHA-256 is not the one its JSON records (tampered or corrupt)."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save(path: str | os.PathLike, model: eqx.Module) -> tuple[str, str]:
+    """Write `model` as `{path}.json` (class, config, SHA-256) and `{path}.eqx` (weights); returns both paths.
+
+    The model must have a dataclass `config` from which `type(model)(config, key=...)` rebuilds it.
+    """
+    base = os.fspath(path)
+    weights = base + ".eqx"
+    eqx.tree_serialise_leaves(weights, model)
+    meta = {
+        "format": FORMAT,
+        "class": type(model).__name__,
+        "config": dataclasses.asdict(model.config),
+        "weights": os.path.basename(weights),
+        "sha256": _sha256(weights),
+    }
+    with open(base + ".json", "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    return base + ".json", weights
+
+
+def load(path: str | os.PathLike, **build_kwargs: Any) -> eqx.Module:
+    """Load what [`save`][models.save] wrote: check the weights' SHA-256, then fill a shape-only skeleton.
+
+    The class must be in `REGISTRY`; `build_kwargs` (e.g. `mesh=`) go to its constructor. The skeleton
+    is built with `eqx.filter_eval_shape`, so no weights are initialised.
+
+    **Raises:** `ZooIntegrityError` if the weights file's hash differs from the JSON's.
+    """
+    base = os.fspath(path).removesuffix(".json")
+    with open(base + ".json", encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{base}.json is not an {FORMAT} file (format={meta.get('format')!r})")
+    if meta["class"] not in REGISTRY:
+        raise ValueError(f"{base}.json holds a {meta['class']!r}; known classes are {sorted(REGISTRY)}")
+    weights = os.path.join(os.path.dirname(base + ".json"), meta["weights"])
+    actual = _sha256(weights)
+    if actual != meta["sha256"]:
+        raise ZooIntegrityError(
+            f"{weights} has SHA-256 {actual}, but {base}.json records {meta['sha256']}: the file was modified or "
+            "corrupted; refusing to load it"
+        )
+    cls, config_cls = REGISTRY[meta["class"]]
+    config = config_cls(**meta["config"])
+    skeleton = eqx.filter_eval_shape(lambda: cls(config, key=jax.random.key(0), **build_kwargs))
+    return eqx.tree_deserialise_leaves(weights, skeleton)
