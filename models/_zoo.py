@@ -11,10 +11,11 @@ import equinox as eqx
 import jax
 
 from ._lm import LMConfig, RingLM
+from ._vq import VideoVQ, VQConfig
 
 FORMAT = "eqx-ring-zoo/1"
 
-REGISTRY: dict[str, tuple[type, Callable[..., Any]]] = {"RingLM": (RingLM, LMConfig)}
+REGISTRY: dict[str, tuple[type, Callable[..., Any]]] = {"RingLM": (RingLM, LMConfig), "VideoVQ": (VideoVQ, VQConfig)}
 """The classes `load` can rebuild, by name: `(class, config class)`."""
 
 
