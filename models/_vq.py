@@ -48,6 +48,13 @@ def _conv_stack(channels: list[int], key: PRNGKeyArray, transpose: bool) -> list
     return layers
 
 
+def _apply(layers: tuple[eqx.Module, ...], x: Array) -> Array:
+    """The layers in turn, with a ReLU between consecutive ones."""
+    for i, layer in enumerate(layers):
+        x = layer(x) if i == 0 else layer(jax.nn.relu(x))
+    return x
+
+
 class VideoVQ(eqx.Module):
     """A frame-wise VQ-VAE: conv encoder → nearest codebook vector per grid cell → conv decoder.
 
@@ -76,18 +83,10 @@ class VideoVQ(eqx.Module):
         self.config = config
 
     def _encode_latents(self, x: Float[Array, "3 size size"]) -> Float[Array, "code_dim grid grid"]:
-        for i, layer in enumerate(self.encoder):
-            x = layer(x)
-            if i < len(self.encoder) - 1:
-                x = jax.nn.relu(x)
-        return x
+        return _apply(self.encoder, x)
 
     def _decode_latents(self, z: Float[Array, "code_dim grid grid"]) -> Float[Array, "3 size size"]:
-        for i, layer in enumerate(self.decoder):
-            z = layer(z)
-            if i < len(self.decoder) - 1:
-                z = jax.nn.relu(z)
-        return z
+        return _apply(self.decoder, z)
 
     def _nearest(self, z: Float[Array, "code_dim grid grid"]) -> Int[Array, "grid grid"]:
         flat = z.reshape(z.shape[0], -1).T
