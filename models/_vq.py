@@ -13,16 +13,16 @@ class VQConfig:
     """Hyperparameters of a [`VideoVQ`][models.VideoVQ]; JSON-serialisable."""
 
     frame_size: int = 32
-    hidden: int = 64
-    downsample: int = 2
+    patch: int = 4
+    hidden: int = 128
     codebook_size: int = 64
     code_dim: int = 16
     commitment: float = 0.25
 
     @property
     def grid(self) -> int:
-        """Codes per frame side: `frame_size / 2**downsample`."""
-        return self.frame_size // 2**self.downsample
+        """Codes per frame side: `frame_size / patch`."""
+        return self.frame_size // self.patch
 
 
 class VQOutput(eqx.Module):
@@ -34,87 +34,96 @@ class VQOutput(eqx.Module):
     commitment_loss: Float[Array, ""]
 
 
-def _conv_stack(channels: list[int], key: PRNGKeyArray, transpose: bool) -> list[eqx.Module]:
-    layers = []
-    keys = jax.random.split(key, len(channels) - 1)
-    for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
-        last = i == len(channels) - 2
-        if transpose and not last:
-            layers.append(eqx.nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, key=keys[i]))
-        elif not transpose and not last:
-            layers.append(eqx.nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, key=keys[i]))
-        else:
-            layers.append(eqx.nn.Conv2d(c_in, c_out, 3, padding=1, key=keys[i]))
-    return layers
+def linear(layer: eqx.nn.Linear, x: Float[Array, "*cells d_in"]) -> Float[Array, "*cells d_out"]:
+    return x @ layer.weight.T + layer.bias
 
 
-def _apply(layers: tuple[eqx.Module, ...], x: Array) -> Array:
-    """The layers in turn, with a ReLU between consecutive ones."""
-    for i, layer in enumerate(layers):
-        x = layer(x) if i == 0 else layer(jax.nn.relu(x))
-    return x
+class _Coder(eqx.Module):
+    """Per-cell linear in, a residual 3 x 3 convolution over the code grid, ReLU, per-cell linear out."""
+
+    into: eqx.nn.Linear
+    mix: eqx.nn.Conv2d
+    out: eqx.nn.Linear
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, key: PRNGKeyArray):
+        ik, mk, ok = jax.random.split(key, 3)
+        self.into = eqx.nn.Linear(d_in, hidden, key=ik)
+        self.mix = eqx.nn.Conv2d(hidden, hidden, 3, padding=1, key=mk)
+        self.out = eqx.nn.Linear(hidden, d_out, key=ok)
+
+    def __call__(self, x: Float[Array, "grid grid d_in"]) -> Float[Array, "grid grid d_out"]:
+        h = jax.nn.relu(linear(self.into, x))
+        h = h + jnp.moveaxis(self.mix(jnp.moveaxis(h, -1, 0)), 0, -1)
+        return linear(self.out, jax.nn.relu(h))
 
 
 class VideoVQ(eqx.Module):
-    """A frame-wise VQ-VAE: conv encoder → nearest codebook vector per grid cell → conv decoder.
+    """A frame-wise VQ-VAE: patch encoder → nearest codebook vector per grid cell → patch decoder.
 
-    Each `frame_size²` RGB frame becomes a `grid × grid` array of codes in `[0, codebook_size)`
-    (`grid = frame_size / 2**downsample`). Training uses the straight-through estimator with the
-    VQ-VAE codebook and commitment losses (`vq_loss`); codes that fall out of use can be restarted
-    at encoder outputs (`restart_dead_codes`). `encode` / `decode` work on uint8 video.
+    Each `frame_size²` RGB frame is cut into `patch × patch` cells (a convolution with kernel and
+    stride `patch`, computed as one matmul), mixed by a residual 3 × 3 convolution over the
+    `grid × grid` cells, and each cell quantised to one of `codebook_size` codes; the decoder
+    mirrors it. Training uses the straight-through estimator with the VQ-VAE codebook and
+    commitment losses (`vq_loss`); codes that fall out of use can be restarted at encoder outputs
+    (`restart_dead_codes`). `encode` / `decode` work on uint8 video.
+
+    Patches rather than overlapping strided convolutions: XLA:CPU runs the backward pass of strided
+    and transposed convolutions slowly, and the demo trains this model on two CPU cores.
     """
 
-    encoder: tuple[eqx.Module, ...]
-    decoder: tuple[eqx.Module, ...]
+    encoder: _Coder
+    decoder: _Coder
     codebook: Float[Array, "codebook_size code_dim"]
     config: VQConfig = eqx.field(static=True)
 
     def __init__(self, config: VQConfig, *, key: PRNGKeyArray):
         """**Arguments:** the `config` and a PRNG `key`."""
-        if config.frame_size % 2**config.downsample:
-            raise ValueError(
-                f"frame_size={config.frame_size} must be divisible by 2**downsample={2**config.downsample}"
-            )
+        if config.frame_size % config.patch:
+            raise ValueError(f"frame_size={config.frame_size} must be divisible by patch={config.patch}")
         ek, dk, ck = jax.random.split(key, 3)
-        widths = [3] + [config.hidden] * config.downsample + [config.code_dim]
-        self.encoder = tuple(_conv_stack(widths, ek, transpose=False))
-        self.decoder = tuple(_conv_stack(widths[::-1], dk, transpose=True))
+        cell = 3 * config.patch**2
+        self.encoder = _Coder(cell, config.hidden, config.code_dim, ek)
+        self.decoder = _Coder(config.code_dim, config.hidden, cell, dk)
         self.codebook = jax.random.uniform(ck, (config.codebook_size, config.code_dim), minval=-1.0, maxval=1.0)
         self.config = config
 
-    def _encode_latents(self, x: Float[Array, "3 size size"]) -> Float[Array, "code_dim grid grid"]:
-        return _apply(self.encoder, x)
+    def _cells(self, frames: Float[Array, "frames 3 size size"]) -> Float[Array, "frames grid grid cell"]:
+        f, g, p = frames.shape[0], self.config.grid, self.config.patch
+        return frames.reshape(f, 3, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(f, g, g, 3 * p * p)
 
-    def _decode_latents(self, z: Float[Array, "code_dim grid grid"]) -> Float[Array, "3 size size"]:
-        return _apply(self.decoder, z)
+    def _frames(self, cells: Float[Array, "frames grid grid cell"]) -> Float[Array, "frames 3 size size"]:
+        f, g, p = cells.shape[0], self.config.grid, self.config.patch
+        return cells.reshape(f, g, g, 3, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(f, 3, g * p, g * p)
 
-    def _nearest(self, z: Float[Array, "code_dim grid grid"]) -> Int[Array, "grid grid"]:
-        flat = z.reshape(z.shape[0], -1).T
-        distance = (flat**2).sum(-1, keepdims=True) - 2 * flat @ self.codebook.T + (self.codebook**2).sum(-1)
-        return distance.argmin(-1).reshape(z.shape[1:])
+    def encode_latents(self, frames: Float[Array, "frames 3 size size"]) -> Float[Array, "frames grid grid dim"]:
+        """The encoder's continuous output for frames in `[-1, 1]`, before quantisation."""
+        return jax.vmap(self.encoder)(self._cells(frames))
+
+    def _nearest(self, z: Float[Array, "*cells dim"]) -> Int[Array, "*cells"]:
+        distance = (z**2).sum(-1, keepdims=True) - 2 * z @ self.codebook.T + (self.codebook**2).sum(-1)
+        return distance.argmin(-1)
 
     def __call__(self, frames: Float[Array, "frames 3 size size"]) -> VQOutput:
         """Quantise and reconstruct frames scaled to `[-1, 1]`; returns a [`VQOutput`][models.VQOutput]."""
         with jax.named_scope("models.VideoVQ"):
-            z = jax.vmap(self._encode_latents)(frames)
-            codes = jax.vmap(self._nearest)(z)
-            quantised = jnp.moveaxis(self.codebook[codes], -1, 1)
+            z = self.encode_latents(frames)
+            codes = self._nearest(z)
+            quantised = self.codebook[codes]
             codebook_loss = jnp.mean((jax.lax.stop_gradient(z) - quantised) ** 2)
             commitment_loss = jnp.mean((z - jax.lax.stop_gradient(quantised)) ** 2)
             straight_through = z + jax.lax.stop_gradient(quantised - z)
-            reconstruction = jax.vmap(self._decode_latents)(straight_through)
+            reconstruction = self._frames(jax.vmap(self.decoder)(straight_through))
             return VQOutput(reconstruction, codes, codebook_loss, commitment_loss)
 
     def encode(self, video: UInt8[Array, "frames size size 3"]) -> Int[Array, "frames codes"]:
         """uint8 video → int32 codes, `grid²` per frame, row-major."""
-        z = jax.vmap(self._encode_latents)(to_unit(video))
-        return jax.vmap(self._nearest)(z).reshape(video.shape[0], -1).astype(jnp.int32)
+        codes = self._nearest(self.encode_latents(to_unit(video)))
+        return codes.reshape(video.shape[0], -1).astype(jnp.int32)
 
     def decode(self, codes: Int[Array, "frames codes"]) -> UInt8[Array, "frames size size 3"]:
         """Codes → uint8 video."""
         g = self.config.grid
-        quantised = jnp.moveaxis(self.codebook[codes.reshape(-1, g, g)], -1, 1)
-        return from_unit(jax.vmap(self._decode_latents)(quantised))
+        return from_unit(self._frames(jax.vmap(self.decoder)(self.codebook[codes.reshape(-1, g, g)])))
 
     def restart_dead_codes(
         self, usage: Float[Array, " codebook_size"], frames: Float[Array, "frames 3 size size"], key: PRNGKeyArray,
@@ -122,8 +131,7 @@ class VideoVQ(eqx.Module):
     ) -> "VideoVQ":
         """A copy whose codes with `usage` below `threshold` (fraction of recent assignments) are moved onto
         encoder outputs of `frames` drawn at random, so every code can be used again."""
-        z = jax.vmap(self._encode_latents)(frames)
-        flat = jnp.moveaxis(z, 1, -1).reshape(-1, self.config.code_dim)
+        flat = self.encode_latents(frames).reshape(-1, self.config.code_dim)
         picks = flat[jax.random.randint(key, (self.config.codebook_size,), 0, flat.shape[0])]
         codebook = jnp.where((usage < threshold)[:, None], picks, self.codebook)
         return eqx.tree_at(lambda m: m.codebook, self, codebook)

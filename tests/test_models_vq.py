@@ -10,7 +10,7 @@ import models
 from data_pipelines import MovingShapes
 from models._vq import from_unit, to_unit
 
-CONFIG = models.VQConfig(frame_size=16, hidden=8, downsample=2, codebook_size=8, code_dim=4)
+CONFIG = models.VQConfig(frame_size=16, patch=4, hidden=8, codebook_size=8, code_dim=4)
 
 
 def video(n=2, frames=3):
@@ -26,7 +26,7 @@ def test_encode_decode_shapes_and_unit_scaling():
     assert (codes >= 0).all() and (codes < 8).all()
     assert vq.decode(codes).shape == (3, 16, 16, 3) and vq.decode(codes).dtype == jnp.uint8
     np.testing.assert_array_equal(from_unit(to_unit(v)), v)
-    with pytest.raises(ValueError, match="frame_size=18 must be divisible by 2\\*\\*downsample=4"):
+    with pytest.raises(ValueError, match="frame_size=18 must be divisible by patch=4"):
         models.VideoVQ(models.VQConfig(frame_size=18), key=jax.random.key(0))
 
 
@@ -34,8 +34,8 @@ def test_codes_are_the_nearest_codebook_vectors_and_losses_match_their_formulas(
     vq = models.VideoVQ(CONFIG, key=jax.random.key(0))
     frames = to_unit(video()[0])
     out = vq(frames)
-    z = np.asarray(jax.vmap(vq._encode_latents)(frames), np.float64)  # [frames, dim, g, g]
-    vectors = np.moveaxis(z, 1, -1).reshape(-1, CONFIG.code_dim)
+    z = np.asarray(vq.encode_latents(frames), np.float64)  # [frames, grid, grid, dim]
+    vectors = z.reshape(-1, CONFIG.code_dim)
     book = np.asarray(vq.codebook, np.float64)
     nearest = ((vectors[:, None] - book[None]) ** 2).sum(-1).argmin(-1)
     np.testing.assert_array_equal(np.asarray(out.codes).reshape(-1), nearest)
@@ -47,7 +47,7 @@ def test_codes_are_the_nearest_codebook_vectors_and_losses_match_their_formulas(
 def test_straight_through_gradients_reach_encoder_decoder_and_codebook():
     vq = models.VideoVQ(CONFIG, key=jax.random.key(0))
     grads = eqx.filter_grad(lambda m: models.vq_loss(m, video())[0])(vq)
-    for part in (grads.encoder, grads.decoder, grads.codebook):
+    for part in (grads.encoder.into, grads.encoder.mix, grads.decoder.out, grads.codebook):
         assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(part))
 
 
@@ -68,3 +68,16 @@ def test_vq_zoo_round_trip(tmp_path):
     json_path, _ = models.save(tmp_path / "vq", vq)
     loaded = models.load(json_path)
     np.testing.assert_array_equal(loaded.encode(video()[1]), vq.encode(video()[1]))
+
+
+def test_each_code_sees_its_own_patch():
+    """encode_latents = the encoder applied to patches cut out independently here (row-major grid)."""
+    vq = models.VideoVQ(CONFIG, key=jax.random.key(0))
+    frames = to_unit(video()[0])
+    f = np.asarray(frames)
+    cells = np.stack([
+        np.stack([f[:, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4].reshape(f.shape[0], -1) for c in range(4)], 1)
+        for r in range(4)
+    ], 1)  # [frames, row, col, 3 * 4 * 4], channel-major within a cell
+    expected = jax.vmap(vq.encoder)(jnp.asarray(cells))
+    np.testing.assert_allclose(vq.encode_latents(frames), expected, rtol=1e-5, atol=1e-6)
