@@ -77,6 +77,7 @@ class PackIterator(grain.DatasetIterator):
         self._config = config
         self.stats = PackStats()
         self._example: dict[str, np.ndarray] | None = None  # the example being placed
+        self._tokens = 0  # its length
         self._example_state: Any = None  # the parent's state before it
         self._offset = 0  # its tokens already placed in rows
         self._resume_offset: int | None = None  # set by set_state: re-read an example, skip this many tokens
@@ -102,7 +103,7 @@ class PackIterator(grain.DatasetIterator):
                 self.stats.split += int(n > cfg.seq_len)
             if n == 0:
                 continue
-            self._example, self._example_state, self._offset = example, state, offset
+            self._example, self._example_state, self._offset, self._tokens = example, state, offset, n
             return True
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -113,14 +114,13 @@ class PackIterator(grain.DatasetIterator):
                 if pieces:
                     return self._emit(pieces)
                 raise StopIteration
-            n = _length(self._example, cfg.keys)
-            size = min(n - self._offset, cfg.seq_len)
+            size = min(self._tokens - self._offset, cfg.seq_len)
             if used + size > cfg.seq_len:
                 return self._emit(pieces)
             pieces.append({k: np.asarray(self._example[k])[self._offset : self._offset + size] for k in cfg.keys})
             used += size
             self._offset += size
-            if self._offset == n:
+            if self._offset == self._tokens:
                 self._example = None
 
     def _emit(self, pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -20,19 +20,6 @@ def linear(layer: eqx.nn.Linear, x: Float[Array, "seq in"]) -> Float[Array, "seq
     return y if layer.bias is None else y + layer.bias
 
 
-def manual_axes() -> tuple[str, ...]:
-    """Mesh axes that are manual here, i.e. the axes of the `shard_map` we are traced inside."""
-    return tuple(jax.sharding.get_abstract_mesh().manual_axes)
-
-
-def check_mesh_axes(mesh: Mesh | None, **axes: str | None) -> None:
-    if mesh is None:
-        return
-    for name, axis in axes.items():
-        if axis is not None and axis not in mesh.axis_names:
-            raise ValueError(f"{name}={axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
-
-
 class RingAttention(eqx.Module):
     """Multi-head self-attention with RoPE, GQA and masks, computed exactly in O(chunk²) memory.
 
@@ -150,7 +137,9 @@ class RingAttention(eqx.Module):
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        check_mesh_axes(self.mesh, seq_axis=self.seq_axis, head_axis=self.head_axis)
+        for name, axis in (("seq_axis", self.seq_axis), ("head_axis", self.head_axis)):
+            if self.mesh is not None and axis is not None and axis not in self.mesh.axis_names:
+                raise ValueError(f"{name}={axis!r} is not an axis of the mesh, whose axes are {self.mesh.axis_names}")
         if self.mesh is not None and self.head_axis is not None and self.num_kv_heads % self.mesh.shape[self.head_axis]:
             raise ValueError(
                 f"num_kv_heads={self.num_kv_heads} must be divisible by the size "
@@ -217,7 +206,8 @@ class RingAttention(eqx.Module):
         del key, inference
         with jax.named_scope("eqx_ring.RingAttention"):
             seq = x.shape[0]
-            inside = self.seq_axis in manual_axes()
+            # Manual axes are those of a caller's shard_map we are traced inside.
+            inside = self.seq_axis in jax.sharding.get_abstract_mesh().manual_axes
             ring = self._ring_size(seq, inside)
             if positions is None:
                 if inside:

@@ -34,10 +34,6 @@ class VQOutput(eqx.Module):
     commitment_loss: Float[Array, ""]
 
 
-def linear(layer: eqx.nn.Linear, x: Float[Array, "*cells d_in"]) -> Float[Array, "*cells d_out"]:
-    return x @ layer.weight.T + layer.bias
-
-
 class _Coder(eqx.Module):
     """Per-cell linear in, a residual 3 x 3 convolution over the code grid, ReLU, per-cell linear out."""
 
@@ -52,9 +48,10 @@ class _Coder(eqx.Module):
         self.out = eqx.nn.Linear(hidden, d_out, key=ok)
 
     def __call__(self, x: Float[Array, "grid grid d_in"]) -> Float[Array, "grid grid d_out"]:
-        h = jax.nn.relu(linear(self.into, x))
+        per_cell = jax.vmap(jax.vmap(self.into))
+        h = jax.nn.relu(per_cell(x))
         h = h + jnp.moveaxis(self.mix(jnp.moveaxis(h, -1, 0)), 0, -1)
-        return linear(self.out, jax.nn.relu(h))
+        return jax.vmap(jax.vmap(self.out))(jax.nn.relu(h))
 
 
 class VideoVQ(eqx.Module):
