@@ -26,6 +26,8 @@ from ._synthetic import (
     SHAPES as SHAPES,
     MovingShapes as MovingShapes,
     caption as caption,
+    parse_caption as parse_caption,
+    score_captions as score_captions,
 )
 from ._tokenizer import SPECIAL_TOKENS as SPECIAL_TOKENS, ByteTokenizer as ByteTokenizer, Tokenizer as Tokenizer
 from ._video_files import VideoDecodeError as VideoDecodeError, VideoFiles as VideoFiles

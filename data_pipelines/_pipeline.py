@@ -17,7 +17,7 @@ from ._shards import PackedShards
 from ._tokenizer import ByteTokenizer, Tokenizer
 
 ROW_KEYS: tuple[str, ...] = (
-    "tokens", "loss_mask", "vision_mask", "segment_ids", "positions", "targets", "target_mask",
+    "tokens", "loss_mask", "vision_mask", "segment_ids", "positions", "targets", "target_mask", "target_vision_mask",
 )
 
 
@@ -47,16 +47,23 @@ class PatchQuantizer:
 
 @dataclass(frozen=True)
 class ToLWMSequence:
-    """A grain random-map transform: a video-caption record → its LWM token sequence, task drawn per example."""
+    """A grain random-map transform: a video-caption record → its LWM token sequence, task drawn per example.
 
-    video_tokenizer: Callable[[np.ndarray], np.ndarray]
+    The video's codes are `video_tokenizer(record["frames"])`, or the record's own `"codes"` when
+    `video_tokenizer` is `None` (videos encoded ahead of time, e.g. by a learned VQ on an accelerator).
+    """
+
+    video_tokenizer: Callable[[np.ndarray], np.ndarray] | None
     tokenizer: Tokenizer
     tasks: tuple[str, ...]
     weights: tuple[float, ...]
 
     def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         task = self.tasks[rng.choice(len(self.tasks), p=self.weights)] if len(self.tasks) > 1 else self.tasks[0]
-        codes = self.video_tokenizer(np.asarray(record["frames"]))
+        if self.video_tokenizer is None:
+            codes = np.asarray(record["codes"])
+        else:
+            codes = self.video_tokenizer(np.asarray(record["frames"]))
         sequence = lwm_sequence(codes, self.tokenizer.encode(record["caption"]), self.tokenizer, task)
         return {**sequence, "task": TASKS.index(task), "index": record.get("index", -1)}
 
@@ -75,7 +82,7 @@ def _task_mixture(tasks: str | Mapping[str, float]) -> tuple[tuple[str, ...], tu
 def video_text_examples(
     source: grain.sources.RandomAccessDataSource,
     *,
-    video_tokenizer: Callable[[np.ndarray], np.ndarray],
+    video_tokenizer: Callable[[np.ndarray], np.ndarray] | None,
     tokenizer: Tokenizer | None = None,
     tasks: str | Mapping[str, float] = "video_to_text",
     seed: int = 0,
@@ -91,6 +98,8 @@ def video_text_examples(
     is the source; then shuffled per epoch (`seed`), repeated `num_epochs` times (`None`: forever),
     and turned into sequences by [`ToLWMSequence`][data_pipelines.ToLWMSequence] with the task drawn
     from `tasks` (a task name or `{task: weight}`), deterministically from `(seed, position)`.
+    With `video_tokenizer=None` the records carry their `"codes"` already (any sequence of dicts
+    is a source, e.g. a list).
     """
     task_names, weights = _task_mixture(tasks)
     ds = _this_process(source, seed, shuffle, num_epochs, process_index, process_count)
@@ -171,16 +180,23 @@ def shard_batches(
 
 
 def with_targets(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Add next-token `"targets"` and `"target_mask"` to a packed row, in natural order.
+    """Add next-token `"targets"`, `"target_mask"` and `"target_vision_mask"` to a packed row, in natural order.
 
     `targets[t] = tokens[t + 1]`, trained where `loss_mask[t + 1]` is set and `t + 1` is in the same
-    (non-padding) segment as `t`. Computed before any ring layout, so a model's loss needs no shift
-    (a shift of a layout-ordered or sequence-sharded array would be wrong or would move data).
+    (non-padding) segment as `t`; `target_vision_mask[t] = vision_mask[t + 1]` says which targets
+    are vision tokens, for per-modality losses. Computed before any ring layout, so a model's loss
+    needs no shift (a shift of a layout-ordered or sequence-sharded array would be wrong or would
+    move data).
     """
     tokens, segments = row["tokens"], row["segment_ids"]
     targets = np.append(tokens[1:], tokens[-1])  # the last target is never trained
     same = np.append((segments[1:] == segments[:-1]) & (segments[1:] > 0), False)
-    return {**row, "targets": targets, "target_mask": same & np.append(row["loss_mask"][1:].astype(bool), False)}
+    return {
+        **row,
+        "targets": targets,
+        "target_mask": same & np.append(row["loss_mask"][1:].astype(bool), False),
+        "target_vision_mask": np.append(row["vision_mask"][1:].astype(bool), False),
+    }
 
 
 def _batch_rows(

@@ -1,5 +1,8 @@
 """`MovingShapes`: a procedural video-text dataset, deterministic from (seed, index), for offline training."""
 
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,3 +121,39 @@ def caption(shape, color, motion) -> str:
         if s >= 0
     ]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+_OBJECT = re.compile(
+    rf"\ba ({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) ({'|'.join(_PHRASE.values())})\b"
+)
+
+
+def parse_caption(text: str) -> list[tuple[int, int, int]]:
+    """The `(shape, color, motion)` index triples a caption names, in order; unreadable phrases are skipped.
+
+    The inverse of [`caption`][data_pipelines.caption] on its own output.
+    """
+    color_names, phrases = list(COLORS), list(_PHRASE.values())
+    return [(SHAPES.index(s), color_names.index(c), phrases.index(m)) for c, s, m in _OBJECT.findall(text)]
+
+
+def score_captions(texts: Sequence[str], records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per-attribute accuracy of captions against the [`MovingShapes`][data_pipelines.MovingShapes] records.
+
+    For each attribute (`"shape"`, `"color"`, `"motion"`) a video scores the size of the multiset
+    intersection of the predicted and true values over its number of shapes, so the order of the
+    phrases does not matter and a missing or extra phrase costs. `"exact"` is the fraction of
+    captions whose set of (shape, color, motion) triples equals the truth's.
+    """
+    if len(texts) != len(records):
+        raise ValueError(f"got {len(texts)} captions for {len(records)} records")
+    totals = dict.fromkeys(("shape", "color", "motion", "exact"), 0.0)
+    for text, record in zip(texts, records, strict=True):
+        predicted = parse_caption(text)
+        count = int(record["num_shapes"])
+        truth = [tuple(int(record[a][i]) for a in ("shape", "color", "motion")) for i in range(count)]
+        for a, name in enumerate(("shape", "color", "motion")):
+            overlap = Counter(t[a] for t in truth) & Counter(p[a] for p in predicted)
+            totals[name] += sum(overlap.values()) / max(count, len(predicted))
+        totals["exact"] += float(sorted(predicted) == sorted(truth))
+    return {k: v / max(len(texts), 1) for k, v in totals.items()}

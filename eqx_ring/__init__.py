@@ -11,6 +11,7 @@ from ._layout import (
 )
 from ._ring import blockwise_attention as blockwise_attention, ring_attention as ring_attention
 from ._transformer import (
+    KVCache as KVCache,
     RingTransformer as RingTransformer,
     RingTransformerBlock as RingTransformerBlock,
     chunked_cross_entropy as chunked_cross_entropy,

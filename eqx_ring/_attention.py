@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 from jax.typing import DTypeLike
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ._dense import dot_product_attention
 from ._layout import LAYOUTS, check_layout, layout_positions, shard_positions
 from ._ring import blockwise_attention, ring_attention
 from ._rope import apply_rope
@@ -205,27 +206,80 @@ class RingAttention(eqx.Module):
         """
         del key, inference
         with jax.named_scope("eqx_ring.RingAttention"):
-            seq = x.shape[0]
-            # Manual axes are those of a caller's shard_map we are traced inside.
-            inside = self.seq_axis in jax.sharding.get_abstract_mesh().manual_axes
-            ring = self._ring_size(seq, inside)
-            if positions is None:
-                if inside:
-                    positions = shard_positions(jax.lax.axis_index(self.seq_axis), seq, self.layout, ring)
-                else:
-                    positions = jnp.asarray(layout_positions(seq, self.layout, ring))
+            return self.prefill(x, positions=positions, segment_ids=segment_ids)[0]
 
-            def heads(layer, n):
-                return linear(layer, x).reshape(seq, n, self.head_dim)
+    def prefill(
+        self,
+        x: Float[Array, "seq {self.d_model}"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+    ) -> tuple[
+        Float[Array, "seq {self.d_model}"],
+        Float[Array, "seq {self.num_kv_heads} {self.head_dim}"],
+        Float[Array, "seq {self.num_kv_heads} {self.head_dim}"],
+    ]:
+        """What `__call__` computes, and the keys (after RoPE) and values, to start a KV cache.
 
-            q = heads(self.query_proj, self.num_heads)
-            k = heads(self.key_proj, self.num_kv_heads)
-            v = heads(self.value_proj, self.num_kv_heads)
-            if self.rope_theta is not None:
-                q = apply_rope(q, positions, self.rope_theta)
-                k = apply_rope(k, positions, self.rope_theta)
-            o = self._attend(q, k, v, segment_ids, inside)
-            return linear(self.output_proj, o.reshape(seq, self.num_heads * self.head_dim))
+        **Returns:** `(output, keys, values)`.
+        """
+        seq = x.shape[0]
+        # Manual axes are those of a caller's shard_map we are traced inside.
+        inside = self.seq_axis in jax.sharding.get_abstract_mesh().manual_axes
+        ring = self._ring_size(seq, inside)
+        if positions is None:
+            if inside:
+                positions = shard_positions(jax.lax.axis_index(self.seq_axis), seq, self.layout, ring)
+            else:
+                positions = jnp.asarray(layout_positions(seq, self.layout, ring))
+        q, k, v = self._project(x, positions)
+        o = self._attend(q, k, v, segment_ids, inside)
+        return linear(self.output_proj, o.reshape(seq, self.num_heads * self.head_dim)), k, v
+
+    def decode_step(
+        self,
+        x: Float[Array, " {self.d_model}"],
+        keys: Float[Array, "cache {self.num_kv_heads} {self.head_dim}"],
+        values: Float[Array, "cache {self.num_kv_heads} {self.head_dim}"],
+        *,
+        slot: Int[Array, ""],
+        position: Int[Array, ""],
+        visible: Bool[Array, " cache"],
+    ) -> tuple[
+        Float[Array, " {self.d_model}"],
+        Float[Array, "cache {self.num_kv_heads} {self.head_dim}"],
+        Float[Array, "cache {self.num_kv_heads} {self.head_dim}"],
+    ]:
+        """Attend from one new token over a KV cache, after writing its key and value into `slot`.
+
+        **Arguments:** the token's input `x`; the cache's `keys` and `values` (as `prefill` returns
+        them, padded to the cache size); the `slot` to write; the token's RoPE `position`; and
+        which slots it may attend to (`visible`, its own slot included; the mask is the caller's,
+        who knows the cache's layout, segments and window).
+
+        **Returns:** `(output, keys, values)` with the cache updated.
+        """
+        q, k, v = self._project(x[None], position[None])
+        keys = jax.lax.dynamic_update_index_in_dim(keys, k[0].astype(keys.dtype), slot, axis=0)
+        values = jax.lax.dynamic_update_index_in_dim(values, v[0].astype(values.dtype), slot, axis=0)
+        bias = jnp.where(visible, 0.0, -jnp.inf).astype(jnp.float32)
+        o = dot_product_attention(q, keys, values, key_bias=bias)
+        return linear(self.output_proj, o.reshape(1, self.num_heads * self.head_dim))[0], keys, values
+
+    def _project(self, x, positions):
+        """Queries, keys and values of `x`, rotated by RoPE at `positions`."""
+        seq = x.shape[0]
+
+        def heads(layer, n):
+            return linear(layer, x).reshape(seq, n, self.head_dim)
+
+        q = heads(self.query_proj, self.num_heads)
+        k = heads(self.key_proj, self.num_kv_heads)
+        v = heads(self.value_proj, self.num_kv_heads)
+        if self.rope_theta is not None:
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, positions, self.rope_theta)
+        return q, k, v
 
     def _ring_size(self, seq: int, inside: bool) -> int:
         """Devices on the sequence ring (1 without one); checks that `seq` splits over them."""

@@ -49,8 +49,60 @@ class RingTransformerBlock(eqx.Module):
     ) -> Float[Array, "seq {self.d_model}"]:
         """Arguments as [`RingAttention`][eqx_ring.RingAttention]; returns an array like `x`."""
         with jax.named_scope("eqx_ring.RingTransformerBlock"):
-            x = x + self.attention(self.attention_norm(x), positions=positions, segment_ids=segment_ids)
-            return x + self.ffn(self.ffn_norm(x))
+            return self.prefill(x, positions=positions, segment_ids=segment_ids)[0]
+
+    def prefill(
+        self,
+        x: Float[Array, "seq {self.d_model}"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+    ) -> tuple[Float[Array, "seq {self.d_model}"], Float[Array, "seq kv_heads head_dim"],
+               Float[Array, "seq kv_heads head_dim"]]:
+        """The block's output and its attention's keys and values.
+
+        See [`RingAttention.prefill`][eqx_ring.RingAttention.prefill].
+        """
+        attended, keys, values = self.attention.prefill(self.attention_norm(x), positions=positions,
+                                                        segment_ids=segment_ids)
+        x = x + attended
+        return x + self.ffn(self.ffn_norm(x)), keys, values
+
+    def decode_step(
+        self,
+        x: Float[Array, " {self.d_model}"],
+        keys: Float[Array, "cache kv_heads head_dim"],
+        values: Float[Array, "cache kv_heads head_dim"],
+        *,
+        slot: Int[Array, ""],
+        position: Int[Array, ""],
+        visible: Bool[Array, " cache"],
+    ) -> tuple[Float[Array, " {self.d_model}"], Float[Array, "cache kv_heads head_dim"],
+               Float[Array, "cache kv_heads head_dim"]]:
+        """One new token through the block over a KV cache.
+
+        See [`RingAttention.decode_step`][eqx_ring.RingAttention.decode_step].
+        """
+        attended, keys, values = self.attention.decode_step(self.attention_norm(x), keys, values, slot=slot,
+                                                            position=position, visible=visible)
+        x = x + attended
+        return x + self.ffn(self.ffn_norm(x[None]))[0], keys, values
+
+
+class KVCache(eqx.Module):
+    """Keys and values of every layer for the tokens seen so far, in slots `0 .. length - 1`.
+
+    Made by [`RingTransformer.prefill`][eqx_ring.RingTransformer.prefill] and advanced by
+    [`RingTransformer.decode_step`][eqx_ring.RingTransformer.decode_step]; one example (batch
+    with `jax.vmap`). Slots hold tokens in sequence order; `positions` are their RoPE positions
+    and `segment_ids` their segments (a new token continues the segment of the last one).
+    """
+
+    keys: Float[Array, "layers cache kv_heads head_dim"]
+    values: Float[Array, "layers cache kv_heads head_dim"]
+    positions: Int[Array, " cache"]
+    segment_ids: Int[Array, " cache"]
+    length: Int[Array, ""]
 
 
 class RingTransformer(eqx.Module):
@@ -181,24 +233,119 @@ class RingTransformer(eqx.Module):
         """
         del key, inference
         with jax.named_scope("eqx_ring.RingTransformer"):
-            x = jnp.take(self.embedding.weight, tokens, axis=0)
+            return self._layers(tokens, positions, segment_ids, with_cache=False)[0]
 
-            def layer(x, block):
-                return block(x, positions=positions, segment_ids=segment_ids)
+    def prefill(
+        self,
+        tokens: Int[Array, " seq"],
+        *,
+        cache_size: int,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+    ) -> tuple[Float[Array, "seq {self.d_model}"], KVCache]:
+        """Run a prompt and keep every layer's keys and values for decoding.
 
-            if self.remat_policy is not None:
-                layer = eqx.filter_checkpoint(layer, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+        **Arguments:** `tokens`, `positions` and `segment_ids` as `__call__` (natural order,
+        `layout="contiguous"`); `cache_size`, the most tokens the cache will hold (prompt included).
+
+        **Returns:** `(hidden, cache)`: the prompt's final hidden states and a
+        [`KVCache`][eqx_ring.KVCache] holding it.
+        """
+        seq = tokens.shape[0]
+        self._check_decodable()
+        if cache_size < seq:
+            raise ValueError(f"cache_size={cache_size} must be at least the prompt length {seq}")
+        with jax.named_scope("eqx_ring.RingTransformer.prefill"):
+            positions = jnp.arange(seq) if positions is None else positions
+            segment_ids = jnp.zeros(seq, jnp.int32) if segment_ids is None else segment_ids
+            hidden, keys, values = self._layers(tokens, positions, segment_ids, with_cache=True)
+            pad = ((0, 0), (0, cache_size - seq), (0, 0), (0, 0))
+            cache = KVCache(
+                jnp.pad(keys, pad), jnp.pad(values, pad),
+                jnp.pad(positions.astype(jnp.int32), (0, cache_size - seq)),
+                jnp.pad(segment_ids.astype(jnp.int32), (0, cache_size - seq), constant_values=-1),
+                jnp.asarray(seq, jnp.int32),
+            )
+            return hidden, cache
+
+    def decode_step(self, token: Int[Array, ""], cache: KVCache) -> tuple[Float[Array, " {self.d_model}"], KVCache]:
+        """Append one token to the sequence in `cache`: its final hidden state, and the cache with it.
+
+        The token gets the next RoPE position and the segment of the last token. It attends to
+        the cached tokens exactly as a full causal pass over the whole sequence would (sliding
+        window included), at O(cache) cost per layer.
+        """
+        self._check_decodable()
+        with jax.named_scope("eqx_ring.RingTransformer.decode_step"):
+            slot = cache.length
+            position = cache.positions[slot - 1] + 1
+            segment = cache.segment_ids[slot - 1]
+            segment_ids = cache.segment_ids.at[slot].set(segment)
+            index = jnp.arange(segment_ids.shape[0])
+            visible = (index <= slot) & (segment_ids == segment)
+            window = self._attention_setting("sliding_window")
+            if window is not None:
+                visible &= slot - index < window
+            x = self.embedding.weight[token]
+
+            def layer(x, block_keys_values):
+                block, keys, values = block_keys_values
+                return block.decode_step(x, keys, values, slot=slot, position=position, visible=visible)
+
             if self.scan_layers:
                 params, static = eqx.partition(self.blocks, eqx.is_array)
 
-                def body(x, p):
-                    return layer(x, eqx.combine(p, static)), None
+                def body(x, inputs):
+                    p, keys, values = inputs
+                    x, keys, values = layer(x, (eqx.combine(p, static), keys, values))
+                    return x, (keys, values)
 
-                x, _ = lax.scan(body, x, params)
+                x, (keys, values) = lax.scan(body, x, (params, cache.keys, cache.values))
             else:
-                for block in self.blocks:
-                    x = layer(x, block)
-            return self.norm(x)
+                outs = []
+                for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
+                    x, k, v = layer(x, (block, k, v))
+                    outs.append((k, v))
+                keys, values = (jnp.stack(a) for a in zip(*outs, strict=True))
+            cache = KVCache(keys, values, cache.positions.at[slot].set(position), segment_ids, slot + 1)
+            return self.norm(x[None])[0], cache
+
+    def _attention_setting(self, name: str):
+        blocks = self.blocks if self.scan_layers else self.blocks[0]
+        return getattr(blocks.attention, name)
+
+    def _check_decodable(self) -> None:
+        causal, block, layout, mesh = (self._attention_setting(n) for n in ("causal", "causal_block_size", "layout",
+                                                                               "mesh"))
+        if not causal or block != 1:
+            # With blocks, earlier tokens of a block see later ones: a new token would change them.
+            raise ValueError(f"KV-cache decoding needs causal attention with causal_block_size=1, got causal={causal}, "
+                             f"causal_block_size={block}")
+        if layout != "contiguous" or mesh is not None:
+            raise ValueError(f"KV-cache decoding runs on one device in natural order (layout='contiguous', mesh=None), "
+                             f"got layout={layout!r}, mesh={mesh}; use models.respec to move the weights")
+
+    def _layers(self, tokens, positions, segment_ids, *, with_cache: bool):
+        """The embedding, every block and the final norm; with the blocks' keys and values if `with_cache`."""
+        x = jnp.take(self.embedding.weight, tokens, axis=0)
+
+        def layer(x, block):
+            y, keys, values = block.prefill(x, positions=positions, segment_ids=segment_ids)
+            return y, ((keys, values) if with_cache else None)
+
+        if self.remat_policy is not None and not with_cache:
+            layer = eqx.filter_checkpoint(layer, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+        if self.scan_layers:
+            params, static = eqx.partition(self.blocks, eqx.is_array)
+            x, kv = lax.scan(lambda x, p: layer(x, eqx.combine(p, static)), x, params)
+        else:
+            kvs = []
+            for block in self.blocks:
+                x, kv = layer(x, block)
+                kvs.append(kv)
+            kv = tuple(jnp.stack(a) for a in zip(*kvs, strict=True)) if with_cache else None
+        x = self.norm(x)
+        return (x, *kv) if with_cache else (x,)
 
     def logits(self, hidden: Float[Array, "*batch {self.d_model}"]) -> Float[Array, "*batch {self.vocab_size}"]:
         """Project hidden states to logits (materialises `[*batch, vocab_size]`)."""
@@ -212,7 +359,8 @@ def chunked_cross_entropy(
     mask: Bool[Array, "*batch"] | Real[Array, "*batch"] | None = None,
     *,
     vocab_chunk_size: int = 8192,
-) -> Float[Array, ""]:
+    reduction: str = "mean",
+) -> Float[Array, ""] | Float[Array, "*batch"]:
     """Mean next-token cross-entropy of `hidden @ head_weight.T` against `labels`, over `mask`.
 
     The vocabulary is processed `vocab_chunk_size` rows of `head_weight` at a time with an online
@@ -226,9 +374,14 @@ def chunked_cross_entropy(
     - `labels`: target ids, shaped like `hidden` without its last axis.
     - `mask`: which tokens count (bool or 0/1 weights); all of them when `None`.
     - `vocab_chunk_size`: rows of `head_weight` per chunk; the vocabulary is padded to a multiple.
+    - `reduction`: `"mean"`, or `"none"` for the float32 per-token losses `[*batch]` (times `mask`
+      when given), e.g. to weigh several masks from one pass over the vocabulary.
 
-    **Returns:** `sum(mask * loss) / max(sum(mask), 1)`, a float32 scalar.
+    **Returns:** `sum(mask * loss) / max(sum(mask), 1)`, a float32 scalar; per-token losses with
+    `reduction="none"`.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     vocab, d = head_weight.shape
     chunk = min(vocab_chunk_size, vocab)
     num_chunks = -(-vocab // chunk)
@@ -254,4 +407,6 @@ def chunked_cross_entropy(
     (m, l, picked), _ = lax.scan(step, init, (weight, jnp.arange(num_chunks) * chunk))
     loss = m + jnp.log(l) - picked
     weights = jnp.ones(batch, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    if reduction == "none":
+        return loss * weights
     return (loss * weights).sum() / jnp.maximum(weights.sum(), 1.0)

@@ -1,5 +1,16 @@
-"""The eqx-ring model zoo: LLaMA-style language models on ring attention, and zoo files (more arriving)."""
+"""The eqx-ring model zoo: a VQ video tokenizer, the LWM-style video-text model, LLaMA-style LMs, and training."""
 
+from ._generate import respec as respec
 from ._lm import PRESETS as PRESETS, LMConfig as LMConfig, RingLM as RingLM
+from ._train import (
+    Stage as Stage,
+    TrainConfig as TrainConfig,
+    TrainResult as TrainResult,
+    make_optimizer as make_optimizer,
+    make_train_step as make_train_step,
+    plot_metrics as plot_metrics,
+    train as train,
+)
+from ._video_lm import VideoTextConfig as VideoTextConfig, VideoTextLM as VideoTextLM
 from ._vq import VideoVQ as VideoVQ, VQConfig as VQConfig, VQOutput as VQOutput, vq_loss as vq_loss
 from ._zoo import REGISTRY as REGISTRY, ZooIntegrityError as ZooIntegrityError, load as load, save as save

@@ -150,7 +150,7 @@ def vq_loss(model: VideoVQ, video: UInt8[Array, "batch frames size size 3"]) -> 
     **Returns:** `(loss, metrics)` with `"reconstruction"` (MSE in `[-1, 1]` units), `"usage"` (the
     fraction of assignments each code got, `[codebook_size]`) and `"perplexity"` of the code histogram.
     """
-    frames = to_unit(video.reshape(-1, *video.shape[2:]))
+    frames = to_unit(video.reshape(-1, *video.shape[2:])).astype(model.codebook.dtype)
     out = model(frames)
     reconstruction = jnp.mean((out.reconstruction - frames) ** 2)
     loss = reconstruction + out.codebook_loss + model.config.commitment * out.commitment_loss

@@ -11,11 +11,16 @@ import equinox as eqx
 import jax
 
 from ._lm import LMConfig, RingLM
+from ._video_lm import VideoTextConfig, VideoTextLM
 from ._vq import VideoVQ, VQConfig
 
 FORMAT = "eqx-ring-zoo/1"
 
-REGISTRY: dict[str, tuple[type, Callable[..., Any]]] = {"RingLM": (RingLM, LMConfig), "VideoVQ": (VideoVQ, VQConfig)}
+REGISTRY: dict[str, tuple[type, Callable[..., Any]]] = {
+    "RingLM": (RingLM, LMConfig),
+    "VideoTextLM": (VideoTextLM, VideoTextConfig),
+    "VideoVQ": (VideoVQ, VQConfig),
+}
 """The classes `load` can rebuild, by name: `(class, config class)`."""
 
 

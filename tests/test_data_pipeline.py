@@ -175,5 +175,6 @@ def test_next_token_targets_are_taken_in_natural_order():
         expected = n["loss_mask"][:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
         np.testing.assert_array_equal(n["target_mask"][:, :-1], expected)
         assert not n["target_mask"][:, -1].any()
-        for k in ("targets", "target_mask"):
+        np.testing.assert_array_equal(n["target_vision_mask"][:, :-1], n["vision_mask"][:, 1:])
+        for k in ("targets", "target_mask", "target_vision_mask"):
             np.testing.assert_array_equal(eqx_ring.from_layout(lay[k], "striped", 4, axis=1), n[k])

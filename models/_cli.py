@@ -1,0 +1,172 @@
+"""The `eqx-ring` command: demo, train (VQ and LM stages), eval, caption and generate."""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _stages(text: str):
+    from ._train import Stage
+
+    stages = []
+    for part in text.split(","):
+        fields = part.split(":")
+        if len(fields) not in (2, 3):
+            raise argparse.ArgumentTypeError(f"a stage is SEQ_LEN:STEPS[:ROPE_THETA], got {part!r}")
+        stages.append(Stage(int(fields[0]), int(fields[1]), float(fields[2]) if len(fields) == 3 else None))
+    return tuple(stages)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eqx-ring",
+        description="Train and use the eqx-ring video-text model (ring attention, Equinox, grain).",
+    )
+    parser.add_argument("--cpu-devices", type=int, default=8, metavar="N",
+                        help="CPU devices to simulate when running on the CPU (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--workdir", type=Path, default=Path("eqx-ring-demo"),
+                         help="where models, checkpoints, metrics and plots live (default: %(default)s)")
+        return sub
+
+    def recipe(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--frames", type=int, help="frames per video")
+        sub.add_argument("--max-shapes", type=int, help="up to this many shapes per MovingShapes video")
+        sub.add_argument("--train-videos", type=int, help="training videos")
+        sub.add_argument("--eval-videos", type=int, help="held-out videos")
+        sub.add_argument("--seed", type=int)
+        sub.add_argument("--mesh", help="dp,fsdp,tp,sp sizes as in LWM, e.g. 2,1,1,4 (one may be -1)")
+        sub.add_argument("--vq-steps", type=int, help="VQ training steps")
+        sub.add_argument("--stages", type=_stages, metavar="SEQ:STEPS[:THETA],...",
+                         help="LM context-extension schedule, e.g. 1024:400,2048:100:50000")
+        sub.add_argument("--batch-size", type=int, help="LM rows per step (global)")
+        sub.add_argument("--grad-accum", type=int, help="microbatches per LM step")
+        sub.add_argument("--learning-rate", type=float, help="peak LM learning rate")
+        sub.add_argument("--bf16", action="store_true", help="LM compute in bfloat16 (float32 weights)")
+        sub.add_argument("--checkpoint-every", type=int, help="LM steps between checkpoints")
+        sub.add_argument("--d-model", type=int, help="LM width")
+        sub.add_argument("--layers", type=int, help="LM depth")
+        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    recipe(command("demo", "Train the tiny VQ and video-text LM on MovingShapes with ring attention, then caption "
+                           "held-out videos and draw videos from captions."))
+    train = command("train", "Run one training stage (resumes from the workdir's checkpoints).")
+    train.add_argument("stage", choices=("vq", "lm"), help="vq: the frame tokenizer; lm: the video-text LM")
+    recipe(train)
+    evaluate = command("eval", "Caption the held-out videos and print per-attribute accuracy.")
+    recipe(evaluate)
+    caption = command("caption", "Caption videos: held-out MovingShapes by index, or video files.")
+    caption.add_argument("videos", nargs="*", help="video files (decoded with PyAV); none: held-out videos")
+    caption.add_argument("--index", type=int, nargs="*", default=[0, 1, 2, 3], help="held-out video indices")
+    recipe(caption)
+    generate = command("generate", "Generate videos from captions and save their frames as a PNG grid.")
+    generate.add_argument("captions", nargs="+", help='e.g. "a red circle moves left"')
+    generate.add_argument("--out", type=Path, default=None, help="PNG path (default: WORKDIR/generate.png)")
+    recipe(generate)
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    from ._demo import DemoConfig
+
+    config = DemoConfig()
+    simple = {"frames": "num_frames", "max_shapes": "max_shapes", "train_videos": "train_videos",
+              "eval_videos": "eval_videos", "seed": "seed", "mesh": "mesh", "vq_steps": "vq_steps"}
+    config = dataclasses.replace(config, **{f: getattr(args, a) for a, f in simple.items()
+                                            if getattr(args, a, None) is not None})
+    lm = {"d_model": args.d_model, "num_layers": args.layers}
+    lm = {k: v for k, v in lm.items() if v is not None}
+    config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, num_frames=config.num_frames,
+                                                                 codebook_size=config.vq.codebook_size,
+                                                                 codes_per_frame=config.vq.grid**2, **lm))
+    train = {"stages": args.stages, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+             "learning_rate": args.learning_rate, "checkpoint_every": args.checkpoint_every,
+             "compute_dtype": "bfloat16" if args.bf16 else None}
+    train = {k: v for k, v in train.items() if v is not None}
+    return dataclasses.replace(config, lm_train=dataclasses.replace(config.lm_train, **train))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `eqx-ring` console script."""
+    args = _parser().parse_args(argv)
+    import logging
+
+    import jax
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("models").addHandler(handler)
+    logging.getLogger("models").setLevel(logging.INFO)
+
+    # Before JAX starts a backend; an accelerator backend ignores it.
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from . import _demo
+    from ._zoo import save
+
+    config = _config(args)
+    workdir: Path = args.workdir
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.command == "demo":
+        _demo.run_demo(config, workdir, progress=progress)
+        return 0
+
+    from eqx_ring.sharding import make_mesh
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.command == "train":
+        if args.stage == "vq":
+            save(workdir / "vq", _demo.train_vq(config, workdir, progress=progress))
+        else:
+            vq = _load(workdir, "vq")
+            records = _demo.encode(vq, _demo.videos(config, "train"))
+            mesh = make_mesh(config.mesh)
+            save(workdir / "video_text_lm", _demo.train_video_text(config, records, workdir, mesh, progress=progress))
+        print(f"saved {workdir / ('vq' if args.stage == 'vq' else 'video_text_lm')}.json")
+        return 0
+
+    vq, lm = _load(workdir, "vq"), _load(workdir, "video_text_lm")
+    from data_pipelines import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    if args.command == "eval":
+        result = _demo.evaluate_captions(lm, vq, config)
+        print(json.dumps({"accuracy": result["accuracy"], "chance": result["chance"]}, indent=2))
+    elif args.command == "caption":
+        import numpy as np
+
+        if args.videos:
+            from data_pipelines import VideoFiles
+
+            manifest = workdir / "caption_manifest.jsonl"
+            manifest.write_text("".join(json.dumps({"path": os.path.abspath(v), "caption": ""}) + "\n"
+                                        for v in args.videos))
+            source = VideoFiles(manifest, num_frames=config.num_frames, size=config.frame_size)
+            names, frames = args.videos, [source[i]["frames"] for i in range(len(source))]
+        else:
+            held_out = _demo.videos(config, "eval")
+            names = [f"held-out #{i}: {held_out[i]['caption']}" for i in args.index]
+            frames = [held_out[i]["frames"] for i in args.index]
+        codes = np.stack([np.asarray(vq.encode(jax.numpy.asarray(f))) for f in frames])
+        for name, ids in zip(names, lm.caption(codes, tokenizer), strict=True):
+            print(f"{name}\n  -> {tokenizer.decode(ids)}")
+    elif args.command == "generate":
+        out = args.out or workdir / "generate.png"
+        _demo.generate_grid(lm, vq, args.captions, out)
+        print(f"wrote {out}")
+    return 0
+
+
+def _load(workdir: Path, name: str):
+    from ._zoo import load
+
+    if not (workdir / f"{name}.json").exists():
+        stage = "vq" if name == "vq" else "lm"
+        raise SystemExit(f"error: {workdir / name}.json not found; run `eqx-ring train {stage} --workdir {workdir}` "
+                         "or `eqx-ring demo` first")
+    return load(workdir / name)

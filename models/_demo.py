@@ -1,0 +1,228 @@
+"""The two training stages of the video-text recipe on `MovingShapes`, its evaluation, and the demo that runs them."""
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._train import Stage, TrainConfig, plot_metrics, train
+from ._video_lm import VideoTextConfig, VideoTextLM
+from ._vq import VideoVQ, VQConfig, vq_loss
+from ._zoo import load, save
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo trains and evaluates; the defaults finish in minutes on two CPU cores."""
+
+    num_frames: int = 4
+    frame_size: int = 32
+    max_shapes: int = 1
+    train_videos: int = 4000
+    eval_videos: int = 200
+    seed: int = 0
+    mesh: str = "2,1,1,4"
+    vq: VQConfig = VQConfig(frame_size=32, patch=4, hidden=128, codebook_size=256, code_dim=16)
+    vq_steps: int = 600
+    vq_batch: int = 16
+    vq_learning_rate: float = 2e-3
+    restart_every: int = 50
+    lm: VideoTextConfig = VideoTextConfig(
+        codebook_size=256, num_frames=4, codes_per_frame=64, d_model=128, num_layers=4, num_heads=4,
+        num_kv_heads=2, hidden_size=384, layout="zigzag", query_chunk_size=128, key_chunk_size=128,
+        remat_policy=None,
+    )
+    lm_train: TrainConfig = TrainConfig(stages=(Stage(seq_len=1024, steps=500),), batch_size=8,
+                                        learning_rate=2e-3, warmup_steps=50, checkpoint_every=100)
+    tasks: tuple[tuple[str, float], ...] = (("video_to_text", 0.75), ("text_to_video", 0.25))
+
+
+def videos(config: DemoConfig, split: str):
+    """The demo's `MovingShapes` split: `"train"` (seed `seed`) or `"eval"` (seed `seed + 1`, unseen videos)."""
+    from data_pipelines import MovingShapes
+
+    count, seed = (config.train_videos, config.seed) if split == "train" else (config.eval_videos, config.seed + 1)
+    return MovingShapes(count, num_frames=config.num_frames, size=config.frame_size, max_shapes=config.max_shapes,
+                        seed=seed)
+
+
+def train_vq(config: DemoConfig, workdir: Path, *, progress: bool = True) -> VideoVQ:
+    """Stage 1: the frame tokenizer, on single frames of the training videos, with dead-code restarts."""
+    import grain
+
+    source = videos(config, "train")
+    frames = (grain.MapDataset.source(source).shuffle(seed=config.seed).repeat(None)
+              .map(lambda r: {"video": r["frames"]}).batch(config.vq_batch).to_iter_dataset())
+    vq = VideoVQ(config.vq, key=jax.random.key(config.seed))
+    train_config = TrainConfig(stages=(Stage(seq_len=config.num_frames, steps=config.vq_steps),),
+                               batch_size=config.vq_batch, learning_rate=config.vq_learning_rate, warmup_steps=20,
+                               weight_decay=0.0, checkpoint_every=config.vq_steps)
+
+    def loss_fn(model, batch):
+        loss, metrics = vq_loss(model, batch["video"])
+        return loss, {"reconstruction": metrics["reconstruction"], "perplexity": metrics["perplexity"]}
+
+    restart = eqx.filter_jit(_restart_dead_codes)
+
+    def after_step(model, batch, metrics, step):
+        if step % config.restart_every or step > config.vq_steps * 3 // 4:
+            return model
+        return restart(model, jnp.asarray(batch["video"]), jax.random.key(step))
+
+    result = train(vq, loss_fn, lambda i, stage: frames, train_config, workdir=workdir / "vq",
+                   tokens_per_batch=lambda b: int(np.prod(b["video"].shape[:2])) * config.vq.grid**2,
+                   after_step=after_step, progress=progress, description="VQ tokenizer")
+    plot_metrics(result.records, workdir / "vq_loss.png", keys=("loss", "reconstruction"),
+                 title="VideoVQ training loss")
+    return result.model
+
+
+def _restart_dead_codes(model: VideoVQ, video, key) -> VideoVQ:
+    from ._vq import to_unit
+
+    frames = to_unit(video.reshape(-1, *video.shape[2:]))
+    codes = model(frames).codes
+    usage = jnp.bincount(codes.reshape(-1), length=model.config.codebook_size) / codes.size
+    return model.restart_dead_codes(usage, frames, key)
+
+
+def encode(vq: VideoVQ, source, *, batch_size: int = 256) -> list[dict[str, Any]]:
+    """Every record of `source` with its video replaced by VQ codes `[frames, grid²]` (the LM's input)."""
+    encode_batch = eqx.filter_jit(jax.vmap(lambda m, v: m.encode(v), in_axes=(None, 0)))
+    records = []
+    for start in range(0, len(source), batch_size):
+        chunk = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+        codes = np.asarray(encode_batch(vq, jnp.asarray(np.stack([r["frames"] for r in chunk]))))
+        records += [{**{k: v for k, v in r.items() if k != "frames"}, "codes": c} for r, c in zip(chunk, codes,
+                                                                                                     strict=True)]
+    return records
+
+
+def train_video_text(config: DemoConfig, records: list[dict[str, Any]], workdir: Path, mesh, *,
+                     progress: bool = True) -> VideoTextLM:
+    """Stage 2: the video-text LM on the encoded videos, packed and laid out for the ring on `mesh`."""
+    from data_pipelines import ByteTokenizer, packed_batches, video_text_examples
+    from eqx_ring.sharding import BATCH_AXES, shard_params
+
+    ring = mesh.shape["sp"]
+    lm = shard_params(VideoTextLM(config.lm, mesh=mesh, key=jax.random.key(config.seed + 1)), mesh)
+
+    def batches(index: int, stage: Stage):
+        examples = video_text_examples(records, video_tokenizer=None, tasks=dict(config.tasks),
+                                       seed=config.seed + index, num_epochs=None)
+        return packed_batches(examples, seq_len=stage.seq_len, batch_size=config.lm_train.batch_size,
+                              pad_id=ByteTokenizer.pad_id, layout=config.lm.layout, ring_size=ring)
+
+    result = train(lm, lambda m, b: m.loss(b, spmd_axis_name=BATCH_AXES), batches, config.lm_train,
+                   workdir=workdir / "lm", mesh=mesh, progress=progress, description="video-text LM")
+    plot_metrics(result.records, workdir / "lm_loss.png", keys=("loss", "text_loss", "vision_loss"),
+                 title="VideoTextLM training loss")
+    return result.model
+
+
+def evaluate_captions(lm: VideoTextLM, vq: VideoVQ, config: DemoConfig) -> dict[str, Any]:
+    """Caption the held-out videos greedily and score them against the truth, with a chance baseline."""
+    from data_pipelines import ByteTokenizer, caption, score_captions
+
+    tokenizer = ByteTokenizer()
+    held_out = encode(vq, videos(config, "eval"))
+    start = time.perf_counter()
+    predicted = [tokenizer.decode(ids) for ids in lm.caption(np.stack([r["codes"] for r in held_out]), tokenizer)]
+    seconds = time.perf_counter() - start
+    # Chance: captions with the right number of shapes and uniformly random attributes.
+    rng = np.random.default_rng(config.seed)
+    random_captions = [
+        caption(*(rng.integers(0, n, int(r["num_shapes"])) for n in (3, 8, 5))) for r in held_out
+    ]
+    return {
+        "accuracy": score_captions(predicted, held_out),
+        "chance": score_captions(random_captions, held_out),
+        "examples": [{"truth": r["caption"], "predicted": p} for r, p in zip(held_out, predicted, strict=True)],
+        "caption_seconds": seconds,
+    }
+
+
+def generate_grid(lm: VideoTextLM, vq: VideoVQ, captions: list[str], path: Path) -> None:
+    """Draw videos from `captions` and save their frames as a PNG grid, one row per caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from data_pipelines import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    codes = lm.generate_video([tokenizer.encode(c) for c in captions], tokenizer)
+    frames = np.asarray(eqx.filter_jit(jax.vmap(lambda m, c: m.decode(c), in_axes=(None, 0)))(vq, codes))
+    rows, cols = frames.shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25), dpi=100, squeeze=False)
+    for r in range(rows):
+        for t in range(cols):
+            axes[r, t].imshow(frames[r, t])
+            axes[r, t].axis("off")
+        axes[r, 0].set_title(captions[r], fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_demo(config: DemoConfig, workdir: str | Path, *, progress: bool = True, echo=print) -> dict[str, Any]:
+    """Train the VQ and the video-text LM on a ring mesh, caption held-out videos, draw videos from text.
+
+    Writes to `workdir`: zoo files `vq.json/.eqx` and `video_text_lm.json/.eqx`, checkpoints and
+    `metrics.jsonl` of both stages, `vq_loss.png`, `lm_loss.png`, `generated.png` and
+    `results.json`. A rerun resumes (finished stages load from the zoo files).
+    """
+    from eqx_ring.sharding import make_mesh
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    mesh = make_mesh(config.mesh)
+    echo(f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} devices; "
+         f"{config.train_videos} training videos of {config.num_frames} frames, {config.frame_size}x"
+         f"{config.frame_size}, up to {config.max_shapes} shape(s)")
+
+    if (workdir / "vq.json").exists():
+        vq = load(workdir / "vq")
+    else:
+        vq = train_vq(config, workdir, progress=progress)
+        save(workdir / "vq", vq)
+    held = np.stack([videos(config, "eval")[i]["frames"] for i in range(min(64, config.eval_videos))])
+    _, vq_metrics = eqx.filter_jit(vq_loss)(vq, jnp.asarray(held))
+    echo(f"VQ: held-out reconstruction MSE {float(vq_metrics['reconstruction']):.4f} (in [-1, 1] units), "
+         f"{int((vq_metrics['usage'] > 0).sum())}/{config.vq.codebook_size} codes used, "
+         f"perplexity {float(vq_metrics['perplexity']):.1f}")
+
+    records = encode(vq, videos(config, "train"))
+    if (workdir / "video_text_lm.json").exists():
+        lm = load(workdir / "video_text_lm", mesh=mesh)
+    else:
+        lm = train_video_text(config, records, workdir, mesh, progress=progress)
+        save(workdir / "video_text_lm", lm)
+
+    result = evaluate_captions(lm, vq, config)
+    acc, chance = result["accuracy"], result["chance"]
+    echo(f"\nHeld-out captions ({config.eval_videos} unseen videos, greedy decoding):")
+    for example in result["examples"][:8]:
+        echo(f"  truth:     {example['truth']}\n  predicted: {example['predicted']}")
+    echo(f"\n{'attribute':<10}{'accuracy':>10}{'chance':>10}")
+    for name in ("color", "shape", "motion", "exact"):
+        echo(f"{name:<10}{acc[name]:>10.1%}{chance[name]:>10.1%}")
+
+    prompts = sorted({e["truth"] for e in result["examples"]})[:: max(1, config.eval_videos // 6)][:6]
+    generate_grid(lm, vq, prompts, workdir / "generated.png")
+    result.update(seconds=time.perf_counter() - start, vq_reconstruction=float(vq_metrics["reconstruction"]),
+                  config=dataclasses.asdict(config))
+    with open(workdir / "results.json", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    echo(f"\nwrote {workdir}/lm_loss.png, {workdir}/generated.png and {workdir}/results.json "
+         f"in {result['seconds']:.0f} s")
+    return result

@@ -1,0 +1,329 @@
+"""Training: AdamW with warmup + cosine, clipping, accumulation, bf16 compute, orbax checkpoints and exact resume."""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from eqx_ring.sharding import batch_sharding, shard_params
+
+from ._generate import respec
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[eqx.Module, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+"""`loss_fn(model, batch) -> (loss, metrics)`: a scalar to minimise and named scalars to log."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a context-extension schedule: `steps` steps on rows of `seq_len` tokens.
+
+    `rope_theta`, when given, replaces the model's RoPE base from this stage on (LWM raises it
+    with the context length).
+    """
+
+    seq_len: int
+    steps: int
+    rope_theta: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and checkpointing settings of [`train`][models.train]; JSON-serialisable."""
+
+    stages: tuple[Stage, ...] = (Stage(seq_len=1024, steps=1000),)
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    compute_dtype: str = "float32"
+    checkpoint_every: int = 100
+    max_checkpoints: int = 2
+
+    def __post_init__(self):
+        if not self.stages or any(s.steps < 1 or s.seq_len < 1 for s in self.stages):
+            raise ValueError(f"stages must be a non-empty sequence of positive (seq_len, steps), got {self.stages}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+
+    @property
+    def total_steps(self) -> int:
+        """Steps over all stages."""
+        return sum(s.steps for s in self.stages)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW whose rate warms up linearly and decays on a cosine to
+    `final_lr_fraction · learning_rate`; weight decay on matrices only (not norms or biases)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, config.warmup_steps, max(config.total_steps, config.warmup_steps + 1),
+        end_value=config.learning_rate * config.final_lr_fraction,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip),
+        optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask),
+    )
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, config: TrainConfig,
+                    mesh: Mesh | None = None):
+    """One jitted step `(model, opt_state, batch) -> (model, opt_state, metrics)`.
+
+    With a mesh the batch is constrained to `P(("dp", "fsdp"), "sp")` and the parameters to their
+    [`param_shardings`][eqx_ring.sharding.param_shardings]. With `grad_accum > 1` the batch is split
+    into that many microbatches (strided, so each keeps its share of every data shard) whose
+    losses and gradients are averaged. `compute_dtype="bfloat16"` runs the model in bfloat16
+    from float32 master weights. `metrics` holds `loss`, the loss function's metrics and `grad_norm`.
+    """
+    accum = config.grad_accum
+    compute = jnp.dtype(config.compute_dtype)
+
+    def cast(model):
+        return jax.tree.map(lambda x: x.astype(compute) if eqx.is_inexact_array(x) else x, model)
+
+    def value_and_grad(model, batch):
+        return eqx.filter_value_and_grad(lambda m: loss_fn(cast(m), batch), has_aux=True)(model)
+
+    @eqx.filter_jit(donate="all-except-first")
+    def step(model, opt_state, batch):
+        if mesh is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
+        if accum == 1:
+            (loss, metrics), grads = value_and_grad(model, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def body(total, mb):
+                (loss, metrics), grads = value_and_grad(model, mb)
+                return jax.tree.map(jnp.add, total, (loss, metrics, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, eqx.filter_eval_shape(value_and_grad, model,
+                                                                        jax.tree.map(lambda x: x[0], micro)))
+            zeros = (zeros[0][0], zeros[0][1], zeros[1])
+            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
+            loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+        params = eqx.filter(model, eqx.is_array)
+        # optax mixes Python floats with int32 step counts, which strict promotion (ours in tests) refuses.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+        model = eqx.apply_updates(model, updates)
+        if mesh is not None:
+            model = shard_params(model, mesh)
+        return model, opt_state, {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
+
+    return step
+
+
+@dataclass
+class TrainResult:
+    """What [`train`][models.train] returns: the trained model, its optimizer state and the logged records."""
+
+    model: eqx.Module
+    opt_state: Any
+    records: list[dict[str, Any]]
+
+
+def train(
+    model: eqx.Module,
+    loss_fn: LossFn,
+    batches: Callable[[int, Stage], Iterable[Mapping[str, np.ndarray]]],
+    config: TrainConfig,
+    *,
+    workdir: str | os.PathLike,
+    mesh: Mesh | None = None,
+    tokens_per_batch: Callable[[Mapping[str, np.ndarray]], int] | None = None,
+    after_step: Callable[[eqx.Module, Mapping[str, np.ndarray], dict[str, Any], int], eqx.Module] | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Train `model` through `config.stages`, checkpointing to `workdir` and resuming from it.
+
+    **Arguments:**
+
+    - `model`: the model (on `mesh`, when given); a stage with `rope_theta` rebuilds it with
+      [`respec`][models.respec].
+    - `loss_fn`: `(model, batch) -> (loss, metrics)`.
+    - `batches`: `(stage_index, stage) -> ` a grain `IterDataset` (or any iterable whose iterator
+      has `get_state` / `set_state`) of numpy batches for that stage.
+    - `config`: a [`TrainConfig`][models.TrainConfig].
+    - `workdir`: checkpoints go to `workdir/checkpoints` (orbax: model, optimizer state, data
+      iterator state and position saved together, each step's directory finalised atomically), one
+      JSON line of metrics per step to `workdir/metrics.jsonl`. If checkpoints exist, training
+      resumes from the latest: same model, optimizer and data position, so the remaining steps
+      are those of an uninterrupted run.
+    - `mesh`: batches become global arrays sharded `P(("dp", "fsdp"), "sp")` (each process passes its own rows).
+    - `tokens_per_batch`: counts a batch's tokens for the tokens/s figure (default: size of `"tokens"`).
+    - `after_step`: `(model, batch, metrics, step) -> model`, run outside `jit` after each step.
+    - `progress`: show a tqdm progress bar with the loss and tokens/s.
+
+    **Returns:** a [`TrainResult`][models.TrainResult] with every step's record since the start of training.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(config)
+    step_fn = make_train_step(loss_fn, optimizer, config, mesh)
+    count_tokens = tokens_per_batch or (lambda b: int(np.size(b["tokens"])))
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, enable_async_checkpointing=False,
+                                           create=True)
+    metrics_path = workdir / "metrics.jsonl"
+    with ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options) as manager:
+        done = 0 if manager.latest_step() is None else manager.latest_step()
+        stage_index, stage_step = _position(config.stages, done)
+        model = _stage_model(model, config.stages, stage_index)
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+        iterator = iter(batches(stage_index, config.stages[stage_index]))
+        if done:
+            logger.info("resuming %s from step %d of %d", description, done, config.total_steps)
+            restored = manager.restore(done, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(model)),
+                opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+                data=_iterator_args(iterator, restore=True),
+            ))
+            model = _with_leaves(model, restored["params"])
+            opt_state = _with_leaves(opt_state, restored["opt_state"])
+        records = _read_records(metrics_path, upto=done)
+        _write_records(metrics_path, records)
+        bar = _progress_bar(progress, config.total_steps, done, description)
+        with open(metrics_path, "a", encoding="utf-8") as log:
+            step = done
+            while step < config.total_steps:
+                if stage_step == config.stages[stage_index].steps:
+                    stage_index, stage_step = stage_index + 1, 0
+                    model = _stage_model(model, config.stages, stage_index)
+                    # The optimizer state mirrors the model's tree, static config included.
+                    like = eqx.filter_eval_shape(optimizer.init, eqx.filter(model, eqx.is_array))
+                    opt_state = _with_leaves(like, jax.tree.leaves(opt_state))
+                    iterator = iter(batches(stage_index, config.stages[stage_index]))
+                host_batch = next(iterator)
+                start = time.perf_counter()
+                model, opt_state, metrics = step_fn(model, opt_state, _device_batch(host_batch, mesh))
+                metrics = {k: float(v) for k, v in metrics.items()}
+                seconds = time.perf_counter() - start
+                step, stage_step = step + 1, stage_step + 1
+                tokens = count_tokens(host_batch)
+                record = {"step": step, "stage": stage_index, **metrics, "tokens": tokens,
+                          "tokens_per_s": tokens / seconds, "seconds": seconds, "batch_digest": _digest(host_batch)}
+                if after_step is not None:
+                    model = after_step(model, host_batch, metrics, step)
+                records.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if step % config.checkpoint_every == 0 or step == config.total_steps:
+                    manager.save(step, args=ocp.args.Composite(
+                        params=ocp.args.StandardSave(jax.tree.leaves(model)),
+                        opt_state=ocp.args.StandardSave(jax.tree.leaves(opt_state)),
+                        data=_iterator_args(iterator, restore=False),
+                    ))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+        if bar is not None:
+            bar.close()
+    return TrainResult(model, opt_state, records)
+
+
+def _position(stages, done: int) -> tuple[int, int]:
+    """(stage index, steps done within it) after `done` steps; a finished stage stays current until the next step."""
+    for index, stage in enumerate(stages):
+        if done <= stage.steps:
+            return index, done
+        done -= stage.steps
+    return len(stages) - 1, stages[-1].steps
+
+
+def _stage_model(model, stages, index: int):
+    theta = next((s.rope_theta for s in reversed(stages[: index + 1]) if s.rope_theta is not None), None)
+    if theta is None or theta == model.config.rope_theta:
+        return model
+    return respec(model, rope_theta=theta)
+
+
+def _abstract(tree):
+    return [ocp.utils.to_shape_dtype_struct(x) for x in jax.tree.leaves(tree)]
+
+
+def _with_leaves(tree, leaves):
+    return jax.tree.unflatten(jax.tree.structure(tree), leaves)
+
+
+def _iterator_args(iterator, *, restore: bool):
+    import grain  # only data_pipelines needs grain at import time
+
+    return (grain.checkpoint.CheckpointRestore if restore else grain.checkpoint.CheckpointSave)(iterator)
+
+
+def _device_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    from data_pipelines import global_batch
+
+    return global_batch(batch, mesh)
+
+
+def _digest(batch: Mapping[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for k in sorted(batch):
+        digest.update(np.ascontiguousarray(batch[k]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _read_records(path: Path, upto: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["step"] <= upto]
+
+
+def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    # Steps logged after the checkpoint we resume from are run again, so their old lines go.
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, description: str):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True)
+
+
+def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike, *, keys: tuple[str, ...] = ("loss",),
+                 title: str = "training loss") -> None:
+    """Write a PNG of `keys` against the step from `train`'s records (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    steps = [r["step"] for r in records]
+    for key in keys:
+        ax.plot(steps, [r.get(key, math.nan) for r in records], label=key, linewidth=1.2)
+    ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
