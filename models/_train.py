@@ -192,6 +192,10 @@ def train(
         stage_index, stage_step = _position(config.stages, done)
         model = _stage_model(model, config.stages, stage_index)
         opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+        if mesh is not None:
+            # On the mesh like the parameters (moments) or replicated (the step count), so that a
+            # restore, which places arrays as their targets are placed, lands there too.
+            opt_state = shard_params(opt_state, mesh)
         iterator = iter(batches(stage_index, config.stages[stage_index]))
         if done:
             logger.info("resuming %s from step %d of %d", description, done, config.total_steps)
