@@ -7,6 +7,7 @@ from ._ffn import BlockwiseFFN as BlockwiseFFN, RMSNorm as RMSNorm
 from ._layout import (
     from_layout as from_layout,
     layout_positions as layout_positions,
+    layout_slot as layout_slot,
     to_layout as to_layout,
 )
 from ._ring import blockwise_attention as blockwise_attention, ring_attention as ring_attention

@@ -7,9 +7,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 from jax.typing import DTypeLike
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._dense import dot_product_attention
 from ._layout import LAYOUTS, check_layout, layout_positions, shard_positions
 from ._ring import blockwise_attention, ring_attention
 from ._rope import apply_rope
@@ -241,30 +240,76 @@ class RingAttention(eqx.Module):
         x: Float[Array, " {self.d_model}"],
         keys: Float[Array, "cache {self.num_kv_heads} {self.head_dim}"],
         values: Float[Array, "cache {self.num_kv_heads} {self.head_dim}"],
+        segment_ids: Int[Array, " cache"],
         *,
-        slot: Int[Array, ""],
+        index: Int[Array, ""],
         position: Int[Array, ""],
-        visible: Bool[Array, " cache"],
+        segment: Int[Array, ""],
     ) -> tuple[
         Float[Array, " {self.d_model}"],
         Float[Array, "cache {self.num_kv_heads} {self.head_dim}"],
         Float[Array, "cache {self.num_kv_heads} {self.head_dim}"],
     ]:
-        """Attend from one new token over a KV cache, after writing its key and value into `slot`.
+        """Attend from one new token over a KV cache, after writing its key and value into the cache.
 
-        **Arguments:** the token's input `x`; the cache's `keys` and `values` (as `prefill` returns
-        them, padded to the cache size); the `slot` to write; the token's RoPE `position`; and
-        which slots it may attend to (`visible`, its own slot included; the mask is the caller's,
-        who knows the cache's layout, segments and window).
+        The cache holds a sequence in `layout` order, split over `seq_axis` when there is a mesh.
+        Each device writes the new key and value if it owns the token's slot, attends over its own
+        slots only, and the devices' partial results (max, sum and numerator of the softmax) are
+        merged by one `pmax` and two `psum`s: nothing of the cache moves between devices.
+
+        **Arguments:**
+
+        - `x`: the new token's input.
+        - `keys`, `values`: the cache (as `prefill` returned them, or a previous `decode_step`).
+        - `segment_ids`: the cached tokens' segments; the token sees only its own `segment`.
+        - `index`: the token's index in the (natural-order) sequence; it sees indices `<= index`
+          (and, with `sliding_window=w`, `> index - w`).
+        - `position`: its RoPE position.
+        - `segment`: its segment id.
 
         **Returns:** `(output, keys, values)` with the cache updated.
         """
+        if self.head_axis is not None:
+            raise ValueError(f"decode_step does not split heads: build the decoding model with head_axis=None, got "
+                             f"head_axis={self.head_axis!r}")
         q, k, v = self._project(x[None], position[None])
-        keys = jax.lax.dynamic_update_index_in_dim(keys, k[0].astype(keys.dtype), slot, axis=0)
-        values = jax.lax.dynamic_update_index_in_dim(values, v[0].astype(values.dtype), slot, axis=0)
-        bias = jnp.where(visible, 0.0, -jnp.inf).astype(jnp.float32)
-        o = dot_product_attention(q, keys, values, key_bias=bias)
+        if self.mesh is None:
+            o, keys, values = self._decode_local(q, k, v, keys, values, segment_ids, index, segment, sharded=False)
+        else:
+            check_layout(self.layout, keys.shape[0], self.mesh.shape[self.seq_axis], what="cache length")
+            cache, one = P(self.seq_axis), P()
+            o, keys, values = jax.shard_map(
+                partial(self._decode_local, sharded=True), mesh=self.mesh,
+                in_specs=(one, one, one, cache, cache, cache, one, one), out_specs=(one, cache, cache),
+            )(q, k, v, keys, values, segment_ids, index, segment)
         return linear(self.output_proj, o.reshape(1, self.num_heads * self.head_dim))[0], keys, values
+
+    def _decode_local(self, q, k, v, keys, values, segment_ids, index, segment, *, sharded: bool):
+        """One query against this device's cache slots; merged over the ring when `sharded`."""
+        n = jax.lax.axis_size(self.seq_axis) if sharded else 1
+        shard = jax.lax.axis_index(self.seq_axis) if sharded else 0
+        true = shard_positions(shard, keys.shape[0], self.layout, n)
+        write = true == index
+        keys = jnp.where(write[:, None, None], k.astype(keys.dtype), keys)
+        values = jnp.where(write[:, None, None], v.astype(values.dtype), values)
+        visible = (true <= index) & (jnp.where(write, segment, segment_ids) == segment)
+        if self.sliding_window is not None:
+            visible &= index - true < self.sliding_window
+        group = self.num_heads // self.num_kv_heads
+        qg = q[0].reshape(self.num_kv_heads, group, self.head_dim).astype(jnp.float32) * self.head_dim**-0.5
+        scores = jnp.einsum("kgd,tkd->kgt", qg, keys.astype(jnp.float32))
+        scores = jnp.where(visible, scores, -jnp.inf)
+        m = scores.max(-1)
+        seen = jnp.isfinite(m)  # false where none of this device's slots is visible
+        p = jnp.exp(scores - jnp.where(seen, m, 0.0)[..., None])
+        l, o = p.sum(-1), jnp.einsum("kgt,tkd->kgd", p, values.astype(jnp.float32))
+        if sharded:
+            m_all = jax.lax.pmax(m, self.seq_axis)
+            weight = jnp.where(seen, jnp.exp(m - m_all), 0.0)
+            l = jax.lax.psum(l * weight, self.seq_axis)
+            o = jax.lax.psum(o * weight[..., None], self.seq_axis)
+        # The token always sees itself, so l > 0 after the merge.
+        return (o / l[..., None]).reshape(1, self.num_heads, self.head_dim).astype(q.dtype), keys, values
 
     def _project(self, x, positions):
         """Queries, keys and values of `x`, rotated by RoPE at `positions`."""

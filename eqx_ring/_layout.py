@@ -84,3 +84,21 @@ def from_layout(x: ArrayLike, layout: str, num_shards: int, *, axis: int) -> Arr
     x = x if isinstance(x, np.ndarray) else jnp.asarray(x)
     perm = layout_positions(x.shape[axis], layout, num_shards)
     return _take(x, np.argsort(perm).astype(np.int32), axis)
+
+
+def layout_slot(position: int | Int[Array, "*shape"], seq_len: int, layout: str, num_shards: int):
+    """The slot of the laid-out sequence that holds the token at true `position`.
+
+    The inverse of [`layout_positions`][eqx_ring.layout_positions]:
+    `layout_positions(seq_len, layout, n)[layout_slot(p, seq_len, layout, n)] == p`. `position`
+    may be a traced array (e.g. a decoding step's index).
+    """
+    local = seq_len // num_shards
+    if layout == "contiguous" or num_shards == 1:
+        return position
+    if layout == "striped":
+        return (position % num_shards) * local + position // num_shards
+    half = local // 2
+    chunk, within = position // half, position % half
+    first = chunk < num_shards  # chunk r of shard r, or chunk 2n-1-r in the shard's second half
+    return jnp.where(first, chunk * local + within, (2 * num_shards - 1 - chunk) * local + half + within)

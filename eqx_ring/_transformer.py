@@ -10,6 +10,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 
 from ._attention import RingAttention
 from ._ffn import BlockwiseFFN, RMSNorm
+from ._layout import layout_positions, layout_slot
 
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
@@ -73,36 +74,41 @@ class RingTransformerBlock(eqx.Module):
         x: Float[Array, " {self.d_model}"],
         keys: Float[Array, "cache kv_heads head_dim"],
         values: Float[Array, "cache kv_heads head_dim"],
+        segment_ids: Int[Array, " cache"],
         *,
-        slot: Int[Array, ""],
+        index: Int[Array, ""],
         position: Int[Array, ""],
-        visible: Bool[Array, " cache"],
+        segment: Int[Array, ""],
     ) -> tuple[Float[Array, " {self.d_model}"], Float[Array, "cache kv_heads head_dim"],
                Float[Array, "cache kv_heads head_dim"]]:
         """One new token through the block over a KV cache.
 
         See [`RingAttention.decode_step`][eqx_ring.RingAttention.decode_step].
         """
-        attended, keys, values = self.attention.decode_step(self.attention_norm(x), keys, values, slot=slot,
-                                                            position=position, visible=visible)
+        attended, keys, values = self.attention.decode_step(self.attention_norm(x), keys, values, segment_ids,
+                                                            index=index, position=position, segment=segment)
         x = x + attended
         return x + self.ffn(self.ffn_norm(x[None]))[0], keys, values
 
 
 class KVCache(eqx.Module):
-    """Keys and values of every layer for the tokens seen so far, in slots `0 .. length - 1`.
+    """Keys and values of every layer for a sequence whose first `length` tokens are known.
 
     Made by [`RingTransformer.prefill`][eqx_ring.RingTransformer.prefill] and advanced by
     [`RingTransformer.decode_step`][eqx_ring.RingTransformer.decode_step]; one example (batch
-    with `jax.vmap`). Slots hold tokens in sequence order; `positions` are their RoPE positions
-    and `segment_ids` their segments (a new token continues the segment of the last one).
+    with `jax.vmap`). Its slots are in the model's `layout` and, with a mesh, split over the
+    sequence axis like the prefilled sequence: each device keeps the cache of its own tokens.
+    `segment_ids` are the tokens' segments; the next token takes RoPE `position` and continues
+    `segment`. These two are scalars so that a step never reads the split arrays at an index
+    (which would gather them).
     """
 
     keys: Float[Array, "layers cache kv_heads head_dim"]
     values: Float[Array, "layers cache kv_heads head_dim"]
-    positions: Int[Array, " cache"]
     segment_ids: Int[Array, " cache"]
     length: Int[Array, ""]
+    position: Int[Array, ""]
+    segment: Int[Array, ""]
 
 
 class RingTransformer(eqx.Module):
@@ -239,91 +245,89 @@ class RingTransformer(eqx.Module):
         self,
         tokens: Int[Array, " seq"],
         *,
-        cache_size: int,
+        length: int | Int[Array, ""],
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq {self.d_model}"], KVCache]:
-        """Run a prompt and keep every layer's keys and values for decoding.
+        """Run a prompt through the model (the ring, on a mesh) and keep every layer's keys and values.
 
-        **Arguments:** `tokens`, `positions` and `segment_ids` as `__call__` (natural order,
-        `layout="contiguous"`); `cache_size`, the most tokens the cache will hold (prompt included).
+        **Arguments:**
 
-        **Returns:** `(hidden, cache)`: the prompt's final hidden states and a
-        [`KVCache`][eqx_ring.KVCache] holding it.
+        - `tokens`: the whole sequence to be, in `layout` order as for `__call__`: the prompt's
+          `length` tokens, then room for those to be generated (any ids; they are overwritten).
+          Its length is the cache's size.
+        - `length`: how many tokens (natural order) the prompt has.
+        - `positions`, `segment_ids`: as `__call__`. Give the room after the prompt a segment
+          id of its own, so that the ring skips it.
+
+        **Returns:** `(hidden, cache)`: final hidden states of every slot (those of the prompt's
+        last token give the first new token's logits) and a [`KVCache`][eqx_ring.KVCache].
         """
-        seq = tokens.shape[0]
         self._check_decodable()
-        if cache_size < seq:
-            raise ValueError(f"cache_size={cache_size} must be at least the prompt length {seq}")
+        seq = tokens.shape[0]
         with jax.named_scope("eqx_ring.RingTransformer.prefill"):
-            positions = jnp.arange(seq) if positions is None else positions
+            if positions is None:
+                positions = jnp.asarray(layout_positions(seq, self._attention_setting("layout"), self._ring_size()))
             segment_ids = jnp.zeros(seq, jnp.int32) if segment_ids is None else segment_ids
             hidden, keys, values = self._layers(tokens, positions, segment_ids, with_cache=True)
-            pad = ((0, 0), (0, cache_size - seq), (0, 0), (0, 0))
-            cache = KVCache(
-                jnp.pad(keys, pad), jnp.pad(values, pad),
-                jnp.pad(positions.astype(jnp.int32), (0, cache_size - seq)),
-                jnp.pad(segment_ids.astype(jnp.int32), (0, cache_size - seq), constant_values=-1),
-                jnp.asarray(seq, jnp.int32),
-            )
+            last = layout_slot(jnp.asarray(length, jnp.int32) - 1, seq, self._attention_setting("layout"),
+                               self._ring_size())
+            cache = KVCache(keys, values, segment_ids.astype(jnp.int32), jnp.asarray(length, jnp.int32),
+                            positions[last].astype(jnp.int32) + 1, segment_ids[last].astype(jnp.int32))
             return hidden, cache
 
     def decode_step(self, token: Int[Array, ""], cache: KVCache) -> tuple[Float[Array, " {self.d_model}"], KVCache]:
-        """Append one token to the sequence in `cache`: its final hidden state, and the cache with it.
+        """Append `token` to the sequence in `cache`: its final hidden state, and the cache with it.
 
-        The token gets the next RoPE position and the segment of the last token. It attends to
-        the cached tokens exactly as a full causal pass over the whole sequence would (sliding
-        window included), at O(cache) cost per layer.
+        The token takes the next RoPE position and the segment of the token before it, and sees
+        the cached tokens exactly as a causal pass over the whole sequence would (sliding window
+        and GQA included), at O(cache / devices) work per device and layer.
         """
         self._check_decodable()
         with jax.named_scope("eqx_ring.RingTransformer.decode_step"):
-            slot = cache.length
-            position = cache.positions[slot - 1] + 1
-            segment = cache.segment_ids[slot - 1]
-            segment_ids = cache.segment_ids.at[slot].set(segment)
-            index = jnp.arange(segment_ids.shape[0])
-            visible = (index <= slot) & (segment_ids == segment)
-            window = self._attention_setting("sliding_window")
-            if window is not None:
-                visible &= slot - index < window
+            size, layout, ring = cache.segment_ids.shape[0], self._attention_setting("layout"), self._ring_size()
+            index, position, segment = cache.length, cache.position, cache.segment
             x = self.embedding.weight[token]
 
-            def layer(x, block_keys_values):
-                block, keys, values = block_keys_values
-                return block.decode_step(x, keys, values, slot=slot, position=position, visible=visible)
+            def layer(x, block, keys, values):
+                return block.decode_step(x, keys, values, cache.segment_ids, index=index, position=position,
+                                         segment=segment)
 
             if self.scan_layers:
                 params, static = eqx.partition(self.blocks, eqx.is_array)
 
                 def body(x, inputs):
                     p, keys, values = inputs
-                    x, keys, values = layer(x, (eqx.combine(p, static), keys, values))
+                    x, keys, values = layer(x, eqx.combine(p, static), keys, values)
                     return x, (keys, values)
 
                 x, (keys, values) = lax.scan(body, x, (params, cache.keys, cache.values))
             else:
                 outs = []
                 for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
-                    x, k, v = layer(x, (block, k, v))
+                    x, k, v = layer(x, block, k, v)
                     outs.append((k, v))
                 keys, values = (jnp.stack(a) for a in zip(*outs, strict=True))
-            cache = KVCache(keys, values, cache.positions.at[slot].set(position), segment_ids, slot + 1)
+            # Elementwise against the layout's positions: each device updates its own slots.
+            mine = jnp.asarray(layout_positions(size, layout, ring)) == index
+            cache = KVCache(keys, values, jnp.where(mine, segment, cache.segment_ids), index + 1, position + 1,
+                            segment)
             return self.norm(x[None])[0], cache
 
     def _attention_setting(self, name: str):
         blocks = self.blocks if self.scan_layers else self.blocks[0]
         return getattr(blocks.attention, name)
 
+    def _ring_size(self) -> int:
+        mesh = self._attention_setting("mesh")
+        return 1 if mesh is None else mesh.shape[self._attention_setting("seq_axis")]
+
     def _check_decodable(self) -> None:
-        causal, block, layout, mesh = (self._attention_setting(n) for n in ("causal", "causal_block_size", "layout",
-                                                                               "mesh"))
+        causal, block = self._attention_setting("causal"), self._attention_setting("causal_block_size")
         if not causal or block != 1:
             # With blocks, earlier tokens of a block see later ones: a new token would change them.
             raise ValueError(f"KV-cache decoding needs causal attention with causal_block_size=1, got causal={causal}, "
                              f"causal_block_size={block}")
-        if layout != "contiguous" or mesh is not None:
-            raise ValueError(f"KV-cache decoding runs on one device in natural order (layout='contiguous', mesh=None), "
-                             f"got layout={layout!r}, mesh={mesh}; use models.respec to move the weights")
 
     def _layers(self, tokens, positions, segment_ids, *, with_cache: bool):
         """The embedding, every block and the final norm; with the blocks' keys and values if `with_cache`."""

@@ -1,6 +1,6 @@
 """The eqx-ring model zoo: a VQ video tokenizer, the LWM-style video-text model, LLaMA-style LMs, and training."""
 
-from ._generate import respec as respec
+from ._generate import generate as generate, respec as respec
 from ._lm import PRESETS as PRESETS, LMConfig as LMConfig, RingLM as RingLM
 from ._train import (
     Stage as Stage,

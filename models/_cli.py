@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     generate = command("generate", "Generate videos from captions and save their frames as a PNG grid.")
     generate.add_argument("captions", nargs="+", help='e.g. "a red circle moves left"')
     generate.add_argument("--out", type=Path, default=None, help="PNG path (default: WORKDIR/generate.png)")
+    generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: %(default)s)")
     recipe(generate)
     return parser
 
@@ -101,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.getLogger("models").addHandler(handler)
-    logging.getLogger("models").setLevel(logging.INFO)
+    log = logging.getLogger("models")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # absl (through orbax) gives the root logger a handler of its own
 
     # Before JAX starts a backend; an accelerator backend ignores it.
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}\n  -> {tokenizer.decode(ids)}")
     elif args.command == "generate":
         out = args.out or workdir / "generate.png"
-        _demo.generate_grid(lm, vq, args.captions, out)
+        _demo.generate_grid(lm, vq, args.captions, out, temperature=args.temperature, seed=config.seed)
         print(f"wrote {out}")
     return 0
 

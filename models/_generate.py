@@ -1,7 +1,9 @@
-"""Autoregressive decoding for the zoo's models, and `respec` to move weights into a model built differently."""
+"""Generation for the zoo's models (ring prefill, KV-cached decoding), and `respec` to move weights between builds."""
 
 import dataclasses
+import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import equinox as eqx
@@ -11,9 +13,20 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Bool, Int, PRNGKeyArray
 
-from eqx_ring import RingAttention
+from eqx_ring import RingAttention, layout_slot, to_layout
+from eqx_ring.sharding import BATCH_AXES
 
 _KEEP: Any = object()
+
+
+def _attention_of(model: eqx.Module) -> RingAttention:
+    """The model's first `RingAttention`: where its mesh, layout and ring live."""
+    return next(x for x in jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, RingAttention))
+                if isinstance(x, RingAttention))
+
+
+def _ring(attention: RingAttention) -> int:
+    return 1 if attention.mesh is None else attention.mesh.shape[attention.seq_axis]
 
 
 def respec(model: eqx.Module, *, mesh: Mesh | None = _KEEP, head_axis: str | None = _KEEP, **changes: Any):
@@ -27,8 +40,7 @@ def respec(model: eqx.Module, *, mesh: Mesh | None = _KEEP, head_axis: str | Non
 
     **Raises:** `ValueError` if the changes alter the shapes of the weights.
     """
-    attention = next(x for x in jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, RingAttention))
-                     if isinstance(x, RingAttention))
+    attention = _attention_of(model)
     mesh = attention.mesh if mesh is _KEEP else mesh
     head_axis = attention.head_axis if head_axis is _KEEP else head_axis
     config = dataclasses.replace(model.config, **changes)
@@ -40,45 +52,100 @@ def respec(model: eqx.Module, *, mesh: Mesh | None = _KEEP, head_axis: str | Non
     return jax.tree.unflatten(jax.tree.structure(skeleton), old)
 
 
-def decode(
-    model: eqx.Module, prompts: Sequence[Int[ArrayLike, " _prompt"]], allowed: Bool[np.ndarray, "steps vocab"], *,
-    forced: Int[np.ndarray, " steps"], stop_token: int | None = None, temperature: float = 0.0,
+def generate(
+    model: eqx.Module,
+    prompts: Sequence[Int[ArrayLike, " _prompt"]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
     key: PRNGKeyArray | None = None,
+    allowed: Bool[ArrayLike, "*steps vocab"] | None = None,
+    forced: Int[ArrayLike, " steps"] | None = None,
 ) -> Int[Array, "batch steps"]:
-    """Generate up to `steps` tokens after each prompt on one device, with a KV cache.
+    """Continue each prompt by up to `max_new_tokens` tokens: ring prefill, then KV-cached decoding.
 
-    Prompts may differ in length: each is left-padded in a segment of its own (id 0, which the
-    prompt's tokens never attend to), and its positions start at 0 as in training. The prompts
-    are prefilled once; each new token then attends to the cache. At step `i` the token is
-    `forced[i]` when that is `>= 0`, else one of the tokens `allowed[i]` permits: the most likely
-    for `temperature=0`, else sampled at that temperature with `key`. Decoding ends early once
-    every row has produced `stop_token`; what follows it in a row is unspecified.
+    Runs where the model runs: with a mesh, the prompt is prefilled by ring attention in the
+    model's layout and the cache stays split over the sequence axis, each device attending to
+    its own part of it (see [`RingAttention.decode_step`][eqx_ring.RingAttention.decode_step]).
+    The whole loop is one jitted `while_loop`.
+
+    **Arguments:**
+
+    - `model`: a zoo model with a `transformer` ([`RingLM`][models.RingLM], [`VideoTextLM`][models.VideoTextLM]).
+    - `prompts`: token ids, natural order; they may differ in length (each is left-padded in a
+      segment of its own that it never attends to, and its positions start at 0 as in training).
+    - `max_new_tokens`: how many tokens to generate.
+    - `temperature`: 0 takes the most likely token; otherwise sample at this temperature with `key`,
+      among the `top_k` most likely tokens and the smallest set whose probability reaches `top_p`.
+    - `stop_tokens`: a row is finished once it produces one; the loop ends when every row is.
+      What follows a stop token in a row is unspecified.
+    - `allowed`: which tokens may be produced (`[vocab]`, or `[max_new_tokens, vocab]` per step).
+    - `forced`: per step, a token to place instead of choosing one (`-1`: choose).
+
+    **Returns:** the new tokens, `[len(prompts), max_new_tokens]` int32.
     """
     if temperature < 0 or (temperature > 0 and key is None):
         raise ValueError(f"temperature must be >= 0 (> 0 needs a key), got {temperature} with key={key}")
+    if top_k is not None and top_k < 1 or top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_k must be >= 1 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    config = model.config
+    attention = _attention_of(model)
+    layout, ring = attention.layout, _ring(attention)
+    data_axes = () if attention.mesh is None else tuple(a for a in BATCH_AXES if a in attention.mesh.axis_names)
+    # Rows are split over the data axes (each shard decodes its own); pad the batch to divide them.
+    shards = 1 if attention.mesh is None else math.prod(attention.mesh.shape[a] for a in data_axes)
+    rows = len(prompts)
+    prompts = list(prompts) + [prompts[-1]] * (-rows % shards)
     width = max(len(p) for p in prompts)
-    buffer = np.zeros((len(prompts), width), np.int32)
-    segments = np.ones((len(prompts), width), np.int32)
+    size, chunk = _cache_size(width + max_new_tokens, layout, ring, min(config.query_chunk_size,
+                                                                        config.key_chunk_size))
+    # Natural order: left padding (segment 0), the prompt (1), room for the new tokens (2).
+    tokens = np.zeros((len(prompts), size), np.int32)
+    segments = np.full((len(prompts), size), 2, np.int32)
     for row, prompt in enumerate(prompts):
-        buffer[row, width - len(prompt) :] = np.asarray(prompt)
+        tokens[row, width - len(prompt) : width] = np.asarray(prompt)
         segments[row, : width - len(prompt)] = 0
-    positions = np.arange(width)[None] - (segments == 0).sum(1, keepdims=True)
-    # One chunk covers the whole (short) prompt: the fastest blockwise schedule at this size.
-    single = respec(model, mesh=None, head_axis=None, layout="contiguous", query_chunk_size=width,
-                    key_chunk_size=width, ffn_chunk_size=width)
+        segments[row, width - len(prompt) : width] = 1
+    positions = np.arange(size)[None] - (segments == 0).sum(1, keepdims=True)
+    laid = [to_layout(a, layout, ring, axis=1) for a in (tokens, positions.astype(np.int32), segments)]
+    model = respec(model, query_chunk_size=chunk, key_chunk_size=chunk,
+                   ffn_chunk_size=math.gcd(size, config.ffn_chunk_size))
+    vocab = model.config.vocab_size
+    allowed = np.ones(vocab, bool) if allowed is None else np.asarray(allowed, bool)
+    allowed = np.broadcast_to(allowed, (max_new_tokens, vocab))
+    forced = np.full(max_new_tokens, -1) if forced is None else np.asarray(forced)
+    stops = np.asarray(list(stop_tokens) or [-1], np.int32)
     key = jax.random.key(0) if key is None else key
-    stop = -1 if stop_token is None else stop_token
-    return _decode(single.transformer, jnp.asarray(buffer), jnp.asarray(positions, jnp.int32), jnp.asarray(segments),
-                   jnp.asarray(allowed), jnp.asarray(forced, jnp.int32), stop, temperature, key)
+    last = int(layout_slot(width - 1, size, layout, ring))  # the slot of the prompts' last token
+    out = _generate(model.transformer, *(jnp.asarray(a) for a in laid), width, last, jnp.asarray(allowed),
+                    jnp.asarray(forced, jnp.int32), jnp.asarray(stops), temperature, top_k, top_p, key,
+                    data_axes if shards > 1 else None)
+    return out[:rows]
+
+
+def _cache_size(need: int, layout: str, ring: int, chunk: int) -> tuple[int, int]:
+    """A cache length >= `need` that the layout splits evenly, and a chunk size that divides its pieces."""
+    unit = 2 * ring if layout == "zigzag" else ring
+    if need <= unit * chunk:
+        size = -(-need // unit) * unit
+        return size, size // unit
+    return -(-need // (unit * chunk)) * unit * chunk, chunk
 
 
 @eqx.filter_jit
-def _decode(transformer, buffer, positions, segments, allowed, forced, stop: int, temperature: float, key):
+def _generate(transformer, tokens, positions, segments, width: int, last_slot: int, allowed, forced, stops,
+              temperature: float, top_k: int | None, top_p: float | None, key, data_axes: tuple[str, ...] | None):
     steps = forced.shape[0]
-    cache_size = buffer.shape[1] + steps
-    hidden, cache = jax.vmap(lambda t, p, s: transformer.prefill(t, cache_size=cache_size, positions=p,
-                                                                 segment_ids=s))(buffer, positions, segments)
-    step = jax.vmap(transformer.decode_step)
+    vmap = partial(jax.vmap, spmd_axis_name=data_axes) if data_axes else jax.vmap
+    hidden, cache = vmap(lambda t, p, s: transformer.prefill(t, length=width, positions=p, segment_ids=s))(
+        tokens, positions, segments)
+    last = hidden[:, last_slot]
+    step = vmap(transformer.decode_step)
 
     def body(carry):
         i, last, cache, out, done, key = carry
@@ -86,18 +153,33 @@ def _decode(transformer, buffer, positions, segments, allowed, forced, stop: int
         logits = jnp.where(allowed[i], logits, -jnp.inf)
         if temperature > 0:
             key, sub = jax.random.split(key)
-            token = jax.random.categorical(sub, logits / temperature)
+            token = jax.random.categorical(sub, _truncate(logits / temperature, top_k, top_p))
         else:
             token = logits.argmax(-1)
         token = jnp.where(forced[i] >= 0, forced[i], token).astype(jnp.int32)
         last, cache = step(token, cache)
         out = jax.lax.dynamic_update_index_in_dim(out, token, i, axis=1)
-        return i + 1, last, cache, out, done | (token == stop), key
+        return i + 1, last, cache, out, done | jnp.isin(token, stops), key
 
     def more(carry):
         i, _, _, _, done, _ = carry
         return (i < steps) & ~done.all()
 
-    out = jnp.zeros((buffer.shape[0], steps), jnp.int32)
-    init = (jnp.int32(0), hidden[:, -1], cache, out, jnp.zeros(buffer.shape[0], bool), key)
+    out = jnp.zeros((tokens.shape[0], steps), jnp.int32)
+    init = (jnp.int32(0), last, cache, out, jnp.zeros(tokens.shape[0], bool), key)
     return jax.lax.while_loop(more, body, init)[3]
+
+
+def _truncate(logits, top_k: int | None, top_p: float | None):
+    """Logits outside the `top_k` most likely and outside the smallest `top_p` mass set to -inf."""
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        order = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(order, axis=-1)
+        # The smallest prefix whose mass reaches top_p: keep a token if the mass before it is < top_p.
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < top_p, order, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits

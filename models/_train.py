@@ -130,7 +130,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
         model = eqx.apply_updates(model, updates)
         if mesh is not None:
             model = shard_params(model, mesh)
-        return model, opt_state, {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
+        return model, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
     return step
 
@@ -155,6 +155,7 @@ def train(
     tokens_per_batch: Callable[[Mapping[str, np.ndarray]], int] | None = None,
     after_step: Callable[[eqx.Module, Mapping[str, np.ndarray], dict[str, Any], int], eqx.Module] | None = None,
     progress: bool = True,
+    log_every: int = 50,
     description: str = "train",
 ) -> TrainResult:
     """Train `model` through `config.stages`, checkpointing to `workdir` and resuming from it.
@@ -175,7 +176,8 @@ def train(
     - `mesh`: batches become global arrays sharded `P(("dp", "fsdp"), "sp")` (each process passes its own rows).
     - `tokens_per_batch`: counts a batch's tokens for the tokens/s figure (default: size of `"tokens"`).
     - `after_step`: `(model, batch, metrics, step) -> model`, run outside `jit` after each step.
-    - `progress`: show a tqdm progress bar with the loss and tokens/s.
+    - `progress`: show a tqdm progress bar with the loss and tokens/s; otherwise log them (logger
+      `models._train`, level INFO) every `log_every` steps.
 
     **Returns:** a [`TrainResult`][models.TrainResult] with every step's record since the start of training.
     """
@@ -242,6 +244,9 @@ def train(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                elif (step % log_every == 0 or step == config.total_steps) and jax.process_index() == 0:
+                    logger.info("%s step %d/%d loss %.4f, %s tokens/s", description, step, config.total_steps,
+                                metrics["loss"], f"{record['tokens_per_s']:,.0f}")
         if bar is not None:
             bar.close()
     return TrainResult(model, opt_state, records)

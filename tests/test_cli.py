@@ -44,6 +44,8 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["examples"]) == 6 and set(results["accuracy"]) == {"shape", "color", "motion", "exact"}
     assert [r["step"] for r in records(tmp_path)] == list(range(1, 7))
+    scores = json.loads(run("eval", "--workdir", str(tmp_path), *TOY))
+    assert scores["accuracy"] == results["accuracy"] and scores["chance"] == results["chance"]
     caption = run("caption", "--workdir", str(tmp_path), "--index", "0", "1", *TOY)
     assert caption.count("held-out #") == 2
     generate = run("generate", "--workdir", str(tmp_path), "a red circle moves up", *TOY)
