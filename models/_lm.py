@@ -91,9 +91,18 @@ class RingLM(eqx.Module):
         `spmd_axis_name=("dp", "fsdp")` on a mesh.
         """
 
-        def one(tokens, positions, segment_ids):
-            return self(tokens, positions=positions, segment_ids=segment_ids)
-
-        vmap_kw = {} if spmd_axis_name is None else dict(spmd_axis_name=spmd_axis_name)
-        hidden = jax.vmap(one, **vmap_kw)(batch["tokens"], batch["positions"], batch["segment_ids"])
+        hidden = batch_hidden(self.transformer, batch, spmd_axis_name)
         return chunked_cross_entropy(hidden, self.transformer.head_weight, batch["targets"], batch["target_mask"])
+
+
+def batch_hidden(
+    transformer: RingTransformer, batch: dict[str, Array], spmd_axis_name: tuple[str, ...] | None
+) -> Float[Array, "batch seq d_model"]:
+    """The final hidden states of a batch of packed rows: `transformer` vmapped over `tokens`, `positions` and
+    `segment_ids`, each data shard keeping its own rows when `spmd_axis_name` names the data axes."""
+
+    def one(tokens, positions, segment_ids):
+        return transformer(tokens, positions=positions, segment_ids=segment_ids)
+
+    vmap_kw = {} if spmd_axis_name is None else dict(spmd_axis_name=spmd_axis_name)
+    return jax.vmap(one, **vmap_kw)(batch["tokens"], batch["positions"], batch["segment_ids"])

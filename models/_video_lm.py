@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -14,6 +13,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 from eqx_ring import RingTransformer, chunked_cross_entropy
 
 from ._generate import generate
+from ._lm import batch_hidden
 
 
 @runtime_checkable
@@ -119,11 +119,7 @@ class VideoTextLM(eqx.Module):
         **Returns:** `(loss, {"text_loss": ..., "vision_loss": ...})`.
         """
 
-        def one(tokens, positions, segment_ids):
-            return self(tokens, positions=positions, segment_ids=segment_ids)
-
-        vmap_kw = {} if spmd_axis_name is None else dict(spmd_axis_name=spmd_axis_name)
-        hidden = jax.vmap(one, **vmap_kw)(batch["tokens"], batch["positions"], batch["segment_ids"])
+        hidden = batch_hidden(self.transformer, batch, spmd_axis_name)
         per_token = chunked_cross_entropy(hidden, self.transformer.head_weight, batch["targets"], reduction="none")
         trained, vision = batch["target_mask"], batch["target_vision_mask"]
 
