@@ -87,10 +87,8 @@ def train_vq(config: DemoConfig, workdir: Path, *, progress: bool = True) -> Vid
 def _restart_dead_codes(model: VideoVQ, video, key) -> VideoVQ:
     from ._vq import to_unit
 
-    frames = to_unit(video.reshape(-1, *video.shape[2:]))
-    codes = model(frames).codes
-    usage = jnp.bincount(codes.reshape(-1), length=model.config.codebook_size) / codes.size
-    return model.restart_dead_codes(usage, frames, key)
+    usage = vq_loss(model, video)[1]["usage"]
+    return model.restart_dead_codes(usage, to_unit(video.reshape(-1, *video.shape[2:])), key)
 
 
 def encode(vq: VideoVQ, source, *, batch_size: int = 256) -> list[dict[str, Any]]:
@@ -129,7 +127,7 @@ def train_video_text(config: DemoConfig, records: list[dict[str, Any]], workdir:
 
 def evaluate_captions(lm: VideoTextLM, vq: VideoVQ, config: DemoConfig) -> dict[str, Any]:
     """Caption the held-out videos greedily and score them against the truth, with a chance baseline."""
-    from data_pipelines import ByteTokenizer, caption, score_captions
+    from data_pipelines import COLORS, MOTIONS, SHAPES, ByteTokenizer, caption, score_captions
 
     tokenizer = ByteTokenizer()
     held_out = encode(vq, videos(config, "eval"))
@@ -139,7 +137,8 @@ def evaluate_captions(lm: VideoTextLM, vq: VideoVQ, config: DemoConfig) -> dict[
     # Chance: captions with the right number of shapes and uniformly random attributes.
     rng = np.random.default_rng(config.seed)
     random_captions = [
-        caption(*(rng.integers(0, n, int(r["num_shapes"])) for n in (3, 8, 5))) for r in held_out
+        caption(*(rng.integers(0, len(names), int(r["num_shapes"])) for names in (SHAPES, COLORS, MOTIONS)))
+        for r in held_out
     ]
     return {
         "accuracy": score_captions(predicted, held_out),

@@ -115,14 +115,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def body(total, mb):
-                (loss, metrics), grads = value_and_grad(model, mb)
-                return jax.tree.map(jnp.add, total, (loss, metrics, grads)), None
+                return jax.tree.map(jnp.add, total, value_and_grad(model, mb)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, eqx.filter_eval_shape(value_and_grad, model,
-                                                                        jax.tree.map(lambda x: x[0], micro)))
-            zeros = (zeros[0][0], zeros[0][1], zeros[1])
-            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
-            loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+            first = jax.tree.map(lambda x: x[0], micro)
+            zeros = jax.tree.map(jnp.zeros_like, eqx.filter_eval_shape(value_and_grad, model, first))
+            total, _ = jax.lax.scan(body, zeros, micro)
+            (loss, metrics), grads = jax.tree.map(lambda x: x / accum, total)
         params = eqx.filter(model, eqx.is_array)
         # optax mixes Python floats with int32 step counts, which strict promotion (ours in tests) refuses.
         with jax.numpy_dtype_promotion("standard"):
