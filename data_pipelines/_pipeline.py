@@ -1,6 +1,6 @@
 """From a video-caption source to sharded, packed, ring-ordered token batches: the grain recipe."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eqx_ring import to_layout
+from eqx_ring.sharding import BATCH_AXES, batch_sharding
 
 from ._lwm import TASKS, lwm_sequence
 from ._packing import PackIterDataset
@@ -211,11 +212,119 @@ def _batch_rows(
     return batches
 
 
-def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's `[local_batch, seq]` arrays → global `jax.Array`s sharded `P(("dp", "fsdp"), "sp")`.
+def global_packed_batches(
+    examples: grain.MapDataset,
+    *,
+    seq_len: int,
+    batch_size: int,
+    pad_id: int,
+    rows: Sequence[int] | None = None,
+    overflow: str = "split",
+    layout: str | None = None,
+    ring_size: int = 1,
+) -> grain.IterDataset:
+    """Packed batches that are the same whatever the number of processes reading them: for elastic restarts.
 
-    Every process passes its own rows (from `video_text_examples` with its process index); the
-    global batch is their concatenation in process order.
+    Row `r` of every global batch of `batch_size` rows packs its own stream of examples,
+    `examples[r::batch_size]`, so a global batch depends on `examples`, `seq_len` and `batch_size`
+    only. Every process passes the same `examples` (the whole dataset, e.g. `video_text_examples(...,
+    process_index=0, process_count=1)`) and yields `rows` of each global batch: by default an even
+    split by `jax.process_index()`; on a mesh, [`process_rows`][data_pipelines.process_rows] (the
+    rows the process's devices hold). Rows are as in [`packed_batches`][data_pipelines.packed_batches].
+
+    The iterator's state is `{"rows": {"r": state of row r}}`: the states of several processes merge
+    into one by uniting their `"rows"`, and `set_state` takes such a union and picks its own rows.
+    So a checkpoint written by N processes resumes on M processes ([`models.train`][models.train]
+    does this), continuing exactly as an uninterrupted run would.
     """
-    sharding = NamedSharding(mesh, P(("dp", "fsdp"), "sp"))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    if rows is None:
+        index, count = jax.process_index(), jax.process_count()
+        if batch_size % count:
+            raise ValueError(f"batch_size={batch_size} must be divisible by the process count {count}")
+        rows = range(index * batch_size // count, (index + 1) * batch_size // count)
+    rows = sorted(rows)
+    if not rows or rows[0] < 0 or rows[-1] >= batch_size or len(set(rows)) != len(rows):
+        raise ValueError(f"rows must be distinct indices in [0, batch_size={batch_size}), got {rows}")
+    streams = {}
+    for r in rows:
+        stream = PackIterDataset(examples[r::batch_size].to_iter_dataset(), seq_len, pad_id, overflow=overflow)
+        stream = stream.map(with_targets)
+        streams[r] = stream.map(ToRingLayout(layout, ring_size)) if layout is not None else stream
+    return _RowStreams(streams)
+
+
+class _RowStreams(grain.IterDataset):
+    """Batches whose row `r` comes from its own dataset `streams[r]`."""
+
+    def __init__(self, streams: Mapping[int, grain.IterDataset]):
+        super().__init__(list(streams.values()))
+        self._streams = dict(streams)
+
+    def __iter__(self) -> "_RowStreamsIterator":
+        return _RowStreamsIterator({r: iter(s) for r, s in self._streams.items()})
+
+    def __str__(self) -> str:
+        return f"RowStreams(rows={list(self._streams)})"
+
+
+class _RowStreamsIterator(grain.DatasetIterator):
+    def __init__(self, iterators: dict[int, grain.DatasetIterator]):
+        super().__init__(list(iterators.values()))
+        self._iterators = iterators
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [next(it) for it in self._iterators.values()]
+        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"rows": {str(r): it.get_state() for r, it in self._iterators.items()}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        missing = [r for r in self._iterators if str(r) not in state["rows"]]
+        if missing:
+            raise ValueError(f"the data state has no rows {missing}: it was saved for another batch size")
+        for r, it in self._iterators.items():
+            it.set_state(state["rows"][str(r)])
+
+    def __str__(self) -> str:
+        return f"RowStreamsIterator(rows={list(self._iterators)})"
+
+
+def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, ...]:
+    """The rows of a global `[batch_size, ...]` batch that this process's devices hold on `mesh`.
+
+    Under the batch sharding `P(("dp", "fsdp"), "sp")`: the rows of the data shards of every local
+    device. When `sp` (or `tp`) spans processes, several processes hold the same rows.
+    """
+    index_map = NamedSharding(mesh, P(BATCH_AXES)).addressable_devices_indices_map((batch_size,))
+    return tuple(sorted({r for (rows,) in index_map.values() for r in range(*rows.indices(batch_size))}))
+
+
+def global_batch(
+    batch: Mapping[str, np.ndarray], mesh: Mesh, *, batch_size: int | None = None
+) -> dict[str, jax.Array]:
+    """This process's rows → global `[batch, seq]` `jax.Array`s sharded `P(("dp", "fsdp"), "sp")`.
+
+    With `batch_size`, `batch` holds the rows [`process_rows(mesh, batch_size)`][data_pipelines.process_rows]
+    of the global batch, in order (as [`global_packed_batches`][data_pipelines.global_packed_batches]
+    yields them), and any mesh works. Without, every process passes an equal share (e.g. from
+    `video_text_examples` with its process index) and the global batch is their concatenation in
+    process order, which needs each process's devices to hold one contiguous block of rows.
+    """
+    sharding = batch_sharding(mesh)
+    if batch_size is None:
+        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    rows = process_rows(mesh, batch_size)
+    local = {r: i for i, r in enumerate(rows)}
+
+    def make(x: np.ndarray) -> jax.Array:
+        if x.shape[0] != len(rows):
+            raise ValueError(f"this process holds rows {rows} of the global batch, but was given {x.shape[0]} rows")
+        # A device's rows are one contiguous range, so they are contiguous in `x` too.
+        def shard(index):
+            first, stop, _ = index[0].indices(batch_size)
+            return x[(slice(local[first], local[first] + stop - first), *index[1:])]
+
+        return jax.make_array_from_callback((batch_size, *x.shape[1:]), sharding, shard)
+
+    return {k: make(np.asarray(v)) for k, v in batch.items()}

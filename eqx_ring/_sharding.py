@@ -99,3 +99,32 @@ def shard_params(params: PyTree, mesh: Mesh) -> PyTree:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """`P(("dp", "fsdp"), "sp")`: examples over the data axes, the sequence over the ring."""
     return NamedSharding(mesh, P(BATCH_AXES, "sp"))
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_devices: int | None = None,
+    timeout: int = 300,
+) -> None:
+    """Join a multi-process JAX run: call it once in every process, before anything uses a device.
+
+    A thin wrapper of `jax.distributed.initialize`. Arguments left `None` are found by JAX: the
+    coordinator from `JAX_COORDINATOR_ADDRESS`, and all three on Slurm, Open MPI, Cloud TPU pods and
+    Kubernetes JobSets. Afterwards `jax.devices()` lists every process's devices in the same order
+    on every process, so [`make_mesh`][eqx_ring.sharding.make_mesh] builds the same global mesh
+    everywhere, and `jax.process_index()` tells the processes apart.
+
+    **Arguments:**
+
+    - `coordinator`: `"HOST:PORT"` of process 0, reachable from every process.
+    - `num_processes`, `process_id`: the number of processes and this one's index in `[0, num_processes)`.
+    - `cpu_devices`: CPU devices to simulate in this process (CPU runs; collectives between
+      processes then go over TCP with gloo, JAX's default).
+    - `timeout`: seconds to wait for every process to join.
+    """
+    if cpu_devices is not None:
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout)

@@ -34,6 +34,7 @@ from ._sharding import (
     AXES as AXES,
     BATCH_AXES as BATCH_AXES,
     batch_sharding as batch_sharding,
+    initialize_distributed as initialize_distributed,
     make_mesh as make_mesh,
     param_shardings as param_shardings,
     shard_params as shard_params,

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -26,7 +27,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Train and use the eqx-ring video-text model (ring attention, Equinox, grain).",
     )
     parser.add_argument("--cpu-devices", type=int, default=8, metavar="N",
-                        help="CPU devices to simulate when running on the CPU (default: %(default)s)")
+                        help="CPU devices to simulate (per process) when running on the CPU (default: %(default)s)")
+    multi = parser.add_argument_group(
+        "multi-process runs", "Run the same command in every process (one per host); each builds the same global "
+                              "mesh from every process's devices. The workdir must be shared.")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (jax.distributed)")
+    multi.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1")
+    multi.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run whose settings JAX finds itself (JAX_COORDINATOR_ADDRESS; "
+                            "Slurm, Open MPI, Cloud TPU pods, Kubernetes)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -95,20 +105,34 @@ def _config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `eqx-ring` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     import logging
 
     import jax
+
+    # Before JAX starts a backend; an accelerator backend ignores it.
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(x is not None for x in explicit) or args.distributed:
+        if args.distributed and any(x is not None for x in explicit):
+            parser.error("--distributed finds the settings itself; give it alone, or give all three of "
+                         "--coordinator, --num-processes and --process-id")
+        if not args.distributed and any(x is None for x in explicit):
+            parser.error("a multi-process run needs all three of --coordinator, --num-processes and --process-id")
+        from eqx_ring.sharding import initialize_distributed
+
+        initialize_distributed(*explicit)
+    primary = jax.process_index() == 0
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log = logging.getLogger("models")
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if primary else logging.WARNING)
     log.propagate = False  # absl (through orbax) gives the root logger a handler of its own
+    echo = print if primary else (lambda *args, **kwargs: None)
 
-    # Before JAX starts a backend; an accelerator backend ignores it.
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from . import _demo
     from ._zoo import save
 
@@ -116,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir: Path = args.workdir
     progress = not args.no_progress and sys.stderr.isatty()
     if args.command == "demo":
-        _demo.run_demo(config, workdir, progress=progress)
+        _demo.run_demo(config, workdir, progress=progress, echo=echo)
         return 0
 
     from eqx_ring.sharding import make_mesh
@@ -130,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             records = _demo.encode(vq, _demo.videos(config, "train"))
             mesh = make_mesh(config.mesh)
             save(workdir / "video_text_lm", _demo.train_video_text(config, records, workdir, mesh, progress=progress))
-        print(f"saved {workdir / ('vq' if args.stage == 'vq' else 'video_text_lm')}.json")
+        echo(f"saved {workdir / ('vq' if args.stage == 'vq' else 'video_text_lm')}.json")
         return 0
 
     vq, lm = _load(workdir, "vq"), _load(workdir, "video_text_lm")
@@ -139,29 +163,30 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = ByteTokenizer()
     if args.command == "eval":
         result = _demo.evaluate_captions(lm, vq, config)
-        print(json.dumps({"accuracy": result["accuracy"], "chance": result["chance"]}, indent=2))
+        echo(json.dumps({"accuracy": result["accuracy"], "chance": result["chance"]}, indent=2))
     elif args.command == "caption":
         import numpy as np
 
         if args.videos:
             from data_pipelines import VideoFiles
 
-            manifest = workdir / "caption_manifest.jsonl"
-            manifest.write_text("".join(json.dumps({"path": os.path.abspath(v), "caption": ""}) + "\n"
-                                        for v in args.videos))
-            source = VideoFiles(manifest, num_frames=config.num_frames, size=config.frame_size)
-            names, frames = args.videos, [source[i]["frames"] for i in range(len(source))]
+            with tempfile.TemporaryDirectory() as scratch:
+                manifest = Path(scratch) / "manifest.jsonl"
+                manifest.write_text("".join(json.dumps({"path": os.path.abspath(v), "caption": ""}) + "\n"
+                                            for v in args.videos))
+                source = VideoFiles(manifest, num_frames=config.num_frames, size=config.frame_size)
+                names, frames = args.videos, [source[i]["frames"] for i in range(len(source))]
         else:
             held_out = _demo.videos(config, "eval")
             names = [f"held-out #{i}: {held_out[i]['caption']}" for i in args.index]
             frames = [held_out[i]["frames"] for i in args.index]
         codes = np.stack([np.asarray(vq.encode(jax.numpy.asarray(f))) for f in frames])
         for name, ids in zip(names, lm.caption(codes, tokenizer), strict=True):
-            print(f"{name}\n  -> {tokenizer.decode(ids)}")
+            echo(f"{name}\n  -> {tokenizer.decode(ids)}")
     elif args.command == "generate":
         out = args.out or workdir / "generate.png"
         _demo.generate_grid(lm, vq, args.captions, out, temperature=args.temperature, seed=config.seed)
-        print(f"wrote {out}")
+        echo(f"wrote {out}")
     return 0
 
 

@@ -57,10 +57,18 @@ def train_vq(config: DemoConfig, workdir: Path, *, progress: bool = True) -> Vid
     """Stage 1: the frame tokenizer, on single frames of the training videos, with dead-code restarts."""
     import grain
 
+    from data_pipelines import process_rows
+    from eqx_ring.sharding import make_mesh, shard_params
+
+    # Data parallel over every device (of every process); each process renders the whole batch and
+    # keeps the rows its devices hold.
+    mesh = make_mesh(dp=-1, fsdp=1)
+    rows = np.asarray(process_rows(mesh, config.vq_batch))
     source = videos(config, "train")
     frames = (grain.MapDataset.source(source).shuffle(seed=config.seed).repeat(None)
-              .map(lambda r: {"video": r["frames"]}).batch(config.vq_batch).to_iter_dataset())
-    vq = VideoVQ(config.vq, key=jax.random.key(config.seed))
+              .map(lambda r: {"video": r["frames"]}).batch(config.vq_batch)
+              .map(lambda b: {"video": b["video"][rows]}).to_iter_dataset())
+    vq = shard_params(VideoVQ(config.vq, key=jax.random.key(config.seed)), mesh)
     train_config = TrainConfig(stages=(Stage(seq_len=config.num_frames, steps=config.vq_steps),),
                                batch_size=config.vq_batch, learning_rate=config.vq_learning_rate, warmup_steps=20,
                                weight_decay=0.0, checkpoint_every=config.vq_steps)
@@ -74,14 +82,20 @@ def train_vq(config: DemoConfig, workdir: Path, *, progress: bool = True) -> Vid
     def after_step(model, batch, metrics, step):
         if step % config.restart_every or step > config.vq_steps * 3 // 4:
             return model
-        return restart(model, jnp.asarray(batch["video"]), jax.random.key(step))
+        return restart(model, batch["video"], jax.random.key(step))
 
-    result = train(vq, loss_fn, lambda i, stage: frames, train_config, workdir=workdir / "vq",
+    result = train(vq, loss_fn, lambda i, stage: frames, train_config, workdir=workdir / "vq", mesh=mesh,
                    tokens_per_batch=lambda b: int(np.prod(b["video"].shape[:2])) * config.vq.grid**2,
                    after_step=after_step, progress=progress, description="VQ tokenizer")
-    plot_metrics(result.records, workdir / "vq_loss.png", keys=("loss", "reconstruction"),
-                 title="VideoVQ training loss")
-    return result.model
+    if jax.process_index() == 0:
+        plot_metrics(result.records, workdir / "vq_loss.png", keys=("loss", "reconstruction"),
+                     title="VideoVQ training loss")
+    return local_copy(result.model)
+
+
+def local_copy(model: eqx.Module) -> eqx.Module:
+    """A replicated model's copy on this process's first device: for work each process does alone."""
+    return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, model)
 
 
 def _restart_dead_codes(model: VideoVQ, video, key) -> VideoVQ:
@@ -104,24 +118,32 @@ def encode(vq: VideoVQ, source, *, batch_size: int = 256) -> list[dict[str, Any]
 
 
 def train_video_text(config: DemoConfig, records: list[dict[str, Any]], workdir: Path, mesh, *,
-                     progress: bool = True) -> VideoTextLM:
-    """Stage 2: the video-text LM on the encoded videos, packed and laid out for the ring on `mesh`."""
-    from data_pipelines import ByteTokenizer, packed_batches, video_text_examples
+                     progress: bool = True, after_step=None) -> VideoTextLM:
+    """Stage 2: the video-text LM on the encoded videos, packed and laid out for the ring on `mesh`.
+
+    `after_step` goes to [`train`][models.train].
+    """
+    from data_pipelines import ByteTokenizer, global_packed_batches, process_rows, video_text_examples
     from eqx_ring.sharding import BATCH_AXES, shard_params
 
-    ring = mesh.shape["sp"]
+    ring, batch_size = mesh.shape["sp"], config.lm_train.batch_size
     lm = shard_params(VideoTextLM(config.lm, mesh=mesh, key=jax.random.key(config.seed + 1)), mesh)
 
     def batches(index: int, stage: Stage):
+        # Every process reads the same examples and packs the rows its devices hold, so the global
+        # batches (and a checkpoint's data position) do not depend on the number of processes.
         examples = video_text_examples(records, video_tokenizer=None, tasks=dict(config.tasks),
-                                       seed=config.seed + index, num_epochs=None)
-        return packed_batches(examples, seq_len=stage.seq_len, batch_size=config.lm_train.batch_size,
-                              pad_id=ByteTokenizer.pad_id, layout=config.lm.layout, ring_size=ring)
+                                       seed=config.seed + index, num_epochs=None, process_index=0, process_count=1)
+        return global_packed_batches(examples, seq_len=stage.seq_len, batch_size=batch_size,
+                                     pad_id=ByteTokenizer.pad_id, rows=process_rows(mesh, batch_size),
+                                     layout=config.lm.layout, ring_size=ring)
 
     result = train(lm, lambda m, b: m.loss(b, spmd_axis_name=BATCH_AXES), batches, config.lm_train,
-                   workdir=workdir / "lm", mesh=mesh, progress=progress, description="video-text LM")
-    plot_metrics(result.records, workdir / "lm_loss.png", keys=("loss", "text_loss", "vision_loss"),
-                 title="VideoTextLM training loss")
+                   workdir=workdir / "lm", mesh=mesh, progress=progress, after_step=after_step,
+                   description="video-text LM")
+    if jax.process_index() == 0:
+        plot_metrics(result.records, workdir / "lm_loss.png", keys=("loss", "text_loss", "vision_loss"),
+                     title="VideoTextLM training loss")
     return result.model
 
 
@@ -150,7 +172,7 @@ def evaluate_captions(lm: VideoTextLM, vq: VideoVQ, config: DemoConfig) -> dict[
 
 def generate_grid(lm: VideoTextLM, vq: VideoVQ, captions: list[str], path: Path, *, temperature: float = 0.8,
                   seed: int = 0) -> None:
-    """Sample videos from `captions` and save their frames as a PNG grid, one row per caption.
+    """Sample videos from `captions` and save their frames as a PNG grid, one row per caption (process 0 writes it).
 
     Sampled, not greedy: the most likely code of almost every cell is the background's.
     """
@@ -162,9 +184,11 @@ def generate_grid(lm: VideoTextLM, vq: VideoVQ, captions: list[str], path: Path,
     from data_pipelines import ByteTokenizer
 
     tokenizer = ByteTokenizer()
-    codes = lm.generate_video([tokenizer.encode(c) for c in captions], tokenizer, temperature=temperature,
-                              key=jax.random.key(seed))
+    codes = np.asarray(lm.generate_video([tokenizer.encode(c) for c in captions], tokenizer,
+                                         temperature=temperature, key=jax.random.key(seed)))
     frames = np.asarray(eqx.filter_jit(jax.vmap(lambda m, c: m.decode(c), in_axes=(None, 0)))(vq, codes))
+    if jax.process_index() != 0:
+        return
     rows, cols = frames.shape[:2]
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25), dpi=100, squeeze=False)
     for r in range(rows):
@@ -225,8 +249,9 @@ def run_demo(config: DemoConfig, workdir: str | Path, *, progress: bool = True, 
     generate_grid(lm, vq, prompts, workdir / "generated.png")
     result.update(seconds=time.perf_counter() - start, vq_reconstruction=float(vq_metrics["reconstruction"]),
                   config=dataclasses.asdict(config))
-    with open(workdir / "results.json", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    if jax.process_index() == 0:
+        with open(workdir / "results.json", "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
     echo(f"\nwrote {workdir}/lm_loss.png, {workdir}/generated.png and {workdir}/results.json "
          f"in {result['seconds']:.0f} s")
     return result

@@ -10,7 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Bool, Int, PRNGKeyArray
 
 from eqx_ring import RingAttention, layout_slot, to_layout
@@ -125,6 +125,9 @@ def generate(
     out = _generate(model.transformer, *(jnp.asarray(a) for a in laid), width, last, jnp.asarray(allowed),
                     jnp.asarray(forced, jnp.int32), jnp.asarray(stops), temperature, top_k, top_p, key,
                     data_axes if shards > 1 else None)
+    if attention.mesh is not None:
+        # Every process gets every row (rows were split over devices that may be other processes').
+        out = jax.device_put(out, NamedSharding(attention.mesh, P()))
     return out[:rows]
 
 

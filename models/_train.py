@@ -150,8 +150,8 @@ def train(
     *,
     workdir: str | os.PathLike,
     mesh: Mesh | None = None,
-    tokens_per_batch: Callable[[Mapping[str, np.ndarray]], int] | None = None,
-    after_step: Callable[[eqx.Module, Mapping[str, np.ndarray], dict[str, Any], int], eqx.Module] | None = None,
+    tokens_per_batch: Callable[[dict[str, jax.Array]], int] | None = None,
+    after_step: Callable[[eqx.Module, dict[str, jax.Array], dict[str, Any], int], eqx.Module] | None = None,
     progress: bool = True,
     log_every: int = 50,
     description: str = "train",
@@ -170,20 +170,28 @@ def train(
       iterator state and position saved together, each step's directory finalised atomically), one
       JSON line of metrics per step to `workdir/metrics.jsonl`. If checkpoints exist, training
       resumes from the latest: same model, optimizer and data position, so the remaining steps
-      are those of an uninterrupted run.
-    - `mesh`: batches become global arrays sharded `P(("dp", "fsdp"), "sp")` (each process passes its own rows).
-    - `tokens_per_batch`: counts a batch's tokens for the tokens/s figure (default: size of `"tokens"`).
-    - `after_step`: `(model, batch, metrics, step) -> model`, run outside `jit` after each step.
+      are those of an uninterrupted run. With several processes (`jax.distributed`) `workdir`
+      must be one shared directory; every process's data state is saved, and a run resumes on
+      another process count when the states merge (as those of
+      [`global_packed_batches`][data_pipelines.global_packed_batches] do). Metrics are written
+      by process 0.
+    - `mesh`: batches become global arrays sharded `P(("dp", "fsdp"), "sp")`: each process's batches
+      hold the rows [`process_rows(mesh, config.batch_size)`][data_pipelines.process_rows] of the
+      global batch (see [`global_batch`][data_pipelines.global_batch]).
+    - `tokens_per_batch`: counts the global batch's tokens for the tokens/s figure (default: size of `"tokens"`).
+    - `after_step`: `(model, batch, metrics, step) -> model`, run outside `jit` after each step;
+      `batch` is the step's global batch (on `mesh` when given), so every process sees the same.
     - `progress`: show a tqdm progress bar with the loss and tokens/s; otherwise log them (logger
       `models._train`, level INFO) every `log_every` steps.
 
-    **Returns:** a [`TrainResult`][models.TrainResult] with every step's record since the start of training.
+    **Returns:** a [`TrainResult`][models.TrainResult] with every step's record since the start of training
+    (on processes other than 0: since this run's first step).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(config)
     step_fn = make_train_step(loss_fn, optimizer, config, mesh)
-    count_tokens = tokens_per_batch or (lambda b: int(np.size(b["tokens"])))
+    count_tokens = tokens_per_batch or (lambda b: int(b["tokens"].size))
     options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, enable_async_checkpointing=False,
                                            create=True)
     metrics_path = workdir / "metrics.jsonl"
@@ -202,14 +210,17 @@ def train(
             restored = manager.restore(done, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(_abstract(model)),
                 opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-                data=_iterator_args(iterator, restore=True),
+                data=ocp.args.JsonRestore(),
             ))
             model = _with_leaves(model, restored["params"])
             opt_state = _with_leaves(opt_state, restored["opt_state"])
-        records = _read_records(metrics_path, upto=done)
-        _write_records(metrics_path, records)
+            _restore_data(iterator, restored["data"])
+        primary = jax.process_index() == 0
+        records = _read_records(metrics_path, upto=done) if primary else []
+        if primary:
+            _write_records(metrics_path, records)
         bar = _progress_bar(progress, config.total_steps, done, description)
-        with open(metrics_path, "a", encoding="utf-8") as log:
+        with open(metrics_path if primary else os.devnull, "a", encoding="utf-8") as log:
             step = done
             while step < config.total_steps:
                 if stage_step == config.stages[stage_index].steps:
@@ -221,15 +232,16 @@ def train(
                     iterator = iter(batches(stage_index, config.stages[stage_index]))
                 host_batch = next(iterator)
                 start = time.perf_counter()
-                model, opt_state, metrics = step_fn(model, opt_state, _device_batch(host_batch, mesh))
+                batch = _device_batch(host_batch, mesh, config.batch_size)
+                model, opt_state, metrics = step_fn(model, opt_state, batch)
                 metrics = {k: float(v) for k, v in metrics.items()}
                 seconds = time.perf_counter() - start
                 step, stage_step = step + 1, stage_step + 1
-                tokens = count_tokens(host_batch)
+                tokens = count_tokens(batch)
                 record = {"step": step, "stage": stage_index, **metrics, "tokens": tokens,
                           "tokens_per_s": tokens / seconds, "seconds": seconds, "batch_digest": _digest(host_batch)}
                 if after_step is not None:
-                    model = after_step(model, host_batch, metrics, step)
+                    model = after_step(model, batch, metrics, step)
                 records.append(record)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -237,7 +249,7 @@ def train(
                     manager.save(step, args=ocp.args.Composite(
                         params=ocp.args.StandardSave(jax.tree.leaves(model)),
                         opt_state=ocp.args.StandardSave(jax.tree.leaves(opt_state)),
-                        data=_iterator_args(iterator, restore=False),
+                        data=ocp.args.JsonSave({"states": _all_processes(iterator.get_state())}),
                     ))
                 if bar is not None:
                     bar.update(1)
@@ -274,18 +286,41 @@ def _with_leaves(tree, leaves):
     return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
 
-def _iterator_args(iterator, *, restore: bool):
-    import grain  # only data_pipelines needs grain at import time
+def _all_processes(state: Any) -> list[Any]:
+    """Every process's JSON-serialisable `state`, in process order (on every process)."""
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental.multihost_utils import process_allgather
 
-    return (grain.checkpoint.CheckpointRestore if restore else grain.checkpoint.CheckpointSave)(iterator)
+    data = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = process_allgather(np.array([data.size])).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    gathered = process_allgather(padded)
+    return [json.loads(bytes(row[:size])) for row, size in zip(gathered, sizes, strict=True)]
 
 
-def _device_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
+def _restore_data(iterator, saved: dict[str, Any]) -> None:
+    """Set this process's data position from the states every process saved."""
+    states = saved["states"]
+    if all(isinstance(s, dict) and "rows" in s for s in states):  # per-row states: any process count
+        iterator.set_state({"rows": {r: s for state in states for r, s in state["rows"].items()}})
+    elif len(states) == jax.process_count():
+        iterator.set_state(states[jax.process_index()])
+    else:
+        raise ValueError(
+            f"the checkpoint's data state was saved by {len(states)} processes and this run has "
+            f"{jax.process_count()}; per-process pipelines cannot be regrouped: use "
+            "data_pipelines.global_packed_batches, whose position does not depend on the process count"
+        )
+
+
+def _device_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, batch_size: int) -> dict[str, jax.Array]:
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
     from data_pipelines import global_batch
 
-    return global_batch(batch, mesh)
+    return global_batch(batch, mesh, batch_size=batch_size)
 
 
 def _digest(batch: Mapping[str, np.ndarray]) -> str:

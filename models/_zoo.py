@@ -40,9 +40,25 @@ def save(path: str | os.PathLike, model: eqx.Module) -> tuple[str, str]:
     """Write `model` as `{path}.json` (class, config, SHA-256) and `{path}.eqx` (weights); returns both paths.
 
     The model must have a dataclass `config` from which `type(model)(config, key=...)` rebuilds it.
+    With several processes every process calls `save`; arrays split across processes are gathered,
+    process 0 writes the files, and all return once they are written.
     """
     base = os.fspath(path)
     weights = base + ".eqx"
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        model = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True)
+                             if isinstance(x, jax.Array) and not x.is_fully_addressable else x, model)
+        if jax.process_index() == 0:
+            _write(base, weights, model)
+        multihost_utils.sync_global_devices(f"eqx_ring zoo save {base}")
+    else:
+        _write(base, weights, model)
+    return base + ".json", weights
+
+
+def _write(base: str, weights: str, model: eqx.Module) -> None:
     eqx.tree_serialise_leaves(weights, model)
     meta = {
         "format": FORMAT,
@@ -53,7 +69,6 @@ def save(path: str | os.PathLike, model: eqx.Module) -> tuple[str, str]:
     }
     with open(base + ".json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
-    return base + ".json", weights
 
 
 def load(path: str | os.PathLike, **build_kwargs: Any) -> eqx.Module:

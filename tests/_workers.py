@@ -1,5 +1,7 @@
 """Functions that `multiprocess.launch` runs in every process of a multi-process JAX run."""
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -35,3 +37,45 @@ def hang_in_process_1(out_dir: str) -> None:
 
     while jax.process_index() == 1:
         time.sleep(1)
+
+
+class _Preempted(Exception):
+    pass
+
+
+def train_video_text_runs(out_dir: str) -> None:
+    """The tiny video-text LM's training runs that `out_dir/plan.json` lists, one after another.
+
+    Each run is `{"workdir": ..., "stop_after": k or null}`: train 5 steps on a (dp=2, sp=4) mesh
+    in `workdir` (resuming from its checkpoints), or stop as if preempted once step k's checkpoint
+    is written.
+    """
+    import json
+    import logging
+
+    import jax
+    from multiprocess_inputs import tiny_video_text
+
+    from eqx_ring.sharding import make_mesh
+    from models import _demo
+
+    log = logging.getLogger("models")  # what the CLI shows: "resuming ..." lines
+    log.addHandler(logging.StreamHandler())
+    log.setLevel(logging.INFO)
+    config, records = tiny_video_text()
+    mesh = make_mesh(config.mesh)
+    print(f"process {jax.process_index()} of {jax.process_count()}: mesh {dict(mesh.shape)}", flush=True)
+    with open(f"{out_dir}/plan.json") as f:
+        plan = json.load(f)
+    for run in plan["runs"]:
+        stop_after = run["stop_after"]
+
+        def after_step(model, batch, metrics, step, stop_after=stop_after):
+            if stop_after is not None and step > stop_after:
+                raise _Preempted
+            return model
+
+        try:
+            _demo.train_video_text(config, records, Path(run["workdir"]), mesh, progress=False, after_step=after_step)
+        except _Preempted:
+            print(f"stopped {run['workdir']} after step {stop_after}", flush=True)

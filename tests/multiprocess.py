@@ -9,7 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BOOT = """
@@ -40,15 +42,22 @@ def launch(worker: str, out_dir: Path, *, processes: int = 2, devices_per_proces
     `timeout` seconds (or when a peer failed), with the end of its output; every process group is
     killed before returning or raising.
     """
-    port = free_port()
     here = str(Path(__file__).parent)
+    return run_processes(
+        lambda port, i: [sys.executable, "-c", BOOT, str(port), str(processes), str(i), str(devices_per_process),
+                         worker, str(out_dir), here],
+        processes, timeout=timeout,
+    )
+
+
+def run_processes(command: Callable[[int, int], list[str]], processes: int, *, timeout: float) -> list[str]:
+    """Run `command(port, i)` for i in range(processes), with a free port for the coordinator; as `launch`."""
+    port = free_port()
+    # Files, not pipes: a process that writes more than a pipe holds would block until the timeout.
+    logs = [tempfile.TemporaryFile("w+") for _ in range(processes)]
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", BOOT, str(port), str(processes), str(i), str(devices_per_process), worker,
-             str(out_dir), here],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
-        for i in range(processes)
+        subprocess.Popen(command(port, i), stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for i, log in enumerate(logs)
     ]
     deadline = time.monotonic() + timeout
     try:
@@ -60,7 +69,13 @@ def launch(worker: str, out_dir: Path, *, processes: int = 2, devices_per_proces
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-        outputs = [p.communicate()[0] for p in procs]
+        for p in procs:
+            p.wait()
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
     failures = []
     for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
         if p.returncode != 0:

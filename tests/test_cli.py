@@ -85,3 +85,12 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
     # Every step's data (digest of the batch) and loss equal the uninterrupted run's: nothing repeated or skipped.
     assert [r["batch_digest"] for r in got] == [r["batch_digest"] for r in expected]
     assert [r["loss"] for r in got] == [r["loss"] for r in expected]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator", "127.0.0.1:1"], "needs all three of --coordinator, --num-processes and --process-id"),
+    (["--distributed", "--process-id", "0"], "--distributed finds the settings itself"),
+])
+def test_incomplete_multi_process_flags_are_refused(flags, message):
+    result = subprocess.run([*CLI, *flags, "eval"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr

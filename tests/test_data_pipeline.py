@@ -17,8 +17,10 @@ from data_pipelines import (
     PackIterDataset,
     PatchQuantizer,
     global_batch,
+    global_packed_batches,
     packed_batches,
     packing_stats,
+    process_rows,
     shard_batches,
     video_text_examples,
     with_targets,
@@ -129,6 +131,46 @@ def test_global_batch_shards_over_data_and_ring_axes():
         np.testing.assert_array_equal(np.asarray(v), local[k])
         assert v.sharding.spec == jax.sharding.PartitionSpec(("dp", "fsdp"), "sp")
         assert {s.data.shape for s in v.addressable_shards} == {(2, 32)}
+
+
+def test_global_packed_batches_do_not_depend_on_who_reads_which_rows():
+    """Row r packs examples r, r + B, r + 2B, ...; any split of the rows yields the same global batches,
+    and the union of the splits' states restores every split, whatever the split was when saved."""
+    ex = examples()
+    full = iter(global_packed_batches(ex, seq_len=128, batch_size=4, pad_id=TOK.pad_id, rows=range(4)))
+    expected = take(full, 5)
+    for r in range(4):  # row r is exactly the packing of its own stream of examples
+        alone = iter(PackIterDataset(ex[r::4].to_iter_dataset(), 128, TOK.pad_id).map(with_targets))
+        assert_same([{k: b[k][r] for k in b} for b in expected], take(alone, 5))
+    halves = [iter(global_packed_batches(ex, seq_len=128, batch_size=4, pad_id=TOK.pad_id, rows=rows))
+              for rows in ([0, 1], [2, 3])]
+    got = [take(h, 3) for h in halves]
+    assert_same([{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*got, strict=True)], expected[:3])
+    # Saved by two readers of half the rows, restored into one reader of all of them, and back.
+    state = {"rows": {r: s for h in halves for r, s in json.loads(json.dumps(h.get_state()))["rows"].items()}}
+    resumed = iter(global_packed_batches(ex, seq_len=128, batch_size=4, pad_id=TOK.pad_id, rows=range(4)))
+    resumed.set_state(state)
+    assert_same(take(resumed, 2), expected[3:])
+    quarter = iter(global_packed_batches(ex, seq_len=128, batch_size=4, pad_id=TOK.pad_id, rows=[3]))
+    quarter.set_state(state)
+    assert_same(take(quarter, 2), [{k: b[k][3:] for k in b} for b in expected[3:]])
+    with pytest.raises(ValueError, match="no rows"):
+        iter(global_packed_batches(ex, seq_len=128, batch_size=8, pad_id=TOK.pad_id, rows=[6])).set_state(state)
+    with pytest.raises(ValueError, match="distinct indices"):
+        global_packed_batches(ex, seq_len=128, batch_size=4, pad_id=TOK.pad_id, rows=[4])
+
+
+def test_global_batch_from_process_rows_equals_the_process_order_concatenation():
+    mesh = make_mesh(dp=2, fsdp=1, tp=1, sp=4)
+    assert process_rows(mesh, 4) == (0, 1, 2, 3)  # one process holds every row
+    local = next(iter(global_packed_batches(examples(), seq_len=128, batch_size=4, pad_id=TOK.pad_id,
+                                            layout="zigzag", ring_size=4)))
+    by_rows, by_order = global_batch(local, mesh, batch_size=4), global_batch(local, mesh)
+    for k in local:
+        assert by_rows[k].sharding == by_order[k].sharding
+        np.testing.assert_array_equal(np.asarray(by_rows[k]), local[k])
+    with pytest.raises(ValueError, match="holds rows"):
+        global_batch(local, mesh, batch_size=8)
 
 
 def test_orbax_checkpoint_restores_the_iterator(tmp_path):
