@@ -10,8 +10,8 @@ d_model 512, 8 heads, SwiGLU hidden 2048, vocab 1024, float32, remat "nothing_sa
 paper uses full rematerialisation for every method). The model is small so that parameters, gradients and
 moments (150 MB, replicated on the ring's devices) leave the budgets to the activations. Four ways to hold the sequence:
 
-- vanilla: attention over the whole sequence at once (one query and one key chunk of T, so T x T scores)
-  and the FFN over the whole sequence;
+- vanilla: `jax.nn.dot_product_attention` (XLA; the T x T scores of every head exist at once, and autodiff keeps
+  what the backward pass needs) and the FFN over the whole sequence;
 - memory-efficient attention: blockwise attention (chunks of 512), FFN over the whole sequence;
 - blockwise attention + FFN (BPT): blockwise attention and the FFN 2048 tokens at a time;
 - ring attention: BPT with the sequence split over n devices (mesh sp=n, zigzag layout).
@@ -25,6 +25,7 @@ T (a multiple of 1024 per device; searched by doubling, then bisection to 1/8) w
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -36,12 +37,31 @@ jax.config.update("jax_num_cpu_devices", 8)
 import equinox as eqx
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqx_ring
 from eqx_ring.sharding import BATCH_AXES, batch_sharding, make_mesh, shard_params
 
 VARIANTS = ("vanilla", "memory-efficient attn", "blockwise attn + FFN", "ring attention")
 GIB = 2**30
+
+
+class _DenseAttention(eqx_ring.RingAttention):
+    """`RingAttention` whose attention is plain `jax.nn.dot_product_attention`: the vanilla transformer."""
+
+    def _attend(self, q, k, v, segment_ids, inside: bool):
+        # Under `vmap(spmd_axis_name=BATCH_AXES)` these constraints keep each example on its own data shard.
+        q, k, v = (jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P())) for x in (q, k, v))
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="xla")
+        return jax.lax.with_sharding_constraint(out, NamedSharding(self.mesh, P()))
+
+
+def _vanilla(model: eqx_ring.RingTransformer) -> eqx_ring.RingTransformer:
+    attention = model.blocks.attention
+    dense = object.__new__(_DenseAttention)
+    for field in dataclasses.fields(attention):
+        object.__setattr__(dense, field.name, getattr(attention, field.name))
+    return eqx.tree_at(lambda m: m.blocks.attention, model, dense)
 
 
 def step_bytes(variant: str, n: int, seq: int, args) -> int:
@@ -54,6 +74,8 @@ def step_bytes(variant: str, n: int, seq: int, args) -> int:
     model = eqx_ring.RingTransformer(
         args.vocab, args.d_model, args.layers, args.heads, hidden_size=4 * args.d_model, layout="zigzag",
         query_chunk_size=chunk, key_chunk_size=chunk, ffn_chunk_size=ffn_chunk, mesh=mesh, key=jax.random.key(0))
+    if whole:
+        model = _vanilla(model)
     optimizer = optax.adamw(1e-4)
     params, static = eqx.partition(model, eqx.is_array)
     opt_state = optimizer.init(params)
