@@ -200,13 +200,17 @@ def plot(results: dict, args) -> None:
         ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="GiB per device",
                title="Train-step memory per device")
     else:
+        colours = dict(zip(VARIANTS, ("tab:gray", "tab:orange", "tab:green", "tab:blue"), strict=True))
+        dashes = ("-", "--", ":")
         for variant in args.variants:
-            for b in args.budgets:
+            for i, b in enumerate(args.budgets):
                 ts = [results["max_context"][f"{variant}|{n}"][str(b)] for n in args.devices]
-                ax.plot(args.devices, ts, styles[variant], label=f"{variant}, {b:g} GiB", linewidth=1)
+                ax.plot(args.devices, ts, styles[variant][0], linestyle=dashes[i % 3], color=colours[variant],
+                        label=f"{variant}, {b:g} GiB", linewidth=1)
         ax.set(xscale="log", yscale="log", xlabel="devices n", ylabel="max context (tokens)",
                title="Longest sequence whose train step fits the budget")
         ax.set_xticks(args.devices, [str(n) for n in args.devices])
+        ax.minorticks_off()
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
