@@ -80,7 +80,63 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", type=Path, default=None, help="PNG path (default: WORKDIR/generate.png)")
     generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: %(default)s)")
     recipe(generate)
+    bench = commands.add_parser(
+        "bench", help="Run the benchmarks/ scripts: tables (.txt), JSON and plots (.png) for docs/benchmarks.md.",
+        description="Run every script of the repository's benchmarks/ folder with the settings of "
+                    "docs/benchmarks.md (about 35 minutes on 2 CPU cores) and write their output to --out.")
+    bench.add_argument("--out", type=Path, default=Path("eqx-ring-bench"), help="output folder (default: %(default)s)")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: checks that every script runs (a minute)")
     return parser
+
+
+# (output name, script and arguments): the report's settings, and tiny ones for --quick.
+_BENCH = {
+    False: [
+        ("load_balance", ["load_balance.py", "--devices", "4", "8", "--seq-len", "65536", "--chunk", "512"]),
+        ("max_context", ["max_context.py", "--budgets", "1", "4", "16", "--devices", "1", "2", "4", "8", "--million",
+                         "--json", "max_context.json", "--plot", "max_context.png"]),
+        ("memory_scaling", ["max_context.py", "--scaling", "--seq", "4096", "16384", "65536", "262144",
+                            "--json", "memory_scaling.json", "--plot", "memory_scaling.png"]),
+        ("attention_memory", ["attention_memory.py", "--seq", "4096", "16384", "65536", "262144",
+                              "--json", "attention_memory.json", "--plot", "attention_memory.png"]),
+        ("attention", ["attention_cpu.py", "--seq", "4096", "--mem-seq", "8192", "16384", "32768", "--masks", "causal",
+                       "full", "--dtypes", "f32", "bf16", "--json", "attention.json"]),
+    ],
+    True: [
+        ("load_balance", ["load_balance.py", "--devices", "2", "--seq-len", "4096", "--chunk", "512"]),
+        ("max_context", ["max_context.py", "--budgets", "0.05", "--devices", "1", "2", "--layers", "1", "--d-model",
+                         "64", "--variants", "vanilla", "ring attention", "--json", "max_context.json",
+                         "--plot", "max_context.png"]),
+        ("memory_scaling", ["max_context.py", "--scaling", "--seq", "2048", "4096", "--devices", "1", "2",
+                            "--layers", "1", "--d-model", "64", "--variants", "blockwise attn + FFN",
+                            "ring attention", "--json", "memory_scaling.json", "--plot", "memory_scaling.png"]),
+        ("attention_memory", ["attention_memory.py", "--seq", "2048", "4096", "--devices", "1", "2",
+                              "--json", "attention_memory.json", "--plot", "attention_memory.png"]),
+        ("attention", ["attention_cpu.py", "--seq", "4096", "--mem-seq", "4096", "--reps", "1", "--impls", "zigzag",
+                       "blockwise", "--json", "attention.json"]),
+    ],
+}
+
+
+def _bench(out: Path, quick: bool) -> int:
+    import subprocess
+
+    scripts = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not scripts.is_dir():
+        raise SystemExit(f"error: eqx-ring bench runs the scripts of the repository's benchmarks/ folder, and "
+                         f"{scripts} does not exist: install from a clone (python -m pip install -e .)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, argv in _BENCH[quick]:
+        print(f"$ python benchmarks/{' '.join(argv)}", flush=True)
+        result = subprocess.run([sys.executable, str(scripts / argv[0]), *argv[1:]], cwd=out, capture_output=True,
+                                text=True)
+        (out / f"{name}.txt").write_text(result.stdout)
+        print(result.stdout, flush=True)
+        if result.returncode:
+            print(result.stderr[-3000:], file=sys.stderr)
+            return result.returncode
+    print(f"wrote tables (.txt), JSON and plots (.png) to {out}")
+    return 0
 
 
 def _config(args: argparse.Namespace):
@@ -107,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `eqx-ring` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "bench":  # the scripts run in their own processes
+        return _bench(args.out, args.quick)
     import logging
 
     import jax

@@ -28,10 +28,11 @@ def records(workdir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["eval"], ["caption"], ["generate"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["eval"], ["caption"], ["generate"], ["bench"]])
 def test_help(command):
     out = run(*command, "--help")
-    assert "usage: eqx-ring" in out and "--workdir" in (out if command else "--workdir")
+    option = "--out" if command == ["bench"] else "--workdir"
+    assert "usage: eqx-ring" in out and option in (out if command else option)
 
 
 def test_demo_runs_end_to_end_at_toy_size(tmp_path):
@@ -94,3 +95,14 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
 def test_incomplete_multi_process_flags_are_refused(flags, message):
     result = subprocess.run([*CLI, *flags, "eval"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_bench_quick_runs_every_benchmark_script(tmp_path):
+    out = run("bench", "--quick", "--out", str(tmp_path), timeout=600)
+    for name in ("load_balance", "max_context", "memory_scaling", "attention_memory", "attention"):
+        assert (tmp_path / f"{name}.txt").stat().st_size > 0, name
+    for name in ("max_context.png", "memory_scaling.png", "attention_memory.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    balance = (tmp_path / "load_balance.txt").read_text()
+    assert " 2 zigzag " in balance and "1.000" in balance
+    assert "wrote tables" in out
