@@ -175,9 +175,10 @@ def train(
       another process count when the states merge (as those of
       [`global_packed_batches`][data_pipelines.global_packed_batches] do). Metrics are written
       by process 0.
-    - `mesh`: batches become global arrays sharded `P(("dp", "fsdp"), "sp")`: each process's batches
-      hold the rows [`process_rows(mesh, config.batch_size)`][data_pipelines.process_rows] of the
-      global batch (see [`global_batch`][data_pipelines.global_batch]).
+    - `mesh`: required when several processes take part. Batches become global arrays sharded
+      `P(("dp", "fsdp"), "sp")`: each process's batches hold the rows
+      [`process_rows(mesh, config.batch_size)`][data_pipelines.process_rows] of the global batch
+      (see [`global_batch`][data_pipelines.global_batch]).
     - `tokens_per_batch`: counts the global batch's tokens for the tokens/s figure (default: size of `"tokens"`).
     - `after_step`: `(model, batch, metrics, step) -> model`, run outside `jit` after each step;
       `batch` is the step's global batch (on `mesh` when given), so every process sees the same.
@@ -187,6 +188,9 @@ def train(
     **Returns:** a [`TrainResult`][models.TrainResult] with every step's record since the start of training
     (on processes other than 0: since this run's first step).
     """
+    if mesh is None and jax.process_count() > 1:
+        raise ValueError(f"train runs in {jax.process_count()} processes but was given no mesh: pass one (e.g. "
+                         "eqx_ring.sharding.make_mesh(dp=-1)) so that the model and batches are global arrays")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(config)

@@ -79,3 +79,13 @@ def train_video_text_runs(out_dir: str) -> None:
             _demo.train_video_text(config, records, Path(run["workdir"]), mesh, progress=False, after_step=after_step)
         except _Preempted:
             print(f"stopped {run['workdir']} after step {stop_after}", flush=True)
+
+
+def train_without_a_mesh(out_dir: str) -> None:
+    """`models.train` in a multi-process run without a mesh: a clear error, before any checkpointing."""
+    from models import Stage, TrainConfig, train
+
+    try:
+        train(None, None, None, TrainConfig(stages=(Stage(8, 1),)), workdir=out_dir)
+    except ValueError as error:
+        print(f"refused: {error}")

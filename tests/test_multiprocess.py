@@ -23,6 +23,11 @@ def test_ring_attention_spanning_two_processes_equals_one_process(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
+def test_training_without_a_mesh_is_refused_in_a_multi_process_run(tmp_path):
+    for out in launch("train_without_a_mesh", tmp_path, timeout=120):
+        assert "refused: train runs in 2 processes but was given no mesh" in out
+
+
 def test_a_failing_or_hanging_peer_fails_the_test_with_its_output(tmp_path):
     with pytest.raises(AssertionError, match=r"(?s)process \d of 2 exited with 1 .*no_such_worker"):
         launch("no_such_worker", tmp_path, timeout=120)
