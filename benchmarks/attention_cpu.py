@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import fmt_bytes, median_seconds, temp_bytes
+from _common import fmt_bytes, fwd_bwd, median_seconds, temp_bytes
 
 import eqx_ring
 
@@ -71,13 +71,6 @@ def implementations(mesh, seed, causal=True, dtype=jnp.float32):
     impls["jax.nn.dpa (1 device)"] = (lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="xla"), "one")
     return impls
-
-
-def fwd_bwd(f):
-    def loss(q, k, v, ct):
-        return jnp.vdot(f(q, k, v), ct)
-
-    return jax.grad(loss, argnums=(0, 1, 2))
 
 
 def inputs(t, where, dtype=jnp.float32):

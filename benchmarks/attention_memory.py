@@ -22,16 +22,12 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import temp_bytes
+from _common import fwd_bwd, temp_bytes
 
 import eqx_ring
 
 B, H, D, CHUNK = 1, 8, 64, 512
 GIB = 2**30
-
-
-def fwd_bwd(f):
-    return jax.grad(lambda q, k, v, ct: jnp.vdot(f(q, k, v), ct), argnums=(0, 1, 2))
 
 
 def ring_bytes(n: int, t: int) -> int:

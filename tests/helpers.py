@@ -1,4 +1,6 @@
-"""Shared inputs, runners and error measures for the kernel tests."""
+"""Shared inputs, runners and error measures for the tests."""
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -79,3 +81,10 @@ def value_and_grads(f, qkv, ct, kw):
     argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(*qkv, bias)
     return out, grads
+
+
+# The real `eqx-ring` entry point, in a fresh interpreter (it sets the simulated device count itself).
+CLI = [sys.executable, "-c", "from models._cli import main; raise SystemExit(main())"]
+# A toy recipe: 2-frame videos, a 1-layer LM, rows of 128 tokens on a (dp=2, sp=4) mesh.
+TOY = ["--frames", "2", "--train-videos", "48", "--eval-videos", "6", "--vq-steps", "3", "--batch-size", "4",
+       "--d-model", "32", "--layers", "1", "--mesh", "2,1,1,4", "--no-progress"]

@@ -5,16 +5,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-
-# The real entry point, in a fresh interpreter (it sets the simulated device count itself).
-CLI = [sys.executable, "-c", "from models._cli import main; raise SystemExit(main())"]
-# A toy recipe: 2-frame videos, a 1-layer LM, rows of 128 tokens on a (dp=2, sp=4) mesh.
-TOY = ["--frames", "2", "--train-videos", "48", "--eval-videos", "6", "--vq-steps", "3", "--batch-size", "4",
-       "--d-model", "32", "--layers", "1", "--mesh", "2,1,1,4", "--no-progress"]
+from helpers import CLI, TOY
 
 
 def run(*args, timeout=300):

@@ -1,11 +1,10 @@
 """Real multi-process JAX: 2 processes x 4 CPU devices on 127.0.0.1, against one process with 8 devices."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
-from helpers import ring_fn
+from helpers import CLI, TOY, ring_fn
 from multiprocess import launch, run_processes
 from multiprocess_inputs import attention_inputs
 
@@ -81,18 +80,13 @@ def test_checkpoints_move_between_process_counts_and_continue_identically(traini
                                    err_msg=name)
 
 
-def cli(*args):
-    return [sys.executable, "-c", "from models._cli import main; raise SystemExit(main())", *args]
-
-
 def test_cli_demo_in_two_processes_matches_one_process(tmp_path):
-    toy = ["--frames", "2", "--train-videos", "48", "--eval-videos", "6", "--vq-steps", "3", "--batch-size", "4",
-           "--d-model", "32", "--layers", "1", "--mesh", "2,1,1,4", "--no-progress", "--stages", "128:4"]
+    toy = [*TOY, "--stages", "128:4"]
     one, two = tmp_path / "one", tmp_path / "two"
-    (out,) = run_processes(lambda port, i: cli("demo", "--workdir", str(one), *toy), 1, timeout=300)
+    (out,) = run_processes(lambda port, i: [*CLI, "demo", "--workdir", str(one), *toy], 1, timeout=300)
     outputs = run_processes(
-        lambda port, i: cli("--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                            "--process-id", str(i), "demo", "--workdir", str(two), *toy),
+        lambda port, i: [*CLI, "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                         "--process-id", str(i), "demo", "--workdir", str(two), *toy],
         2, timeout=300,
     )
     # Process 0 reports; process 1 only computes.
