@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="Run the benchmarks/ scripts: tables (.txt), JSON and plots (.png) for docs/benchmarks.md.",
         description="Run every script of the repository's benchmarks/ folder with the settings of "
-                    "docs/benchmarks.md (about 40 minutes on 2 CPU cores) and write their output to --out.")
+                    "docs/benchmarks.md (about 30 minutes on 2 CPU cores) and write their output to --out.")
     bench.add_argument("--out", type=Path, default=Path("eqx-ring-bench"), help="output folder (default: %(default)s)")
     bench.add_argument("--quick", action="store_true", help="tiny sizes: checks that every script runs (a minute)")
     return parser
