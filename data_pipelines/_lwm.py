@@ -5,6 +5,10 @@ import numpy as np
 from ._tokenizer import Tokenizer
 
 TASKS: tuple[str, ...] = ("video_to_text", "text_to_video", "both")
+"""The tasks of [`lwm_sequence`][data_pipelines.lwm_sequence]: captioning, generation, or both at once.
+
+[`ToLWMSequence`][data_pipelines.ToLWMSequence] records the task it drew as an index into this tuple.
+"""
 
 
 def lwm_sequence(
@@ -21,12 +25,45 @@ def lwm_sequence(
       trained. The caption comes first so that a causal model generates the video from it.
     - `"both"`: `<bos> vision caption <eos>`, every token after `<bos>` trained.
 
-    **Arguments:** `codes`, int `[frames, codes_per_frame]` from a video tokenizer; `caption_ids`,
-    the tokenized caption; `tokenizer`, for the special ids; `task`, one of `TASKS`.
+    The sequence has `length = frames · (codes_per_frame + 1) + len(caption_ids) + 4` tokens.
 
-    **Returns:** a dict of `[length]` arrays: `"tokens"` (int32), `"vision_mask"` (bool, True on
-    vision tokens including the markers), `"loss_mask"` (bool, True where the token is a training
-    target, i.e. predicted from the tokens before it).
+    **Arguments:**
+
+    - `codes`: int `[frames, codes_per_frame]`, non-negative, from a video tokenizer (e.g.
+      [`PatchQuantizer`][data_pipelines.PatchQuantizer]).
+    - `caption_ids`: the tokenized caption, int `[caption_len]`, without BOS/EOS.
+    - `tokenizer`: a [`Tokenizer`][data_pipelines.Tokenizer], for `vocab_size` and the special ids.
+    - `task`: one of [`TASKS`][data_pipelines.TASKS].
+
+    **Returns:**
+
+    A dict of `[length]` NumPy arrays:
+
+    - `"tokens"`: int32 token ids.
+    - `"vision_mask"`: bool, True on vision tokens including the markers `<vision>`, `<eof>`,
+      `<eov>`, `</vision>`.
+    - `"loss_mask"`: bool, True where the token is a training target, i.e. predicted from the
+      tokens before it.
+
+    **Raises:**
+
+    `ValueError` if `codes` is not 2-D with at least one frame, has a negative code, or `task` is
+    not in [`TASKS`][data_pipelines.TASKS].
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from data_pipelines import ByteTokenizer, lwm_sequence
+
+    tok = ByteTokenizer()
+    codes = np.array([[0, 5], [7, 1]])  # 2 frames of 2 codes
+    seq = lwm_sequence(codes, tok.encode("hi"), tok, "video_to_text")
+    vision = [tok.vision_start_id, 263, 268, tok.eof_id, 270, 264, tok.eov_id, tok.vision_end_id]
+    assert seq["tokens"].tolist() == [tok.bos_id, *vision, *tok.encode("hi"), tok.eos_id]
+    assert seq["vision_mask"].tolist() == [False] + [True] * 8 + [False] * 3
+    assert seq["loss_mask"].tolist() == [False] * 9 + [True] * 3  # the caption and <eos>
+    ```
     """
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[0] < 1:

@@ -11,7 +11,22 @@ OVERFLOW_RULES: tuple[str, ...] = ("split", "reject")
 
 @dataclass
 class PackStats:
-    """What a packer has done: every example is packed (whole or split) or rejected, and counted."""
+    """What a packer has done: every example is packed (whole or split) or rejected, and counted.
+
+    A [`PackIterator`][data_pipelines.PackIterator] keeps one as `stats` and saves it in its state;
+    [`pack`][data_pipelines.pack] and [`packing_stats`][data_pipelines.packing_stats] return one. A
+    plain (mutable) dataclass of counters, all 0 by default.
+
+    **Arguments:**
+
+    - `examples`: examples read from the parent, rejected and empty ones included.
+    - `tokens`: tokens of the examples that were packed (not of the rejected ones).
+    - `split`: examples longer than `seq_len` that were cut into pieces (`overflow="split"`).
+    - `rejected`: examples longer than `seq_len` that were dropped (`overflow="reject"`).
+    - `rows`: rows emitted.
+    - `padding`: padding tokens in those rows, so `rows · seq_len == tokens + padding` once the
+      iterator is exhausted.
+    """
 
     examples: int = 0
     tokens: int = 0
@@ -44,6 +59,28 @@ class PackIterDataset(grain.IterDataset):
 
     The iterator's state is its parent's state before the example that starts the next row, plus
     how many of that example's tokens earlier rows took: small, and restored exactly.
+
+    **Example:**
+
+    ```python
+    import grain
+    import numpy as np
+    from data_pipelines import PackIterDataset
+
+    examples = [{"tokens": np.arange(1, n + 1, dtype=np.int32), "loss_mask": np.ones(n, bool),
+                 "vision_mask": np.zeros(n, bool)} for n in (3, 4, 6)]
+    parent = grain.MapDataset.source(examples).to_iter_dataset()
+    iterator = iter(PackIterDataset(parent, seq_len=8, pad_id=-1))
+    row = next(iterator)
+    assert row["tokens"].tolist() == [1, 2, 3, 1, 2, 3, 4, -1]
+    assert row["segment_ids"].tolist() == [1, 1, 1, 2, 2, 2, 2, 0]
+    assert row["positions"].tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
+    state = iterator.get_state()
+    last = next(iterator)
+    iterator.set_state(state)  # resume exactly
+    assert np.array_equal(next(iterator)["tokens"], last["tokens"])
+    assert iterator.stats.rows == 2 and iterator.stats.padding == 3
+    ```
     """
 
     def __init__(
@@ -55,6 +92,23 @@ class PackIterDataset(grain.IterDataset):
         keys: tuple[str, ...] = ("tokens", "loss_mask", "vision_mask"),
         overflow: str = "split",
     ):
+        """**Arguments:**
+
+        - `parent`: a grain `IterDataset` of examples: dicts whose `keys` are 1-D per-token arrays of
+          one length (other keys are ignored and do not reach the rows), e.g. the output of
+          [`lwm_sequence`][data_pipelines.lwm_sequence].
+        - `seq_len`: the length of every row, positive.
+        - `pad_id`: the token that pads `"tokens"`.
+        - `keys`: the per-token arrays to pack (keyword only); default
+          `("tokens", "loss_mask", "vision_mask")`. A row gives each the dtype of its first piece.
+        - `overflow`: what to do with an example longer than `seq_len` (keyword only): `"split"`
+          (default) or `"reject"`.
+
+        **Raises:**
+
+        `ValueError` if `seq_len < 1` or `overflow` is unknown. While iterating, an example that lacks
+        one of `keys` raises `KeyError`, one whose `keys` differ in length `ValueError`.
+        """
         super().__init__(parent)
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
@@ -63,16 +117,36 @@ class PackIterDataset(grain.IterDataset):
         self._config = _Config(seq_len, pad_id, tuple(keys), overflow)
 
     def __iter__(self) -> "PackIterator":
+        """A fresh iterator over the packed rows, starting at the parent's beginning.
+
+        **Returns:**
+
+        A [`PackIterator`][data_pipelines.PackIterator].
+        """
         return PackIterator(self._parent.__iter__(), self._config)
 
     def __str__(self) -> str:
+        """`PackIterDataset(seq_len=..., overflow=...)`, as grain shows it in a pipeline's summary."""
         return f"PackIterDataset(seq_len={self._config.seq_len}, overflow={self._config.overflow!r})"
 
 
 class PackIterator(grain.DatasetIterator):
-    """The iterator of a [`PackIterDataset`][data_pipelines.PackIterDataset]; `stats` is a `PackStats`."""
+    """The iterator of a [`PackIterDataset`][data_pipelines.PackIterDataset]; `stats` is a `PackStats`.
+
+    `iter(pack_iter_dataset)` makes one. It yields rows, dicts of `[seq_len]` NumPy arrays: the
+    packed `keys` (padding `pad_id` in `"tokens"`, zero/False elsewhere), int32 `"segment_ids"` and
+    int32 `"positions"`. `stats` ([`PackStats`][data_pipelines.PackStats]) counts what it has done
+    and is part of its state, so it survives a checkpoint.
+    """
 
     def __init__(self, parent: grain.DatasetIterator, config: _Config):
+        """Made by [`PackIterDataset`][data_pipelines.PackIterDataset]`.__iter__`; not meant to be built directly.
+
+        **Arguments:**
+
+        - `parent`: the iterator of the examples.
+        - `config`: the dataset's settings (`seq_len`, `pad_id`, `keys`, `overflow`), a private type.
+        """
         super().__init__(parent)
         self._config = config
         self.stats = PackStats()
@@ -107,6 +181,17 @@ class PackIterator(grain.DatasetIterator):
             return True
 
     def __next__(self) -> dict[str, np.ndarray]:
+        """The next row: as many of the next examples (or pieces of one) as fit, then padding.
+
+        **Returns:**
+
+        A dict of `[seq_len]` arrays: the packed `keys`, `"segment_ids"` (int32, 1, 2, ... per
+        example, 0 on padding) and `"positions"` (int32, from 0 in each segment, 0 on padding).
+
+        **Raises:**
+
+        `StopIteration` when the parent is exhausted (after the last, partly filled row).
+        """
         cfg = self._config
         pieces, used = [], 0
         while True:
@@ -141,6 +226,15 @@ class PackIterator(grain.DatasetIterator):
         return row
 
     def get_state(self) -> dict[str, Any]:
+        """The iterator's position, for a checkpoint.
+
+        **Returns:**
+
+        A dict with the keys `"parent"` (the parent iterator's state before the example the next row
+        starts with, or its current state when no example is partly placed), `"offset"` (how many of
+        that example's tokens earlier rows took, or `None`) and `"stats"` (the
+        [`PackStats`][data_pipelines.PackStats] as a dict).
+        """
         current = self._example is not None
         return {
             "parent": self._example_state if current else self._parent.get_state(),
@@ -149,12 +243,22 @@ class PackIterator(grain.DatasetIterator):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Resume from a state [`get_state`][data_pipelines.PackIterator.get_state] returned.
+
+        The next row is then the row that followed when the state was taken, and `stats` are those
+        saved.
+
+        **Arguments:**
+
+        - `state`: a dict with `"parent"`, `"offset"` and `"stats"`, as `get_state` returns it.
+        """
         self._parent.set_state(state["parent"])
         self._example, self._example_state, self._offset = None, None, 0
         self._resume_offset = state["offset"]
         self.stats = PackStats(**state["stats"])
 
     def __str__(self) -> str:
+        """`PackIterator(seq_len=...)`, as grain shows it in a pipeline's summary."""
         return f"PackIterator(seq_len={self._config.seq_len})"
 
 
@@ -169,7 +273,41 @@ def _length(example: dict[str, np.ndarray], keys: tuple[str, ...]) -> int:
 
 
 def pack(examples, seq_len: int, pad_id: int, **kwargs) -> tuple[list[dict[str, np.ndarray]], PackStats]:
-    """Pack a sequence of examples with a [`PackIterDataset`][data_pipelines.PackIterDataset]: (rows, stats)."""
+    """Pack a sequence of examples with a [`PackIterDataset`][data_pipelines.PackIterDataset]: (rows, stats).
+
+    All in memory, in order: for tests, small data sets, or writing shards with
+    [`write_packed_shards`][data_pipelines.write_packed_shards].
+
+    **Arguments:**
+
+    - `examples`: an iterable of examples, dicts of 1-D per-token arrays (see
+      [`PackIterDataset`][data_pipelines.PackIterDataset]).
+    - `seq_len`: the length of every row.
+    - `pad_id`: the token that pads `"tokens"`.
+    - `**kwargs`: `keys` and `overflow`, passed to [`PackIterDataset`][data_pipelines.PackIterDataset].
+
+    **Returns:**
+
+    A tuple `(rows, stats)`: the list of rows (dicts of `[seq_len]` arrays with the packed keys,
+    `"segment_ids"` and `"positions"`) and the [`PackStats`][data_pipelines.PackStats] of the whole run.
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from data_pipelines import pack
+
+    examples = [{"tokens": np.full(n, n, np.int32), "loss_mask": np.ones(n, bool),
+                 "vision_mask": np.zeros(n, bool)} for n in (3, 4, 10)]
+    rows, stats = pack(examples, seq_len=8, pad_id=0)
+    assert [r["tokens"].tolist() for r in rows] == [[3, 3, 3, 4, 4, 4, 4, 0],
+                                                    [10] * 8,
+                                                    [10, 10, 0, 0, 0, 0, 0, 0]]
+    assert (stats.examples, stats.split, stats.rows, stats.padding) == (3, 1, 3, 7)
+    rows, stats = pack(examples, seq_len=8, pad_id=0, overflow="reject")
+    assert len(rows) == 1 and stats.rejected == 1
+    ```
+    """
     iterator = iter(PackIterDataset(grain.MapDataset.source(list(examples)).to_iter_dataset(), seq_len, pad_id,
                                     **kwargs))
     rows = list(iterator)
@@ -180,7 +318,18 @@ def packing_stats(iterator: grain.DatasetIterator) -> PackStats:
     """The summed `PackStats` of every packer behind `iterator`, read from its state.
 
     Works through `mp_prefetch` too: each worker's packer state travels in the iterator's state,
-    so rejected and split examples are counted even when packing runs in other processes.
+    so rejected and split examples are counted even when packing runs in other processes (e.g. the
+    iterators of [`packed_batches`][data_pipelines.packed_batches] with `num_workers > 0` or of
+    [`global_packed_batches`][data_pipelines.global_packed_batches], one packer per row).
+
+    **Arguments:**
+
+    - `iterator`: any grain iterator with [`PackIterator`][data_pipelines.PackIterator]s behind it.
+
+    **Returns:**
+
+    A new [`PackStats`][data_pipelines.PackStats], the field-wise sum over the packers (all zero
+    when there are none).
     """
     total = PackStats()
 

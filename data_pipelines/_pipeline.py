@@ -20,6 +20,15 @@ from ._tokenizer import ByteTokenizer, Tokenizer
 ROW_KEYS: tuple[str, ...] = (
     "tokens", "loss_mask", "vision_mask", "segment_ids", "positions", "targets", "target_mask", "target_vision_mask",
 )
+"""The keys of a packed batch, each a `[batch, seq_len]` array.
+
+Batches of [`packed_batches`][data_pipelines.packed_batches] and
+[`global_packed_batches`][data_pipelines.global_packed_batches] have exactly these keys.
+`"tokens"`, `"targets"`, `"segment_ids"` and `"positions"` are int32 (the ids as
+[`lwm_sequence`][data_pipelines.lwm_sequence] makes them), the masks bool. See
+[`PackIterDataset`][data_pipelines.PackIterDataset] (packing) and
+[`with_targets`][data_pipelines.with_targets] (the `"target*"` keys).
+"""
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,27 @@ class PatchQuantizer:
 
     Frames `[T, H, W, 3]` uint8 → codes `[T, (H / patch) · (W / patch)]` in `[0, levels³)`. Good
     enough to test the token layout and to train on `MovingShapes` before a learned VQ exists.
+    Pass it as `video_tokenizer` to [`video_text_examples`][data_pipelines.video_text_examples].
+    A frozen dataclass; its fields are its arguments.
+
+    **Arguments:**
+
+    - `patch`: the side of a square patch in pixels, default 8; must divide the frames' height and width.
+    - `levels`: quantization steps per colour channel, default 4.
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from data_pipelines import MovingShapes, PatchQuantizer
+
+    quantizer = PatchQuantizer(patch=8, levels=4)
+    frames = MovingShapes(1, num_frames=2, size=16)[0]["frames"]  # [2, 16, 16, 3]
+    codes = quantizer(frames)
+    assert codes.shape == (2, 4) and codes.dtype == np.int32  # 2 × 2 patches per frame
+    assert quantizer.codebook_size == 64 and 0 <= codes.min() and codes.max() < 64
+    assert (quantizer(np.zeros((1, 16, 16, 3), np.uint8)) == 0).all()  # black is code 0
+    ```
     """
 
     patch: int = 8
@@ -35,9 +65,25 @@ class PatchQuantizer:
 
     @property
     def codebook_size(self) -> int:
+        """The number of distinct codes, `levels³`."""
         return self.levels**3
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """Quantize each patch's mean colour: code `r · levels² + g · levels + b` of the channel steps.
+
+        **Arguments:**
+
+        - `frames`: uint8 RGB `[T, H, W, 3]`, `H` and `W` divisible by `patch`.
+
+        **Returns:**
+
+        int32 codes `[T, (H / patch) · (W / patch)]` (patches in row-major order) in
+        `[0, codebook_size)`.
+
+        **Raises:**
+
+        `ValueError` if `H` or `W` is not divisible by `patch`.
+        """
         t, h, w, _ = frames.shape
         if h % self.patch or w % self.patch:
             raise ValueError(f"frame size {h}x{w} must be divisible by patch={self.patch}")
@@ -52,6 +98,16 @@ class ToLWMSequence:
 
     The video's codes are `video_tokenizer(record["frames"])`, or the record's own `"codes"` when
     `video_tokenizer` is `None` (videos encoded ahead of time, e.g. by a learned VQ on an accelerator).
+    [`video_text_examples`][data_pipelines.video_text_examples] builds one; a frozen dataclass whose
+    fields are its arguments.
+
+    **Arguments:**
+
+    - `video_tokenizer`: frames uint8 `[frames, H, W, 3]` → int codes `[frames, codes_per_frame]`
+      (e.g. [`PatchQuantizer`][data_pipelines.PatchQuantizer]), or `None`.
+    - `tokenizer`: the text [`Tokenizer`][data_pipelines.Tokenizer] for the caption and special ids.
+    - `tasks`: the task names to draw from, each in [`TASKS`][data_pipelines.TASKS].
+    - `weights`: the probability of each of `tasks`, same length, summing to 1.
     """
 
     video_tokenizer: Callable[[np.ndarray], np.ndarray] | None
@@ -60,6 +116,21 @@ class ToLWMSequence:
     weights: tuple[float, ...]
 
     def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Turn one record into its LWM sequence (grain calls this with a per-example `rng`).
+
+        **Arguments:**
+
+        - `record`: a dict with `"caption"` (str) and `"frames"` (uint8 `[frames, H, W, 3]`), or
+          `"codes"` (int `[frames, codes_per_frame]`) when `video_tokenizer` is `None`; `"index"` is
+          optional.
+        - `rng`: draws the task (unused when there is one task).
+
+        **Returns:**
+
+        The dict of [`lwm_sequence`][data_pipelines.lwm_sequence] (`"tokens"` int32, `"vision_mask"`
+        and `"loss_mask"` bool, all `[length]`) plus `"task"` (int, the task's index in
+        [`TASKS`][data_pipelines.TASKS]) and `"index"` (the record's `"index"`, or -1).
+        """
         task = self.tasks[rng.choice(len(self.tasks), p=self.weights)] if len(self.tasks) > 1 else self.tasks[0]
         if self.video_tokenizer is None:
             codes = np.asarray(record["codes"])
@@ -101,6 +172,56 @@ def video_text_examples(
     from `tasks` (a task name or `{task: weight}`), deterministically from `(seed, position)`.
     With `video_tokenizer=None` the records carry their `"codes"` already (any sequence of dicts
     is a source, e.g. a list).
+
+    **Arguments:**
+
+    - `source`: a random-access source of records (`len`, `[index]`) with `"frames"` (or
+      `"codes"`) and `"caption"`, e.g. [`MovingShapes`][data_pipelines.MovingShapes],
+      [`VideoFiles`][data_pipelines.VideoFiles] or a list of dicts.
+    - `video_tokenizer`: frames → codes, e.g. [`PatchQuantizer`][data_pipelines.PatchQuantizer],
+      or `None` to use each record's `"codes"` (keyword only, required).
+    - `tokenizer`: the text [`Tokenizer`][data_pipelines.Tokenizer]; default a
+      [`ByteTokenizer`][data_pipelines.ByteTokenizer].
+    - `tasks`: a name in [`TASKS`][data_pipelines.TASKS] (default `"video_to_text"`), or a dict of
+      names to non-negative weights (normalized to sum to 1).
+    - `seed`: seeds the shuffle and the task draws; default 0.
+    - `shuffle`: shuffle each epoch (default `True`); `False` keeps the source's order.
+    - `num_epochs`: how many times to repeat this process's examples, default 1; `None` repeats
+      forever.
+    - `process_index`: this process's index among `process_count`; default `jax.process_index()`.
+    - `process_count`: the number of processes splitting the source; default `jax.process_count()`.
+
+    **Returns:**
+
+    A grain `MapDataset` of this process's `len(source[process_index::process_count])` examples
+    times `num_epochs` (unbounded with `None`), each the dict
+    [`ToLWMSequence`][data_pipelines.ToLWMSequence] returns: `"tokens"` (int32 `[length]`),
+    `"vision_mask"`, `"loss_mask"` (bool `[length]`), `"task"` and `"index"` (ints); `length`
+    varies per example. Feed it to [`packed_batches`][data_pipelines.packed_batches].
+
+    **Raises:**
+
+    `ValueError` if `tasks` names an unknown task or its weights are negative or sum to 0, or if
+    `process_index` is not in `[0, process_count)`.
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from data_pipelines import TASKS, ByteTokenizer, MovingShapes, PatchQuantizer, video_text_examples
+
+    tok = ByteTokenizer()
+    source = MovingShapes(num_examples=8, num_frames=2, size=16)
+    examples = video_text_examples(source, video_tokenizer=PatchQuantizer(patch=8), tokenizer=tok,
+                                   tasks={"video_to_text": 0.5, "text_to_video": 0.5},
+                                   process_index=0, process_count=1)
+    assert len(examples) == 8
+    example = examples[0]
+    assert example["tokens"].dtype == np.int32 and example["loss_mask"].shape == example["tokens"].shape
+    assert TASKS[example["task"]] in ("video_to_text", "text_to_video")
+    caption = source[example["index"]]["caption"]
+    assert tok.decode(example["tokens"][~example["vision_mask"]]) == caption
+    ```
     """
     task_names, weights = _task_mixture(tasks)
     ds = _this_process(source, seed, shuffle, num_epochs, process_index, process_count)
@@ -125,12 +246,36 @@ def _this_process(
 
 @dataclass(frozen=True)
 class ToRingLayout:
-    """A grain map transform: put every per-token array of a row in an `eqx_ring` layout for `num_shards` devices."""
+    """A grain map transform: put every per-token array of a row in an `eqx_ring` layout for `num_shards` devices.
+
+    Applies [`to_layout`][eqx_ring.to_layout] on the last axis of every array of the row. A frozen
+    dataclass whose fields are its arguments.
+
+    **Arguments:**
+
+    - `layout`: `"contiguous"`, `"zigzag"` or `"striped"`, as the model uses.
+    - `num_shards`: the number of devices on the ring (the mesh's `sp` size).
+    """
 
     layout: str
     num_shards: int
 
     def __call__(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Permute every array of `row` into the layout.
+
+        **Arguments:**
+
+        - `row`: a dict of arrays whose last axis is the sequence, `[..., seq_len]`, in natural order.
+
+        **Returns:**
+
+        A new dict with the same keys, shapes and dtypes, every array in `layout` order.
+
+        **Raises:**
+
+        `ValueError` if `seq_len` does not split into `num_shards` (`2 · num_shards` for zigzag) or
+        `layout` is unknown.
+        """
         return {k: to_layout(v, self.layout, self.num_shards, axis=-1) for k, v in row.items()}
 
 
@@ -152,6 +297,49 @@ def packed_batches(
     layout). `num_workers > 0` runs the pipeline in that many processes (`mp_prefetch`); each
     worker packs its own slice of the examples, so the batches differ from `num_workers=0` but are
     just as deterministic, and the iterator state covers every worker.
+
+    Each batch holds this process's rows only; make global arrays with
+    [`global_batch`][data_pipelines.global_batch]. A last, incomplete batch is dropped. Keys of the
+    examples other than `"tokens"`, `"loss_mask"` and `"vision_mask"` (e.g. `"task"`) are dropped.
+
+    **Arguments:**
+
+    - `examples`: a `MapDataset` of token sequences, e.g. from
+      [`video_text_examples`][data_pipelines.video_text_examples].
+    - `seq_len`: the length of a row; with `layout`, divisible by `ring_size` (`2 · ring_size` for
+      `"zigzag"`).
+    - `batch_size`: rows per batch.
+    - `pad_id`: the padding token, e.g. `tokenizer.pad_id`.
+    - `overflow`: `"split"` (default) or `"reject"` for examples longer than `seq_len`, as in
+      [`PackIterDataset`][data_pipelines.PackIterDataset].
+    - `layout`: `None` (default) for natural order, or an `eqx_ring` layout name, applied by
+      [`ToRingLayout`][data_pipelines.ToRingLayout].
+    - `ring_size`: the number of devices on the ring for `layout`, default 1; ignored without `layout`.
+    - `num_workers`: worker processes for `mp_prefetch`; default 0 runs in this process.
+
+    **Returns:**
+
+    A grain `IterDataset` of dicts with the keys [`ROW_KEYS`][data_pipelines.ROW_KEYS], each a
+    `[batch_size, seq_len]` NumPy array (int32 ids, segment ids and positions; bool masks).
+    [`packing_stats`][data_pipelines.packing_stats] of its iterator says what packing did.
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from data_pipelines import ROW_KEYS, ByteTokenizer, MovingShapes, PatchQuantizer
+    from data_pipelines import packed_batches, video_text_examples
+    from eqx_ring import from_layout
+
+    tok = ByteTokenizer()
+    examples = video_text_examples(MovingShapes(8, num_frames=2, size=16), video_tokenizer=PatchQuantizer(),
+                                   tokenizer=tok, process_index=0, process_count=1)
+    batches = packed_batches(examples, seq_len=128, batch_size=2, pad_id=tok.pad_id, layout="zigzag", ring_size=4)
+    batch = next(iter(batches))
+    assert set(batch) == set(ROW_KEYS) and batch["tokens"].shape == (2, 128)
+    tokens, targets, mask = (from_layout(batch[k], "zigzag", 4, axis=-1) for k in ("tokens", "targets", "target_mask"))
+    assert (targets[:, :-1] == tokens[:, 1:])[mask[:, :-1]].all()  # next-token targets, in natural order
+    ```
     """
     rows = PackIterDataset(examples.to_iter_dataset(), seq_len, pad_id, overflow=overflow)
     return _batch_rows(rows, batch_size, layout, ring_size, num_workers)
@@ -175,6 +363,31 @@ def shard_batches(
     Arguments as [`video_text_examples`][data_pipelines.video_text_examples] and
     [`packed_batches`][data_pipelines.packed_batches]. Rows are stored in natural order, so the
     same shards serve any `layout` and `ring_size`.
+
+    **Arguments:**
+
+    - `shards`: the rows, a [`PackedShards`][data_pipelines.PackedShards] of rows with at least
+      `"tokens"`, `"loss_mask"`, `"vision_mask"` and `"segment_ids"` (as a packer writes them).
+    - `batch_size`: rows per batch (this process's); a last, incomplete batch is dropped.
+    - `seed`: seeds the shuffle; default 0.
+    - `shuffle`: shuffle each epoch (default `True`).
+    - `num_epochs`: how many times to repeat, default 1; `None` repeats forever.
+    - `layout`: `None` (default) for natural order, or an `eqx_ring` layout name.
+    - `ring_size`: the number of devices on the ring for `layout`, default 1.
+    - `num_workers`: worker processes for `mp_prefetch`; default 0.
+    - `process_index`: this process's index; default `jax.process_index()`.
+    - `process_count`: the number of processes splitting the rows; default `jax.process_count()`.
+
+    **Returns:**
+
+    A grain `IterDataset` of dicts of `[batch_size, seq_len]` arrays: the stored keys plus
+    `"targets"`, `"target_mask"` and `"target_vision_mask"` (see
+    [`with_targets`][data_pipelines.with_targets]), i.e. [`ROW_KEYS`][data_pipelines.ROW_KEYS] for
+    rows written from a packer.
+
+    **Raises:**
+
+    `ValueError` if `process_index` is not in `[0, process_count)`.
     """
     rows = _this_process(shards, seed, shuffle, num_epochs, process_index, process_count).to_iter_dataset()
     return _batch_rows(rows, batch_size, layout, ring_size, num_workers)
@@ -188,6 +401,29 @@ def with_targets(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     are vision tokens, for per-modality losses. Computed before any ring layout, so a model's loss
     needs no shift (a shift of a layout-ordered or sequence-sharded array would be wrong or would
     move data).
+
+    **Arguments:**
+
+    - `row`: one packed row: `"tokens"`, `"segment_ids"`, `"loss_mask"`, `"vision_mask"` (each
+      `[seq_len]`), and any other keys, which are kept.
+
+    **Returns:**
+
+    A new dict: `row`'s items plus `"targets"` (`[seq_len]`, the dtype of `"tokens"`; the last
+    one is `tokens[-1]`, never trained), `"target_mask"` and `"target_vision_mask"` (bool `[seq_len]`).
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from data_pipelines import with_targets
+
+    row = {"tokens": np.array([5, 6, 7, 8, 9, 0], np.int32), "segment_ids": np.array([1, 1, 1, 2, 2, 0], np.int32),
+           "loss_mask": np.array([0, 1, 1, 1, 1, 0], bool), "vision_mask": np.zeros(6, bool)}
+    out = with_targets(row)
+    assert out["targets"].tolist() == [6, 7, 8, 9, 0, 0]
+    assert out["target_mask"].tolist() == [True, True, False, True, False, False]  # not across segments
+    ```
     """
     tokens, segments = row["tokens"], row["segment_ids"]
     targets = np.append(tokens[1:], tokens[-1])  # the last target is never trained
@@ -236,6 +472,55 @@ def global_packed_batches(
     into one by uniting their `"rows"`, and `set_state` takes such a union and picks its own rows.
     So a checkpoint written by N processes resumes on M processes ([`models.train`][models.train]
     does this), continuing exactly as an uninterrupted run would.
+
+    The iteration ends when any row's stream runs out. There is no `num_workers`: the packers run
+    in this process.
+
+    **Arguments:**
+
+    - `examples`: the whole dataset as a `MapDataset` of token sequences, the same on every process.
+    - `seq_len`: the length of a row; with `layout`, divisible by `ring_size` (`2 · ring_size` for
+      `"zigzag"`).
+    - `batch_size`: rows per global batch.
+    - `pad_id`: the padding token.
+    - `rows`: the distinct rows in `[0, batch_size)` this process yields; default an even split by
+      process index.
+    - `overflow`: `"split"` (default) or `"reject"`, as in
+      [`PackIterDataset`][data_pipelines.PackIterDataset].
+    - `layout`: `None` (default) for natural order, or an `eqx_ring` layout name.
+    - `ring_size`: the number of devices on the ring for `layout`, default 1.
+
+    **Returns:**
+
+    A grain `IterDataset` of dicts with the keys [`ROW_KEYS`][data_pipelines.ROW_KEYS], each a
+    `[len(rows), seq_len]` array holding the rows in ascending order. Turn them into global arrays
+    with [`global_batch`][data_pipelines.global_batch]`(batch, mesh, batch_size=batch_size)`.
+
+    **Raises:**
+
+    `ValueError` if `rows` is `None` and `batch_size` is not divisible by the process count, or if
+    `rows` are not distinct indices in `[0, batch_size)`.
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from data_pipelines import ByteTokenizer, MovingShapes, PatchQuantizer, global_packed_batches
+    from data_pipelines import video_text_examples
+
+    tok = ByteTokenizer()
+    examples = video_text_examples(MovingShapes(16, num_frames=2, size=16), video_tokenizer=PatchQuantizer(),
+                                   process_index=0, process_count=1)
+
+    def first_batch(rows):
+        batches = global_packed_batches(examples, seq_len=128, batch_size=4, pad_id=tok.pad_id, rows=rows)
+        return next(iter(batches))
+
+    whole = first_batch(range(4))  # one process reads every row
+    halves = [first_batch([0, 1]), first_batch([2, 3])]  # two processes read two rows each
+    assert whole["tokens"].shape == (4, 128)
+    assert np.array_equal(np.concatenate([h["tokens"] for h in halves]), whole["tokens"])
+    ```
     """
     if rows is None:
         index, count = jax.process_index(), jax.process_count()
@@ -294,7 +579,28 @@ def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, ...]:
     """The rows of a global `[batch_size, ...]` batch that this process's devices hold on `mesh`.
 
     Under the batch sharding `P(("dp", "fsdp"), "sp")`: the rows of the data shards of every local
-    device. When `sp` (or `tp`) spans processes, several processes hold the same rows.
+    device. When `sp` (or `tp`) spans processes, several processes hold the same rows. Pass them as
+    `rows` to [`global_packed_batches`][data_pipelines.global_packed_batches].
+
+    **Arguments:**
+
+    - `mesh`: a mesh with the axes `("dp", "fsdp", "tp", "sp")`, e.g. from
+      [`make_mesh`][eqx_ring.sharding.make_mesh].
+    - `batch_size`: rows in the global batch, divisible by the `dp · fsdp` size.
+
+    **Returns:**
+
+    The row indices, sorted ascending, as a tuple of ints.
+
+    **Example:**
+
+    ```python
+    from data_pipelines import process_rows
+    from eqx_ring.sharding import make_mesh
+
+    mesh = make_mesh(dp=2, fsdp=1, tp=1, sp=4)  # 8 devices, all in this one process
+    assert process_rows(mesh, 4) == (0, 1, 2, 3)
+    ```
     """
     index_map = NamedSharding(mesh, P(BATCH_AXES)).addressable_devices_indices_map((batch_size,))
     return tuple(sorted({r for (rows,) in index_map.values() for r in range(*rows.indices(batch_size))}))
@@ -310,6 +616,42 @@ def global_batch(
     yields them), and any mesh works. Without, every process passes an equal share (e.g. from
     `video_text_examples` with its process index) and the global batch is their concatenation in
     process order, which needs each process's devices to hold one contiguous block of rows.
+
+    Call it outside `jit`, on every process, with the same `mesh`.
+
+    **Arguments:**
+
+    - `batch`: this process's rows, a mapping of name → `[rows, seq, ...]` array (e.g. a batch of
+      [`packed_batches`][data_pipelines.packed_batches] or
+      [`global_packed_batches`][data_pipelines.global_packed_batches]); `seq` divisible by the
+      mesh's `sp` size.
+    - `mesh`: the mesh, with the axes `("dp", "fsdp", "tp", "sp")`.
+    - `batch_size`: the global number of rows (keyword only); `None` (default) concatenates equal
+      shares in process order.
+
+    **Returns:**
+
+    A dict with the same keys of global `jax.Array`s, `[batch_size, seq, ...]` (or the sum of the
+    processes' rows), dtypes kept, sharded by [`batch_sharding`][eqx_ring.sharding.batch_sharding].
+
+    **Raises:**
+
+    `ValueError` (with `batch_size`) if an array's first dimension is not the number of
+    [`process_rows`][data_pipelines.process_rows].
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from data_pipelines import global_batch
+    from eqx_ring.sharding import batch_sharding, make_mesh
+
+    mesh = make_mesh(dp=2, fsdp=1, tp=1, sp=4)
+    tokens = np.arange(4 * 16, dtype=np.int32).reshape(4, 16)
+    batch = global_batch({"tokens": tokens}, mesh, batch_size=4)
+    assert batch["tokens"].sharding == batch_sharding(mesh)
+    assert np.array_equal(np.asarray(batch["tokens"]), tokens)
+    ```
     """
     sharding = batch_sharding(mesh)
     if batch_size is None:

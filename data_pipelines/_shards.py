@@ -26,8 +26,39 @@ def write_packed_shards(
     """Write packed rows (e.g. from [`PackIterDataset`][data_pipelines.PackIterDataset]) to ArrayRecord files.
 
     Each row is one record (its arrays in NumPy's `.npz` format, no pickle). Files are named
-    `{prefix}-00000.array_record`, ... with `rows_per_shard` rows each; returns their paths, in order.
-    Decoding video and tokenizing happen once here, not every epoch.
+    `{prefix}-00000.array_record`, ... with `rows_per_shard` rows each (the last may hold fewer);
+    returns their paths, in order. Decoding video and tokenizing happen once here, not every epoch.
+    Read them back with [`PackedShards`][data_pipelines.PackedShards] and
+    [`shard_batches`][data_pipelines.shard_batches]. Store rows in natural order (no ring layout).
+
+    **Arguments:**
+
+    - `rows`: an iterable of rows, each a mapping of name → array (e.g. `[seq_len]` arrays from
+      [`pack`][data_pipelines.pack]); consumed once.
+    - `directory`: the folder to write into; created if missing. Existing files of the same names
+      are overwritten.
+    - `rows_per_shard`: rows per file (keyword only), default 1024.
+    - `prefix`: the start of each file name (keyword only), default `"packed"`.
+
+    **Returns:**
+
+    The list of the written files' paths, in order; empty when `rows` is empty.
+
+    **Example:**
+
+    ```python
+    import tempfile
+
+    import numpy as np
+    from data_pipelines import PackedShards, write_packed_shards
+
+    rows = [{"tokens": np.full(8, i, np.int32), "segment_ids": np.ones(8, np.int32)} for i in range(5)]
+    with tempfile.TemporaryDirectory() as directory:
+        paths = write_packed_shards(rows, directory, rows_per_shard=2)
+        assert [p.rsplit("/", 1)[-1] for p in paths] == [f"packed-0000{i}.array_record" for i in range(3)]
+        source = PackedShards(paths)
+        assert len(source) == 5 and source[3]["tokens"].tolist() == [3] * 8
+    ```
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -50,9 +81,18 @@ class PackedShards:
     """A grain random-access source over the rows [`write_packed_shards`][data_pipelines.write_packed_shards] wrote.
 
     `source[i]` is row `i` (across the files, in order) as a dict of arrays, exactly as written.
+    `paths` holds the files' paths as strings.
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike]):
+        """**Arguments:**
+
+        - `paths`: the shard files, in order, e.g. as `write_packed_shards` returned them.
+
+        **Raises:**
+
+        `ValueError` if `paths` is empty; `FileNotFoundError` naming the files that do not exist.
+        """
         if not paths:
             raise ValueError("PackedShards needs at least one file")
         missing = [os.fspath(p) for p in paths if not os.path.exists(p)]
@@ -62,10 +102,27 @@ class PackedShards:
         self._records = grain.sources.ArrayRecordDataSource(self.paths)
 
     def __len__(self) -> int:
+        """The number of rows.
+
+        **Returns:**
+
+        The total number of rows in all the files.
+        """
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        """Read one row.
+
+        **Arguments:**
+
+        - `index`: the row's index in `[0, len(self))`, counting across the files in order.
+
+        **Returns:**
+
+        The row as written: a dict of name → NumPy array, dtypes and shapes preserved.
+        """
         return _decode(self._records[index])
 
     def __repr__(self) -> str:
+        """`PackedShards(N files, M rows)`."""
         return f"PackedShards({len(self.paths)} files, {len(self)} rows)"

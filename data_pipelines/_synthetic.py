@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+"""The shapes [`MovingShapes`][data_pipelines.MovingShapes] draws; a record's `"shape"` indexes this tuple."""
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
     "green": (40, 200, 60),
@@ -19,8 +20,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "orange": (250, 140, 20),
 }
-# Unit velocity of each motion in (row, column) per frame.
+"""Colour name → uint8 RGB of [`MovingShapes`][data_pipelines.MovingShapes]; a record's `"color"` indexes the names.
+
+Index `i` is the `i`-th key in insertion order (`list(COLORS)[i]`).
+"""
 MOTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0), "still": (0, 0)}
+"""Motion name → unit velocity in (row, column) per frame; a record's `"motion"` indexes the names (`list(MOTIONS)`).
+
+A moving shape's actual speed is drawn per shape so that it stays inside the frame; `"still"` does not move.
+"""
 _PHRASE = {"left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down", "still": "stays still"}
 _COLOR_TABLE = np.array(list(COLORS.values()), dtype=np.uint8)
 
@@ -29,16 +37,50 @@ _COLOR_TABLE = np.array(list(COLORS.values()), dtype=np.uint8)
 class MovingShapes:
     """Videos of 1 to `max_shapes` coloured shapes moving in straight lines, with a caption saying what happens.
 
-    A grain random-access source (`len`, `[index]`): example `i` depends only on `(seed, i)`. Each
-    record is a dict:
+    A grain random-access source (`len`, `[index]`): example `i` depends only on `(seed, i)`, so
+    nothing is stored and any process can read any example. Each record is a dict:
 
     - `"frames"`: uint8 `[num_frames, size, size, 3]` on a black background; later shapes are drawn
       over earlier ones.
-    - `"caption"`: e.g. `"a red square moves left and a blue circle stays still"`.
-    - `"num_shapes"` and int32 `[max_shapes]` arrays `"shape"`, `"color"`, `"motion"` (indices into
-      `SHAPES`, `COLORS`, `MOTIONS`; -1 past `num_shapes`): the ground truth the caption was made from,
-      for evaluation.
-    - `"index"`: the example's index.
+    - `"caption"`: e.g. `"a red square moves left and a blue circle stays still"` (see
+      [`caption`][data_pipelines.caption]).
+    - `"num_shapes"` (an int) and int32 `[max_shapes]` arrays `"shape"`, `"color"`, `"motion"`
+      (indices into [`SHAPES`][data_pipelines.SHAPES], [`COLORS`][data_pipelines.COLORS],
+      [`MOTIONS`][data_pipelines.MOTIONS]; -1 past `num_shapes`): the ground truth the caption was
+      made from, for evaluation (see [`score_captions`][data_pipelines.score_captions]).
+    - `"index"`: the example's index, an int.
+
+    A frozen dataclass; its fields are its arguments.
+
+    **Arguments:**
+
+    - `num_examples`: the number of examples, `len(source)`.
+    - `num_frames`: frames per video, default 8.
+    - `size`: height and width of a frame in pixels, default 32; at least 12.
+    - `max_shapes`: the most shapes in a video, default 3; each video has 1 to `max_shapes`, drawn
+      uniformly.
+    - `seed`: with the index, determines every example; default 0.
+
+    **Raises:**
+
+    `ValueError` if `num_examples < 0`, `num_frames < 1`, `max_shapes < 1` or `size < 12`.
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from data_pipelines import MovingShapes, caption, parse_caption, score_captions
+
+    source = MovingShapes(num_examples=100, num_frames=4, size=16, seed=0)
+    record = source[7]
+    assert len(source) == 100 and record["index"] == 7
+    assert record["frames"].shape == (4, 16, 16, 3) and record["frames"].dtype == np.uint8
+    assert record["shape"].shape == (3,) and 1 <= record["num_shapes"] <= 3
+    assert record["caption"] == caption(record["shape"], record["color"], record["motion"])
+    assert len(parse_caption(record["caption"])) == record["num_shapes"]
+    assert np.array_equal(MovingShapes(100, 4, 16)[7]["frames"], record["frames"])  # deterministic
+    assert score_captions([record["caption"]], [record])["exact"] == 1.0
+    ```
     """
 
     num_examples: int
@@ -48,6 +90,7 @@ class MovingShapes:
     seed: int = 0
 
     def __post_init__(self):
+        """Check the fields; raises `ValueError` as listed above."""
         if self.num_examples < 0:
             raise ValueError(f"num_examples must be >= 0, got {self.num_examples}")
         if self.num_frames < 1 or self.max_shapes < 1:
@@ -56,9 +99,31 @@ class MovingShapes:
             raise ValueError(f"size must be at least 12 pixels to draw a shape, got {self.size}")
 
     def __len__(self) -> int:
+        """The number of examples.
+
+        **Returns:**
+
+        `num_examples`.
+        """
         return self.num_examples
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """Generate example `index` (the same every time for the same `seed`).
+
+        **Arguments:**
+
+        - `index`: in `[0, num_examples)`; any integer type (e.g. a NumPy integer) is accepted.
+
+        **Returns:**
+
+        A dict with the keys `"frames"` (uint8 `[num_frames, size, size, 3]`), `"caption"` (str),
+        `"num_shapes"` (int), `"shape"`, `"color"`, `"motion"` (int32 `[max_shapes]`, -1 past
+        `num_shapes`) and `"index"` (int), as described above.
+
+        **Raises:**
+
+        `IndexError` if `index` is out of range (negative indices are not wrapped).
+        """
         index = int(index)
         if not 0 <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for MovingShapes of {self.num_examples} examples")
@@ -113,7 +178,22 @@ def _inside(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
 
 
 def caption(shape, color, motion) -> str:
-    """`"a red square moves left and a blue circle stays still"` from index arrays (as in the records)."""
+    """`"a red square moves left and a blue circle stays still"` from index arrays (as in the records).
+
+    One phrase `"a {color} {shape} {motion phrase}"` per shape, in order, joined by `", "` and a
+    final `" and "`. Entries whose shape index is negative (the -1 padding of a
+    [`MovingShapes`][data_pipelines.MovingShapes] record) are skipped.
+
+    **Arguments:**
+
+    - `shape`: int `[max_shapes]` indices into [`SHAPES`][data_pipelines.SHAPES].
+    - `color`: int `[max_shapes]` indices into [`COLORS`][data_pipelines.COLORS] (its names in order).
+    - `motion`: int `[max_shapes]` indices into [`MOTIONS`][data_pipelines.MOTIONS] (its names in order).
+
+    **Returns:**
+
+    The caption string.
+    """
     color_names, motion_names = list(COLORS), list(MOTIONS)
     parts = [
         f"a {color_names[c]} {SHAPES[s]} {_PHRASE[motion_names[m]]}"
@@ -131,7 +211,19 @@ _OBJECT = re.compile(
 def parse_caption(text: str) -> list[tuple[int, int, int]]:
     """The `(shape, color, motion)` index triples a caption names, in order; unreadable phrases are skipped.
 
-    The inverse of [`caption`][data_pipelines.caption] on its own output.
+    The inverse of [`caption`][data_pipelines.caption] on its own output. A phrase is read when it
+    matches `"a {color} {shape} {motion phrase}"` exactly (lower case, whole words), anywhere in
+    `text`.
+
+    **Arguments:**
+
+    - `text`: a caption, e.g. a model's generated text.
+
+    **Returns:**
+
+    A list of `(shape, color, motion)` tuples of ints, indices into [`SHAPES`][data_pipelines.SHAPES],
+    [`COLORS`][data_pipelines.COLORS] and [`MOTIONS`][data_pipelines.MOTIONS]; empty when nothing
+    is readable.
     """
     color_names, phrases = list(COLORS), list(_PHRASE.values())
     return [(SHAPES.index(s), color_names.index(c), phrases.index(m)) for c, s, m in _OBJECT.findall(text)]
@@ -144,6 +236,21 @@ def score_captions(texts: Sequence[str], records: Sequence[Mapping[str, Any]]) -
     intersection of the predicted and true values over its number of shapes, so the order of the
     phrases does not matter and a missing or extra phrase costs. `"exact"` is the fraction of
     captions whose set of (shape, color, motion) triples equals the truth's.
+
+    **Arguments:**
+
+    - `texts`: one caption per record, e.g. generated by a model.
+    - `records`: [`MovingShapes`][data_pipelines.MovingShapes] records (anything with `"num_shapes"`,
+      `"shape"`, `"color"`, `"motion"`), as many as `texts`.
+
+    **Returns:**
+
+    A dict with the keys `"shape"`, `"color"`, `"motion"` and `"exact"`, each a float in `[0, 1]`
+    averaged over the captions (all 0.0 when there are none).
+
+    **Raises:**
+
+    `ValueError` if `texts` and `records` differ in length.
     """
     if len(texts) != len(records):
         raise ValueError(f"got {len(texts)} captions for {len(records)} records")

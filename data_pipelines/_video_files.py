@@ -11,7 +11,11 @@ logger = logging.getLogger(__name__)
 
 
 class VideoDecodeError(ValueError):
-    """A manifest entry whose video is missing, truncated or undecodable; the message names file and line."""
+    """A manifest entry whose video is missing, truncated or undecodable; the message names file and line.
+
+    Raised by [`VideoFiles`][data_pipelines.VideoFiles] when a record is read (not when the source
+    is built). A subclass of `ValueError`.
+    """
 
 
 class VideoFiles:
@@ -22,6 +26,8 @@ class VideoFiles:
     sampled uniformly over `[start, end)` or, with `fps`, at that rate from `start`. Relative paths
     are relative to the manifest's folder. Records are dicts with `"frames"`, `"caption"`,
     `"index"` and `"path"`, like [`MovingShapes`][data_pipelines.MovingShapes] without labels.
+    Decoding uses PyAV (`av`), imported on the first read. The arguments are kept as the
+    attributes `manifest` (a `str`), `num_frames`, `size`, `fps` and `skip_errors`.
 
     **Errors:** a malformed manifest line raises `ValueError` when the source is built, naming the
     manifest and line. A missing, truncated or undecodable video raises
@@ -34,6 +40,24 @@ class VideoFiles:
         self, manifest: str | os.PathLike, *, num_frames: int = 8, size: int = 32, fps: float | None = None,
         skip_errors: bool = False,
     ):
+        """**Arguments:**
+
+        - `manifest`: the JSONL file, one object per line: `"path"` and `"caption"` (strings),
+          optionally `"start"` and `"end"` (seconds; `end` after `start`). Blank lines are skipped.
+        - `num_frames`: frames per record (keyword only), default 8.
+        - `size`: height and width of the frames in pixels (keyword only), default 32.
+        - `fps`: `None` (default) samples `num_frames` frames evenly over the clip, repeating frames
+          when it has fewer; a rate samples the frames nearest to `start + k / fps`, `k < num_frames`
+          (keyword only).
+        - `skip_errors`: `False` (default) raises [`VideoDecodeError`][data_pipelines.VideoDecodeError]
+          on a bad video; `True` returns `None` for it and records it in `skipped` (keyword only).
+
+        **Raises:**
+
+        `ValueError` naming the manifest and line for a line that is not valid JSON, lacks a string
+        `"path"` or `"caption"`, has non-numeric `"start"`/`"end"`, or `end <= start`; `OSError`
+        (e.g. `FileNotFoundError`) if the manifest cannot be read. Videos are not opened here.
+        """
         self.manifest = os.fspath(manifest)
         self.num_frames = num_frames
         self.size = size
@@ -71,12 +95,41 @@ class VideoFiles:
 
     @property
     def num_skipped(self) -> int:
+        """How many records this object has skipped so far (`len(skipped)`), with `skip_errors=True`.
+
+        Counted in the process that read the records: records read by grain worker processes are
+        counted in the workers' copies.
+        """
         return len(self.skipped)
 
     def __len__(self) -> int:
+        """The number of manifest entries.
+
+        **Returns:**
+
+        The number of videos in the manifest (skipped ones included).
+        """
         return len(self._entries)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        """Decode manifest entry `index`.
+
+        **Arguments:**
+
+        - `index`: the entry's position in the manifest, in `[0, len(self))` (blank lines not counted).
+
+        **Returns:**
+
+        A dict with the keys `"frames"` (uint8 `[num_frames, size, size, 3]`, RGB), `"caption"`
+        (str), `"index"` (int) and `"path"` (the video's path, resolved against the manifest's
+        folder); or `None` when the video cannot be decoded and `skip_errors` is set.
+
+        **Raises:**
+
+        [`VideoDecodeError`][data_pipelines.VideoDecodeError] when the video is missing, has no
+        video stream, is truncated, cannot be decoded, has no frames in `[start, end)`, or is too
+        short for `num_frames` at `fps`, unless `skip_errors` is set.
+        """
         entry = self._entries[index]
         try:
             frames = self._decode(entry)

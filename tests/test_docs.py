@@ -49,9 +49,12 @@ def _params(fn: griffe.Function) -> list[str]:
 
 
 def _own_methods(cls: griffe.Class) -> list[griffe.Object]:
-    """Methods and properties a class defines itself that a user calls: public ones, `__init__` and `__call__`."""
+    """Methods and properties a class defines itself that a user calls: public ones, `__init__` and `__call__`.
+
+    A dataclass's generated `__init__` (griffe synthesizes it, at line 0) is documented by the class docstring.
+    """
     return [m for name, m in cls.members.items()
-            if not m.is_alias and (m.is_function or "property" in m.labels)
+            if not m.is_alias and (m.is_function or "property" in m.labels) and m.lineno
             and (not name.startswith("_") or name in ("__init__", "__call__"))]
 
 
@@ -78,6 +81,10 @@ def docstring_problems(path: str) -> list[str]:
     elif obj.is_class:
         if not (obj.docstring and obj.docstring.value.strip()):
             problems.append(f"{path}: no class docstring")
+        elif "dataclass" in obj.labels and "__init__" in obj.members and not obj.members["__init__"].lineno:
+            fields = _params(obj.members["__init__"])
+            if fields and "**Arguments:**" not in obj.docstring.value:
+                problems.append(f"{path}: a dataclass with fields {fields} but no **Arguments:** in its docstring")
         for member in _own_methods(obj):
             check_function(member, f"{path}.{member.name}") if member.is_function else (
                 None if member.docstring else problems.append(f"{path}.{member.name}: no docstring"))
