@@ -238,7 +238,8 @@ class PackIterator(grain.DatasetIterator):
         current = self._example is not None
         return {
             "parent": self._example_state if current else self._parent.get_state(),
-            "offset": self._offset if current else None,
+            # Restored but not yet advanced: the pending offset is still the position.
+            "offset": self._offset if current else self._resume_offset,
             "stats": asdict(self.stats),
         }
 

@@ -117,6 +117,11 @@ def test_packing_resumes_exactly(overflow):
         state = it.get_state()
         restored = iter(dataset)
         restored.set_state(state)
+        # A checkpoint taken right after a restore, before any row, is the restored position.
+        assert restored.get_state() == state
+        again = iter(dataset)
+        again.set_state(restored.get_state())
+        restored = again
         rest = list(restored)
         assert len(rest) == len(full) - k
         for a, b in zip(rest, full[k:], strict=True):
