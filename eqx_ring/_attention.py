@@ -34,6 +34,30 @@ class RingAttention(eqx.Module):
     on their devices). The sequence must be in `layout` order (see
     [`to_layout`][eqx_ring.to_layout]); masks use true positions, so the result equals attention
     over the naturally ordered sequence.
+
+    [`prefill`][eqx_ring.RingAttention.prefill] and
+    [`decode_step`][eqx_ring.RingAttention.decode_step] run it with a KV cache, for generation.
+
+    **Example:**
+
+    ```python
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import eqx_ring
+    from eqx_ring.sharding import make_mesh
+
+    x = jax.random.normal(jax.random.key(1), (64, 32))  # [seq, d_model], natural order
+    kw = dict(num_kv_heads=2, query_chunk_size=16, key_chunk_size=16, key=jax.random.key(0))
+    attn = eqx_ring.RingAttention(32, 4, **kw)  # causal, with RoPE; one device: blockwise attention
+    y = eqx.filter_jit(attn)(x)
+    assert y.shape == (64, 32)
+
+    # The same weights as a ring over 8 devices, on a zigzag-ordered sequence.
+    ring = eqx_ring.RingAttention(32, 4, layout="zigzag", mesh=make_mesh(sp=8), **kw)
+    y_ring = eqx.filter_jit(ring)(eqx_ring.to_layout(x, "zigzag", 8, axis=0))
+    assert jnp.allclose(eqx_ring.from_layout(y_ring, "zigzag", 8, axis=0), y, atol=1e-5)
+    ```
     """
 
     query_proj: eqx.nn.Linear
@@ -82,17 +106,29 @@ class RingAttention(eqx.Module):
         - `num_heads`: query heads.
         - `num_kv_heads`: key/value heads (GQA/MQA); must divide `num_heads`. Defaults to `num_heads`.
         - `head_dim`: width of each head; defaults to `d_model // num_heads`.
-        - `causal`, `causal_block_size`, `sliding_window`: the mask, as in
+        - `causal`: causal mask (default `True`), as in
           [`dot_product_attention`][eqx_ring.dot_product_attention].
-        - `rope_theta`: RoPE base, or `None` for no rotary embedding.
-        - `use_bias`: whether the four projections have biases.
-        - `layout`: the order of the sequence on the ring: `"contiguous"`, `"zigzag"` or `"striped"`.
-        - `query_chunk_size`, `key_chunk_size`: the kernel's block sizes.
-        - `mesh`: a mesh to run the ring over, or `None` for one device.
-        - `seq_axis`: the mesh axis the sequence is split over.
-        - `head_axis`: a mesh axis to split the heads over (tensor parallelism), or `None`.
+        - `causal_block_size`: tokens per causal block (default 1: ordinary causal attention).
+        - `sliding_window`: attend only to the last `sliding_window` tokens (itself included); default `None`: none.
+        - `rope_theta`: RoPE base (default `10_000.0`), or `None` for no rotary embedding.
+        - `use_bias`: whether the four projections have biases (default `False`).
+        - `layout`: the order of the sequence on the ring: `"contiguous"` (default), `"zigzag"` or
+          `"striped"`; see [`to_layout`][eqx_ring.to_layout].
+        - `query_chunk_size`: the kernel's query block size (default 512).
+        - `key_chunk_size`: the kernel's key block size (default 512).
+        - `mesh`: a mesh to run the ring over, or `None` (default) for one device.
+        - `seq_axis`: the mesh axis the sequence is split over (default `"sp"`).
+        - `head_axis`: a mesh axis to split the heads over (tensor parallelism), or `None` (default).
+          `num_kv_heads` must be divisible by its size.
         - `dtype`: parameter dtype; defaults to float32.
         - `key`: a `jax.random.PRNGKey` for the initialisation.
+
+        **Raises:**
+
+        `ValueError` if `d_model` is not divisible by `num_heads` (and no `head_dim` is given), if
+        `num_heads` is not a multiple of `num_kv_heads`, if RoPE is on and `head_dim` is odd, if a
+        chunk size, `causal_block_size` or `sliding_window` is not a positive int, if `layout` is
+        unknown, or if `seq_axis` / `head_axis` is not an axis of `mesh`.
         """
         if head_dim is None:
             if d_model % num_heads:
@@ -154,7 +190,22 @@ class RingAttention(eqx.Module):
         constructor argument (`mesh`, `layout`, chunk sizes, masks) may be passed too, except
         those fixed by `mha`'s weights.
 
-        **Raises:** `ValueError` if `mha` is not a self-attention layer that `RingAttention` can
+        **Arguments:**
+
+        - `mha`: an `eqx.nn.MultiheadAttention` used as self-attention.
+        - `**kwargs`: further [`RingAttention`][eqx_ring.RingAttention] constructor arguments
+          (keyword only), e.g. `causal=True`, `mesh=...`; not `num_kv_heads`, `head_dim`,
+          `use_bias`, `dtype` or `key`.
+
+        **Returns:**
+
+        A `RingAttention` whose projections are `mha`'s (the same arrays), with `num_heads` and
+        `head_dim` taken from `mha`.
+
+        **Raises:**
+
+        `TypeError` if `kwargs` holds `num_kv_heads`, `head_dim`, `use_bias`, `dtype` or `key`.
+        `ValueError` if `mha` is not a self-attention layer that `RingAttention` can
         express (equal query/key/value/output sizes and equal qk/vo head sizes), or if it has
         attention dropout, which `RingAttention` does not implement.
         """
@@ -193,15 +244,25 @@ class RingAttention(eqx.Module):
     ) -> Float[Array, "seq {self.d_model}"]:
         """**Arguments:**
 
-        - `x`: the sequence (or, inside a caller's `shard_map` over `seq_axis`, the local shard),
-          in `layout` order.
-        - `positions`: each token's position for RoPE (e.g. restarting in every packed segment).
-          Defaults to the true position of each slot in the layout. Masks never use it.
-        - `segment_ids`: packed-sequence ids; tokens attend only within their own id.
-        - `key`, `inference`: unused (there is no dropout); accepted so the layer drops into
-          Equinox code that passes them.
+        - `x`: the sequence, `[seq, d_model]` (or, inside a caller's `shard_map` over `seq_axis`,
+          the local shard), in `layout` order.
+        - `positions`: `[seq]` ints, each token's position for RoPE (e.g. restarting in every
+          packed segment), in the same order as `x`. Default `None`: the true position of each
+          slot in the layout. Masks never use it.
+        - `segment_ids`: `[seq]` packed-sequence ids; tokens attend only within their own id.
+          Default `None`: one segment.
+        - `key`: unused (there is no dropout); accepted so the layer drops into Equinox code that
+          passes it.
+        - `inference`: unused, likewise.
 
-        **Returns:** an array like `x`.
+        **Returns:**
+
+        The attention output, `[seq, d_model]`, like `x` (and in its layout order).
+
+        **Raises:**
+
+        `ValueError` if a mesh is given and `seq` does not split over its `seq_axis` in `layout`,
+        or if a chunk size does not divide the (local) sequence.
         """
         del key, inference
         with jax.named_scope("eqx_ring.RingAttention"):
@@ -220,7 +281,18 @@ class RingAttention(eqx.Module):
     ]:
         """What `__call__` computes, and the keys (after RoPE) and values, to start a KV cache.
 
-        **Returns:** `(output, keys, values)`.
+        **Arguments:**
+
+        - `x`: the sequence, `[seq, d_model]`, in `layout` order, as for `__call__`.
+        - `positions`: `[seq]` RoPE positions, as for `__call__`; default `None`: the true
+          position of each slot.
+        - `segment_ids`: `[seq]` packed-sequence ids, as for `__call__`; default `None`: one segment.
+
+        **Returns:**
+
+        `(output, keys, values)`: the output `[seq, d_model]` and the keys and values
+        `[seq, num_kv_heads, head_dim]`, all in `layout` order (with a mesh, laid out over
+        `seq_axis` like `x`), ready for [`decode_step`][eqx_ring.RingAttention.decode_step].
         """
         seq = x.shape[0]
         # Manual axes are those of a caller's shard_map we are traced inside.
@@ -259,15 +331,26 @@ class RingAttention(eqx.Module):
 
         **Arguments:**
 
-        - `x`: the new token's input.
-        - `keys`, `values`: the cache (as `prefill` returned them, or a previous `decode_step`).
-        - `segment_ids`: the cached tokens' segments; the token sees only its own `segment`.
-        - `index`: the token's index in the (natural-order) sequence; it sees indices `<= index`
-          (and, with `sliding_window=w`, `> index - w`).
-        - `position`: its RoPE position.
-        - `segment`: its segment id.
+        - `x`: the new token's input, `[d_model]`.
+        - `keys`: the cached keys, `[cache, num_kv_heads, head_dim]` in `layout` order (as
+          [`prefill`][eqx_ring.RingAttention.prefill] returned them, or a previous `decode_step`).
+        - `values`: the cached values, `[cache, num_kv_heads, head_dim]`, likewise.
+        - `segment_ids`: `[cache]`, the cached tokens' segments; the token sees only its own `segment`.
+        - `index`: scalar int, the token's index in the (natural-order) sequence; its key and value
+          are written at that index's slot, and it sees indices `<= index` (and, with
+          `sliding_window=w`, `> index - w`). Keyword only, like the two below.
+        - `position`: scalar int, its RoPE position.
+        - `segment`: scalar int, its segment id.
 
-        **Returns:** `(output, keys, values)` with the cache updated.
+        **Returns:**
+
+        `(output, keys, values)`: the output `[d_model]` and the cache with the token's key and
+        value written, `[cache, num_kv_heads, head_dim]` each.
+
+        **Raises:**
+
+        `ValueError` if `head_axis` is set (decoding does not split heads), or if with a mesh the
+        cache length does not split over `seq_axis` in `layout`.
         """
         if self.head_axis is not None:
             raise ValueError(f"decode_step does not split heads: build the decoding model with head_axis=None, got "

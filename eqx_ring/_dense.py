@@ -27,23 +27,53 @@ def dot_product_attention(
     The reference that [`blockwise_attention`][eqx_ring.blockwise_attention] and
     [`ring_attention`][eqx_ring.ring_attention] equal. Computes in float32 whatever the input
     dtype and returns q's dtype. Memory is O(q_seq · kv_seq) per head: use it for checking and
-    for short sequences only.
+    for short sequences only. Positions are token indices starting at 0 on both sides; a query
+    that sees no key returns 0.
 
     **Arguments:**
 
     - `q`: queries, `[*batch, q_seq, q_heads, head_dim]`.
-    - `k`, `v`: keys and values, `[*batch, kv_seq, kv_heads, head_dim]`; `q_heads` must be a
-      multiple of `kv_heads` (grouped-query attention: q head `h` reads kv head `h // (q_heads // kv_heads)`).
+    - `k`: keys, `[*batch, kv_seq, kv_heads, head_dim]`; `q_heads` must be a multiple of
+      `kv_heads` (grouped-query attention: q head `h` reads kv head `h // (q_heads // kv_heads)`).
+    - `v`: values, `[*batch, kv_seq, kv_heads, head_dim]`, the same shape and dtype as `k`.
     - `causal`: query `i` sees key `j` only if `j // causal_block_size <= i // causal_block_size`.
-    - `causal_block_size`: 1 for ordinary causal attention; tokens per frame for frame-causal.
+      Default `False`: no causal mask.
+    - `causal_block_size`: 1 (default) for ordinary causal attention; tokens per frame for
+      frame-causal attention. Ignored unless `causal=True`.
     - `segment_ids`: `[*batch, q_seq]` ints; a query sees only keys of its own segment (packing).
-    - `kv_segment_ids`: the keys' segment ids when they differ from `segment_ids`.
-    - `key_bias`: added to the scores of each key, broadcast over queries and heads (e.g. `-inf`
-      for padding).
-    - `sliding_window`: `w`; query `i` sees key `j` only if `i - w < j <= i`.
-    - `scale`: multiplies `q·k`; defaults to `head_dim ** -0.5`.
+      Default `None`: no segment mask.
+    - `kv_segment_ids`: `[*batch, kv_seq]` ints, the keys' segment ids when they differ from
+      `segment_ids` (which must then be given too). Default `None`: the keys use `segment_ids`.
+    - `key_bias`: `[*#batch, kv_seq]` floats added to the scores of each key, broadcast over
+      queries and heads (e.g. `-inf` for padding). Default `None`: no bias.
+    - `sliding_window`: `w`; query `i` sees key `j` only if `i - w < j <= i`. Default `None`:
+      no window.
+    - `scale`: multiplies `q·k`; default `None` means `head_dim ** -0.5`.
 
-    Positions are token indices starting at 0 on both sides. A query that sees no key returns 0.
+    **Returns:**
+
+    The attention output, `[*batch, q_seq, q_heads, head_dim]`, in `q`'s dtype.
+
+    **Raises:**
+
+    `ValueError` if the shapes of `q`, `k`, `v`, the segment ids or `key_bias` do not fit together,
+    or if `causal_block_size` or `sliding_window` is not a positive int; `TypeError` if `q`, `k`, `v`
+    do not share one floating dtype, or the segment ids are not integers.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import eqx_ring
+
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 16, 4, 8))  # each [seq, heads, head_dim]
+    k, v = k[:, :2], v[:, :2]  # 2 kv heads, each read by 2 query heads (GQA)
+    out = eqx_ring.dot_product_attention(q, k, v, causal=True)
+    assert out.shape == (16, 4, 8)
+    # The first query sees only the first key, so its output is that key's value.
+    assert jnp.allclose(out[0], jnp.repeat(v[0], 2, axis=0), atol=1e-6)
+    ```
     """
     dims = check_qkv(q, k, v)
     spec, q_seg, k_seg, bias = check_mask_args(

@@ -22,6 +22,20 @@ class BlockwiseFFN(eqx.Module):
 
     - `"swiglu"`: `down(silu(gate(x)) * up(x))` (LLaMA).
     - `"gelu"`: `down(gelu(up(x)))` with the exact (erf) GELU.
+
+    Like every Equinox layer it takes one example, `[seq, d_model]`; batch it with `jax.vmap`.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import eqx_ring
+
+    ffn = eqx_ring.BlockwiseFFN(16, 64, chunk_size=8, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (32, 16))  # [seq, d_model]: 4 chunks of 8 tokens
+    assert jnp.allclose(ffn(x), ffn.dense(x), atol=1e-5)
+    ```
     """
 
     gate_proj: eqx.nn.Linear | None
@@ -54,6 +68,10 @@ class BlockwiseFFN(eqx.Module):
         - `use_bias`: whether the projections have biases.
         - `dtype`: parameter dtype; defaults to float32.
         - `key`: a `jax.random.PRNGKey` for the initialisation.
+
+        **Raises:**
+
+        `ValueError` if `activation` is unknown or `chunk_size` is not a positive int.
         """
         gk, uk, dk = jax.random.split(key, 3)
         self.gate_proj = (
@@ -75,7 +93,16 @@ class BlockwiseFFN(eqx.Module):
             raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
 
     def dense(self, x: Float[Array, "tokens {self.d_model}"]) -> Float[Array, "tokens {self.d_model}"]:
-        """The plain (unchunked) FFN: what `__call__` computes, with every activation at once."""
+        """The plain (unchunked) FFN: what `__call__` computes, with every activation at once.
+
+        **Arguments:**
+
+        - `x`: `[tokens, d_model]`, any number of tokens.
+
+        **Returns:**
+
+        `[tokens, d_model]`, like `x`. The `[tokens, hidden_size]` activations are all materialised.
+        """
         up = linear(self.up_proj, x)
         if self.gate_proj is None:
             hidden = jax.nn.gelu(up, approximate=False)
@@ -90,9 +117,21 @@ class BlockwiseFFN(eqx.Module):
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
     ) -> Float[Array, "seq {self.d_model}"]:
-        """**Arguments:** `x`, a sequence; `key` and `inference` are unused (no dropout).
+        """**Arguments:**
 
-        **Returns:** an array like `x`.
+        - `x`: the sequence, `[seq, d_model]`; `seq` must be a multiple of `chunk_size` (or at most
+          `chunk_size`). Chunk `i` holds the tokens `i, i + m, i + 2m, ...` where `m` is the number
+          of chunks, so a sequence split over a mesh splits every chunk evenly with it.
+        - `key`: unused (there is no dropout); accepted for Equinox compatibility.
+        - `inference`: unused, likewise.
+
+        **Returns:**
+
+        `[seq, d_model]`, like `x`: equal to [`dense`][eqx_ring.BlockwiseFFN.dense]`(x)`.
+
+        **Raises:**
+
+        `ValueError` if `chunk_size` does not divide `seq`.
         """
         del key, inference
         with jax.named_scope("eqx_ring.BlockwiseFFN"):
@@ -109,21 +148,35 @@ class BlockwiseFFN(eqx.Module):
 
 
 class RMSNorm(eqx.Module):
-    """Root-mean-square normalisation over the last axis, computed in float32, with a learned scale."""
+    """Root-mean-square normalisation over the last axis, computed in float32, with a learned scale.
+
+    Unlike most Equinox layers it accepts any leading axes: `[*batch, dim]`.
+    """
 
     weight: Float[Array, " dim"]
     dim: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
 
     def __init__(self, dim: int, *, eps: float = 1e-6, dtype: DTypeLike | None = None):
-        """**Arguments:** `dim`, the normalised width; `eps`, added to the mean square; `dtype`,
-        the scale's dtype (float32 by default)."""
+        """**Arguments:**
+
+        - `dim`: the normalised width (the last axis of the input).
+        - `eps`: added to the mean square before the square root (default `1e-6`).
+        - `dtype`: the scale's dtype; defaults to float32. The scale starts at ones.
+        """
         self.weight = jnp.ones((dim,), dtype=jnp.float32 if dtype is None else dtype)
         self.dim = dim
         self.eps = eps
 
     def __call__(self, x: Float[Array, "*batch {self.dim}"]) -> Float[Array, "*batch {self.dim}"]:
-        """**Returns:** `x / rms(x) * weight`, in `x`'s dtype."""
+        """**Arguments:**
+
+        - `x`: `[*batch, dim]`.
+
+        **Returns:**
+
+        `x / sqrt(mean(x²) + eps) * weight` over the last axis, `[*batch, dim]`, in `x`'s dtype.
+        """
         with jax.named_scope("eqx_ring.RMSNorm"):
             x32 = x.astype(jnp.float32)
             normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)

@@ -52,8 +52,23 @@ def layout_positions(seq_len: int, layout: str, num_shards: int) -> Int[np.ndarr
 
     **Returns:**
 
-    An int32 NumPy array `pos` of shape `(seq_len,)`: slot `t` of the laid-out sequence holds the
+    An int32 NumPy array `pos` of shape `[seq_len]`: slot `t` of the laid-out sequence holds the
     token whose original index is `pos[t]`.
+
+    **Raises:**
+
+    `ValueError` if `layout` is unknown, `num_shards` is not a positive int, or `seq_len` is not
+    divisible by `num_shards` (by `2 * num_shards` for `"zigzag"`).
+
+    **Example:**
+
+    ```python
+    import eqx_ring
+
+    assert eqx_ring.layout_positions(8, "contiguous", 2).tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert eqx_ring.layout_positions(8, "zigzag", 2).tolist() == [0, 1, 6, 7, 2, 3, 4, 5]
+    assert eqx_ring.layout_positions(8, "striped", 2).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    ```
     """
     check_layout(layout, seq_len, num_shards)
     local = seq_len // num_shards
@@ -73,14 +88,83 @@ def to_layout(x: ArrayLike, layout: str, num_shards: int, *, axis: int) -> Array
 
     NumPy input gives NumPy output (for data pipelines); anything else gives a JAX array.
     Splitting the result evenly over `num_shards` devices along `axis` gives each device the
-    tokens the layout assigns to it.
+    tokens the layout assigns to it: the order that [`ring_attention`][eqx_ring.ring_attention],
+    [`RingAttention`][eqx_ring.RingAttention] and [`RingTransformer`][eqx_ring.RingTransformer]
+    expect. [`from_layout`][eqx_ring.from_layout] undoes it.
+
+    - `"contiguous"`: the identity; shard `r` holds the `r`-th run of `seq_len / num_shards` tokens.
+    - `"zigzag"`: the sequence is cut into `2 * num_shards` runs and shard `r` holds runs `r` and
+      `2 * num_shards - 1 - r`, so every shard has the same causal work.
+    - `"striped"`: shard `r` holds tokens `r, r + num_shards, r + 2 * num_shards, ...`.
+
+    **Arguments:**
+
+    - `x`: an array (NumPy, JAX, or anything `jnp.asarray` takes) whose axis `axis` is the
+      sequence, in natural order.
+    - `layout`: `"contiguous"`, `"zigzag"` or `"striped"`.
+    - `num_shards`: number of devices the sequence will be split over.
+    - `axis`: the sequence axis of `x` (keyword only), e.g. `1` for `[batch, seq]`.
+
+    **Returns:**
+
+    `x` with axis `axis` permuted (same shape and dtype): a NumPy array for NumPy input, a JAX
+    array otherwise. Slot `t` holds the token at `layout_positions(seq, layout, num_shards)[t]`.
+
+    **Raises:**
+
+    `ValueError` as [`layout_positions`][eqx_ring.layout_positions].
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    import eqx_ring
+
+    x = np.arange(8)  # [seq]
+    y = eqx_ring.to_layout(x, "zigzag", 2, axis=0)  # NumPy in, NumPy out
+    assert y.tolist() == [0, 1, 6, 7, 2, 3, 4, 5]  # device 0 gets [0, 1, 6, 7], device 1 [2, 3, 4, 5]
+    assert (eqx_ring.from_layout(y, "zigzag", 2, axis=0) == x).all()
+    ```
     """
     x = x if isinstance(x, np.ndarray) else jnp.asarray(x)
     return _take(x, layout_positions(x.shape[axis], layout, num_shards), axis)
 
 
 def from_layout(x: ArrayLike, layout: str, num_shards: int, *, axis: int) -> Array | np.ndarray:
-    """Inverse of [`to_layout`][eqx_ring.to_layout]: back to natural token order along `axis`."""
+    """Inverse of [`to_layout`][eqx_ring.to_layout]: back to natural token order along `axis`.
+
+    Use it on outputs computed in a layout, e.g. the hidden states of a
+    [`RingTransformer`][eqx_ring.RingTransformer] run on a zigzag sequence.
+
+    **Arguments:**
+
+    - `x`: an array whose axis `axis` is a sequence in `layout` order.
+    - `layout`: `"contiguous"`, `"zigzag"` or `"striped"`: the layout `x` is in.
+    - `num_shards`: the number of shards that layout was made for.
+    - `axis`: the sequence axis of `x` (keyword only).
+
+    **Returns:**
+
+    `x` with axis `axis` in natural order (same shape and dtype): a NumPy array for NumPy input,
+    a JAX array otherwise.
+
+    **Raises:**
+
+    `ValueError` as [`layout_positions`][eqx_ring.layout_positions].
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import eqx_ring
+
+    x = jax.random.normal(jax.random.key(0), (2, 12, 3))  # [batch, seq, features]
+    for layout in ("contiguous", "zigzag", "striped"):
+        y = eqx_ring.to_layout(x, layout, 3, axis=1)
+        assert jnp.array_equal(eqx_ring.from_layout(y, layout, 3, axis=1), x)
+    ```
+    """
     x = x if isinstance(x, np.ndarray) else jnp.asarray(x)
     perm = layout_positions(x.shape[axis], layout, num_shards)
     return _take(x, np.argsort(perm).astype(np.int32), axis)
@@ -91,7 +175,32 @@ def layout_slot(position: int | Int[Array, "*shape"], seq_len: int, layout: str,
 
     The inverse of [`layout_positions`][eqx_ring.layout_positions]:
     `layout_positions(seq_len, layout, n)[layout_slot(p, seq_len, layout, n)] == p`. `position`
-    may be a traced array (e.g. a decoding step's index).
+    may be a traced array (e.g. a decoding step's index). The arguments are not validated: pass a
+    known `layout` and a `seq_len` that it splits over `num_shards`, as `layout_positions` requires.
+
+    **Arguments:**
+
+    - `position`: true (natural-order) token index, an int or an int array of any shape `[*shape]`,
+      in `[0, seq_len)`.
+    - `seq_len`: global sequence length.
+    - `layout`: `"contiguous"`, `"zigzag"` or `"striped"`.
+    - `num_shards`: number of devices on the ring.
+
+    **Returns:**
+
+    The slot index (or indices), shaped like `position`: `position` itself for `"contiguous"` (or
+    one shard), a value of `position`'s type for `"striped"`, a JAX int array for `"zigzag"`.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import eqx_ring
+
+    slots = eqx_ring.layout_slot(jnp.arange(8), 8, "zigzag", 2)
+    assert slots.tolist() == [0, 1, 4, 5, 6, 7, 2, 3]
+    assert (eqx_ring.layout_positions(8, "zigzag", 2)[slots] == jnp.arange(8)).all()
+    ```
     """
     local = seq_len // num_shards
     if layout == "contiguous" or num_shards == 1:

@@ -74,11 +74,50 @@ def blockwise_attention(
     scores chunk by chunk. Chunk pairs that a mask hides entirely are not computed, and pairs
     that it shows entirely are computed without building a mask.
 
-    **Arguments:** as [`dot_product_attention`][eqx_ring.dot_product_attention], plus
+    **Arguments:**
 
-    - `query_chunk_size`, `key_chunk_size`: tokens per chunk; each must divide its sequence length
-      (a chunk longer than the sequence is shortened to it). Larger chunks run faster and use
-      O(query_chunk_size · key_chunk_size · heads) more temporary memory.
+    - `q`: queries, `[*batch, q_seq, q_heads, head_dim]`.
+    - `k`: keys, `[*batch, kv_seq, kv_heads, head_dim]`; `q_heads` must be a multiple of
+      `kv_heads` (grouped-query attention).
+    - `v`: values, `[*batch, kv_seq, kv_heads, head_dim]`, the same shape and dtype as `k`.
+    - `causal`: query `i` sees key `j` only if `j // causal_block_size <= i // causal_block_size`.
+      Default `False`: no causal mask.
+    - `causal_block_size`: 1 (default) for ordinary causal attention; tokens per frame for
+      frame-causal attention. Ignored unless `causal=True`.
+    - `segment_ids`: `[*batch, q_seq]` ints; a query sees only keys of its own segment (packing).
+      Default `None`: no segment mask.
+    - `kv_segment_ids`: `[*batch, kv_seq]` ints, the keys' segment ids when they differ from
+      `segment_ids` (which must then be given too). Default `None`: the keys use `segment_ids`.
+    - `key_bias`: `[*#batch, kv_seq]` floats added to the scores of each key, broadcast over
+      queries and heads (e.g. `-inf` for padding). Default `None`: no bias.
+    - `sliding_window`: `w`; query `i` sees key `j` only if `i - w < j <= i`. Default `None`:
+      no window.
+    - `scale`: multiplies `q·k`; default `None` means `head_dim ** -0.5`.
+    - `query_chunk_size`: queries per chunk (default 512); must divide `q_seq` (a chunk longer than
+      the sequence is shortened to it).
+    - `key_chunk_size`: keys per chunk (default 512); must divide `kv_seq`, likewise. Larger chunks
+      run faster and use O(query_chunk_size · key_chunk_size · heads) more temporary memory.
+
+    **Returns:**
+
+    The attention output, `[*batch, q_seq, q_heads, head_dim]`, in `q`'s dtype.
+
+    **Raises:**
+
+    `ValueError` if a chunk size does not divide its sequence length, and the errors of
+    [`dot_product_attention`][eqx_ring.dot_product_attention] for bad shapes, dtypes or masks.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import eqx_ring
+
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 64, 4, 8))  # each [batch, seq, heads, head_dim]
+    out = eqx_ring.blockwise_attention(q, k, v, causal=True, query_chunk_size=16, key_chunk_size=16)
+    assert jnp.allclose(out, eqx_ring.dot_product_attention(q, k, v, causal=True), atol=1e-5)
+    ```
     """
     return _run(q, k, v, axis_name=None, num_shards=1, layout="contiguous", causal=causal,
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
@@ -117,14 +156,67 @@ def ring_attention(
     [`dot_product_attention`][eqx_ring.dot_product_attention] on the unsharded, naturally ordered
     sequence, in value and gradient. With GQA, k/v travel with their own (fewer) heads.
 
-    **Arguments:** as [`blockwise_attention`][eqx_ring.blockwise_attention] (with local shapes), plus
+    **Arguments:**
 
+    Shapes are those of the local shard: `q_seq` and `kv_seq` are the global lengths divided by
+    the size of `axis_name`. In the masks, `i` and `j` are true (global, natural-order) positions.
+
+    - `q`: local queries, `[*batch, q_seq, q_heads, head_dim]`.
+    - `k`: local keys, `[*batch, kv_seq, kv_heads, head_dim]`; `q_heads` must be a multiple of
+      `kv_heads` (grouped-query attention).
+    - `v`: local values, `[*batch, kv_seq, kv_heads, head_dim]`, the same shape and dtype as `k`.
     - `axis_name`: the `shard_map` mesh axis the sequence is split over.
-    - `layout`: `"contiguous"`, `"zigzag"` or `"striped"`; the last two balance causal work
-      across devices. It must be the layout the inputs were put in.
+    - `layout`: `"contiguous"` (default), `"zigzag"` or `"striped"`; the last two balance causal
+      work across devices. It must be the layout the inputs were put in.
+    - `causal`: query `i` sees key `j` only if `j // causal_block_size <= i // causal_block_size`.
+      Default `False`: no causal mask.
+    - `causal_block_size`: 1 (default) for ordinary causal attention; tokens per frame for
+      frame-causal attention. Ignored unless `causal=True`.
+    - `segment_ids`: local `[*batch, q_seq]` ints; a query sees only keys of its own segment (packing).
+      Default `None`: no segment mask.
+    - `kv_segment_ids`: local `[*batch, kv_seq]` ints, the keys' segment ids when they differ from
+      `segment_ids` (which must then be given too). Default `None`: the keys use `segment_ids`.
+    - `key_bias`: local `[*#batch, kv_seq]` floats added to the scores of each key, broadcast over
+      queries and heads (e.g. `-inf` for padding). Default `None`: no bias.
+    - `sliding_window`: `w`; query `i` sees key `j` only if `i - w < j <= i`. Default `None`:
+      no window.
+    - `scale`: multiplies `q·k`; default `None` means `head_dim ** -0.5`.
+    - `query_chunk_size`: queries per chunk (default 512); must divide the local `q_seq`, or half
+      of it with `layout="zigzag"` on more than one device (a longer chunk is shortened to it).
+    - `key_chunk_size`: keys per chunk (default 512); must divide the local `kv_seq` likewise.
 
-    **Raises:** `ValueError` if `axis_name` is not bound (not inside `shard_map` over it), if the
-    layout is unknown, or if a chunk size does not divide the local sequence.
+    **Returns:**
+
+    This device's shard of the output, `[*batch, q_seq, q_heads, head_dim]`, in `q`'s dtype and
+    in `layout` order.
+
+    **Raises:**
+
+    `ValueError` if `axis_name` is not bound (not inside `shard_map` over it), if the layout is
+    unknown or does not split the global sequence over the devices, or if a chunk size does not
+    divide the local sequence; and the errors of
+    [`dot_product_attention`][eqx_ring.dot_product_attention] for bad shapes, dtypes or masks.
+
+    **Example:**
+
+    ```python
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    import eqx_ring
+    from eqx_ring.sharding import make_mesh
+
+    mesh = make_mesh(sp=8)  # the 8 devices on the sequence axis "sp"
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 64, 4, 8))  # each [seq, heads, head_dim]
+    # Zigzag order balances causal work; each device then gets 8 of the 64 tokens.
+    q_, k_, v_ = (eqx_ring.to_layout(x, "zigzag", 8, axis=0) for x in (q, k, v))
+    ring = partial(eqx_ring.ring_attention, axis_name="sp", layout="zigzag", causal=True)
+    out = jax.shard_map(ring, mesh=mesh, in_specs=P("sp"), out_specs=P("sp"))(q_, k_, v_)
+    out = eqx_ring.from_layout(out, "zigzag", 8, axis=0)
+    assert jnp.allclose(out, eqx_ring.dot_product_attention(q, k, v, causal=True), atol=1e-5)
+    ```
     """
     try:
         n = lax.axis_size(axis_name)

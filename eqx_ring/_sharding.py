@@ -9,10 +9,18 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 AXES: tuple[str, ...] = ("dp", "fsdp", "tp", "sp")
-"""Mesh axis names: data, fully-sharded data (parameters split), tensor (heads / hidden), sequence (ring)."""
+"""The mesh axis names of [`make_mesh`][eqx_ring.sharding.make_mesh], in mesh order.
+
+`"dp"`: data parallel (parameters replicated); `"fsdp"`: fully-sharded data parallel (the batch and
+the parameters split); `"tp"`: tensor parallel (heads / hidden units); `"sp"`: sequence parallel (the ring).
+"""
 
 BATCH_AXES: tuple[str, ...] = ("dp", "fsdp")
-"""The axes the batch is split over: pass as `jax.vmap(..., spmd_axis_name=BATCH_AXES)`."""
+"""The mesh axes the batch is split over (see [`batch_sharding`][eqx_ring.sharding.batch_sharding]).
+
+Pass it as `jax.vmap(model, spmd_axis_name=BATCH_AXES)` so that each data shard's examples stay on
+their devices.
+"""
 
 # Linear layers by the attribute they are stored under. A column-parallel layer's outputs are
 # heads/hidden units (split over tp); a row-parallel layer's inputs are.
@@ -26,12 +34,40 @@ def make_mesh(
 ) -> Mesh:
     """A mesh with axes `("dp", "fsdp", "tp", "sp")` of type `AxisType.Auto`.
 
-    One size may be `-1`: it takes all the devices the others leave. `dp` may instead be an LWM-style
-    string of the four sizes, e.g. `make_mesh("1,-1,4,1")`.
+    One size may be `-1`: it takes all the devices the others leave (by default `fsdp` does). `dp`
+    may instead be an LWM-style string of the four sizes, e.g. `make_mesh("1,-1,4,1")`. The axes are
+    `Auto`, so the mesh works with `jax.jit` sharding propagation and with `jax.shard_map`.
 
-    **Arguments:** the four axis sizes, and `devices` (default: `jax.devices()`, every process's).
+    **Arguments:**
 
-    **Raises:** `ValueError` if the sizes do not multiply to the number of devices.
+    - `dp`: size of the data-parallel axis (default 1), or a string `"dp,fsdp,tp,sp"` of all four
+      sizes, which then replaces the other three arguments.
+    - `fsdp`: size of the fully-sharded data-parallel axis; default `-1` (the devices left over).
+    - `tp`: size of the tensor-parallel (heads / hidden) axis; default 1.
+    - `sp`: size of the sequence-parallel axis, the ring of [`ring_attention`][eqx_ring.ring_attention];
+      default 1.
+    - `devices`: the devices to lay out (keyword only); default `None` means `jax.devices()`, every
+      process's devices.
+
+    **Returns:**
+
+    A `jax.sharding.Mesh` of shape `(dp, fsdp, tp, sp)` with axis names
+    [`AXES`][eqx_ring.sharding.AXES].
+
+    **Raises:**
+
+    `ValueError` if a size is 0 or below `-1`, if more than one size is `-1`, if a string is not four
+    comma-separated ints, or if the sizes do not multiply to the number of devices.
+
+    **Example:**
+
+    ```python
+    from eqx_ring.sharding import make_mesh
+
+    mesh = make_mesh(tp=2, sp=2)  # 8 devices: fsdp=-1 takes the 8 / (1 * 2 * 2) = 2 left over
+    assert dict(mesh.shape) == {"dp": 1, "fsdp": 2, "tp": 2, "sp": 2}
+    assert dict(make_mesh("2,1,1,-1").shape) == {"dp": 2, "fsdp": 1, "tp": 1, "sp": 4}
+    ```
     """
     if isinstance(dp, str):
         try:
@@ -80,9 +116,23 @@ def param_shardings(params: PyTree, mesh: Mesh) -> PyTree:
 
     Linear layers stored as `query_proj`, `key_proj`, `value_proj`, `gate_proj`, `up_proj` split
     their output features over `tp` and input features over `fsdp`; `output_proj` and `down_proj`
-    the reverse; `embedding` / `lm_head` matrices split `d_model` over `fsdp`. Everything else (norm
-    scales, unknown layers) is replicated. Stacked (scanned) layers keep their layer axis whole, and
+    the reverse; `embedding` / `lm_head` matrices split `d_model` over `fsdp`. Column-parallel biases
+    split over `tp`. Everything else (norm scales, unknown layers) is replicated. Layers are
+    recognised by the attribute names in the path to each array, so an optimizer state that mirrors
+    the model gets the same shardings. Stacked (scanned) layers keep their layer axis whole, and
     an axis whose size does not divide a dimension leaves that dimension whole.
+
+    **Arguments:**
+
+    - `params`: a PyTree of arrays, e.g. a [`RingTransformer`][eqx_ring.RingTransformer] or its
+      optimizer state.
+    - `mesh`: a mesh with the axes `"fsdp"` and `"tp"`, e.g. from
+      [`make_mesh`][eqx_ring.sharding.make_mesh].
+
+    **Returns:**
+
+    A PyTree with the structure of `params`: a `jax.sharding.NamedSharding` on `mesh` for every
+    array leaf, `None` for every other leaf.
     """
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: None if not eqx.is_array(leaf) else NamedSharding(mesh, _spec(path, leaf, mesh)),
@@ -91,13 +141,56 @@ def param_shardings(params: PyTree, mesh: Mesh) -> PyTree:
 
 
 def shard_params(params: PyTree, mesh: Mesh) -> PyTree:
-    """Place `params` by [`param_shardings`][eqx_ring.sharding.param_shardings]: `jax.device_put`
-    outside `jit`, a sharding constraint inside it (`eqx.filter_shard`)."""
+    """Place `params` by [`param_shardings`][eqx_ring.sharding.param_shardings].
+
+    This is `eqx.filter_shard`: a `jax.device_put` outside `jit`, a sharding constraint inside it
+    (e.g. on the updated model at the end of a train step). Non-array leaves are left as they are.
+
+    **Arguments:**
+
+    - `params`: a PyTree of arrays, e.g. a [`RingTransformer`][eqx_ring.RingTransformer] or its
+      optimizer state.
+    - `mesh`: a mesh with the axes `"fsdp"` and `"tp"`, e.g. from
+      [`make_mesh`][eqx_ring.sharding.make_mesh].
+
+    **Returns:**
+
+    `params` with every array placed (or constrained) by its sharding.
+
+    **Example:**
+
+    ```python
+    import jax
+    from jax.sharding import PartitionSpec as P
+    import eqx_ring
+    from eqx_ring.sharding import make_mesh, shard_params
+
+    mesh = make_mesh(tp=2, sp=2)  # dp=1, fsdp=2, tp=2, sp=2 on 8 devices
+    attn = shard_params(eqx_ring.RingAttention(32, 4, mesh=mesh, key=jax.random.key(0)), mesh)
+    # Weights are [out, in]: heads split over tp and d_model over fsdp, in both projections.
+    assert attn.query_proj.weight.sharding.spec == P("tp", "fsdp")
+    assert attn.output_proj.weight.sharding.spec == P("fsdp", "tp")
+    ```
+    """
     return eqx.filter_shard(params, param_shardings(params, mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """`P(("dp", "fsdp"), "sp")`: examples over the data axes, the sequence over the ring."""
+    """The sharding of `[batch, seq]` batches: examples over the data axes, the sequence over the ring.
+
+    Its spec is `P(("dp", "fsdp"), "sp")`: the batch is split over
+    [`BATCH_AXES`][eqx_ring.sharding.BATCH_AXES] and the sequence, which must already be in the
+    model's layout ([`to_layout`][eqx_ring.to_layout]), over `"sp"`.
+
+    **Arguments:**
+
+    - `mesh`: a mesh with the axes `"dp"`, `"fsdp"` and `"sp"`, e.g. from
+      [`make_mesh`][eqx_ring.sharding.make_mesh].
+
+    **Returns:**
+
+    A `jax.sharding.NamedSharding` on `mesh`, for `jax.device_put` or `eqx.filter_shard`.
+    """
     return NamedSharding(mesh, P(BATCH_AXES, "sp"))
 
 
@@ -119,11 +212,18 @@ def initialize_distributed(
 
     **Arguments:**
 
-    - `coordinator`: `"HOST:PORT"` of process 0, reachable from every process.
-    - `num_processes`, `process_id`: the number of processes and this one's index in `[0, num_processes)`.
-    - `cpu_devices`: CPU devices to simulate in this process (CPU runs; collectives between
-      processes then go over TCP with gloo, JAX's default).
-    - `timeout`: seconds to wait for every process to join.
+    - `coordinator`: `"HOST:PORT"` of process 0, reachable from every process; default `None`: found
+      by JAX.
+    - `num_processes`: the number of processes; default `None`: found by JAX.
+    - `process_id`: this process's index in `[0, num_processes)`; default `None`: found by JAX.
+    - `cpu_devices`: CPU devices to simulate in this process (keyword only; CPU runs: collectives
+      between processes then go over TCP with gloo, JAX's default); default `None`: leave JAX's
+      setting alone.
+    - `timeout`: seconds to wait for every process to join (keyword only; default 300).
+
+    Several processes cannot be shown in a single runnable snippet: launch the same script once per
+    process, e.g. with `JAX_COORDINATOR_ADDRESS=host0:1234` set and `initialize_distributed(None, 2, i)`
+    in process `i`.
     """
     if cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", cpu_devices)

@@ -16,7 +16,11 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
 
 
 class RingTransformerBlock(eqx.Module):
-    """A pre-norm decoder block: `x + attention(norm(x))`, then `x + ffn(norm(x))`."""
+    """A pre-norm decoder block: `x + attention(norm(x))`, then `x + ffn(norm(x))`.
+
+    Takes one example, `[seq, d_model]`, in the attention's layout, like
+    [`RingAttention`][eqx_ring.RingAttention]; [`RingTransformer`][eqx_ring.RingTransformer] stacks them.
+    """
 
     attention_norm: RMSNorm
     attention: RingAttention
@@ -25,8 +29,16 @@ class RingTransformerBlock(eqx.Module):
     d_model: int = eqx.field(static=True)
 
     def __init__(self, attention: RingAttention, ffn: BlockwiseFFN, *, norm_eps: float = 1e-6):
-        """**Arguments:** the block's `attention` and `ffn` (of equal `d_model`), and `norm_eps`
-        for its two [`RMSNorm`][eqx_ring.RMSNorm]s."""
+        """**Arguments:**
+
+        - `attention`: the block's [`RingAttention`][eqx_ring.RingAttention].
+        - `ffn`: the block's [`BlockwiseFFN`][eqx_ring.BlockwiseFFN], of the same `d_model`.
+        - `norm_eps`: epsilon of the block's two [`RMSNorm`][eqx_ring.RMSNorm]s (default `1e-6`).
+
+        **Raises:**
+
+        `ValueError` if `attention.d_model != ffn.d_model`.
+        """
         self.attention_norm = RMSNorm(attention.d_model, eps=norm_eps)
         self.attention = attention
         self.ffn_norm = RMSNorm(ffn.d_model, eps=norm_eps)
@@ -48,7 +60,19 @@ class RingTransformerBlock(eqx.Module):
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
     ) -> Float[Array, "seq {self.d_model}"]:
-        """Arguments as [`RingAttention`][eqx_ring.RingAttention]; returns an array like `x`."""
+        """**Arguments:**
+
+        - `x`: the sequence, `[seq, d_model]`, in the attention's layout order.
+        - `positions`: `[seq]` RoPE positions; default `None`: the true position of each slot. See
+          [`RingAttention.__call__`][eqx_ring.RingAttention.__call__].
+        - `segment_ids`: `[seq]` packed-sequence ids; default `None`: one segment.
+        - `key`: unused (there is no dropout).
+        - `inference`: unused, likewise.
+
+        **Returns:**
+
+        The block's output, `[seq, d_model]`, like `x`.
+        """
         with jax.named_scope("eqx_ring.RingTransformerBlock"):
             return self.prefill(x, positions=positions, segment_ids=segment_ids)[0]
 
@@ -63,6 +87,17 @@ class RingTransformerBlock(eqx.Module):
         """The block's output and its attention's keys and values.
 
         See [`RingAttention.prefill`][eqx_ring.RingAttention.prefill].
+
+        **Arguments:**
+
+        - `x`: the sequence, `[seq, d_model]`, in the attention's layout order.
+        - `positions`: `[seq]` RoPE positions; default `None`: the true position of each slot.
+        - `segment_ids`: `[seq]` packed-sequence ids; default `None`: one segment.
+
+        **Returns:**
+
+        `(output, keys, values)`: the block's output `[seq, d_model]` and its attention's keys
+        (after RoPE) and values, `[seq, kv_heads, head_dim]` each.
         """
         attended, keys, values = self.attention.prefill(self.attention_norm(x), positions=positions,
                                                         segment_ids=segment_ids)
@@ -84,6 +119,21 @@ class RingTransformerBlock(eqx.Module):
         """One new token through the block over a KV cache.
 
         See [`RingAttention.decode_step`][eqx_ring.RingAttention.decode_step].
+
+        **Arguments:**
+
+        - `x`: the new token's input, `[d_model]`.
+        - `keys`: this block's cached keys, `[cache, kv_heads, head_dim]`, in layout order.
+        - `values`: this block's cached values, `[cache, kv_heads, head_dim]`.
+        - `segment_ids`: `[cache]`, the cached tokens' segments.
+        - `index`: scalar int, the token's natural-order index (keyword only, like the two below).
+        - `position`: scalar int, its RoPE position.
+        - `segment`: scalar int, its segment id.
+
+        **Returns:**
+
+        `(output, keys, values)`: the block's output `[d_model]` and the updated cache,
+        `[cache, kv_heads, head_dim]` each.
         """
         attended, keys, values = self.attention.decode_step(self.attention_norm(x), keys, values, segment_ids,
                                                             index=index, position=position, segment=segment)
@@ -101,6 +151,16 @@ class KVCache(eqx.Module):
     `segment_ids` are the tokens' segments; the next token takes RoPE `position` and continues
     `segment`. These two are scalars so that a step never reads the split arrays at an index
     (which would gather them).
+
+    **Arguments:**
+
+    - `keys`: every layer's cached keys (after RoPE), `[layers, cache, kv_heads, head_dim]`, in
+      layout order.
+    - `values`: every layer's cached values, `[layers, cache, kv_heads, head_dim]`.
+    - `segment_ids`: `[cache]` int32, each slot's segment id (layout order).
+    - `length`: scalar int32, how many tokens (natural order) are known: the next token's index.
+    - `position`: scalar int32, the next token's RoPE position.
+    - `segment`: scalar int32, the next token's segment id.
     """
 
     keys: Float[Array, "layers cache kv_heads head_dim"]
@@ -124,6 +184,33 @@ class RingTransformer(eqx.Module):
     logits are the largest array in the model. Train with
     [`chunked_cross_entropy`][eqx_ring.chunked_cross_entropy]`(hidden, model.head_weight, ...)`,
     which never builds them; use [`logits`][eqx_ring.RingTransformer.logits] for short sequences.
+    [`prefill`][eqx_ring.RingTransformer.prefill] and
+    [`decode_step`][eqx_ring.RingTransformer.decode_step] generate with a [`KVCache`][eqx_ring.KVCache].
+
+    **Example:**
+
+    ```python
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import eqx_ring
+
+    model = eqx_ring.RingTransformer(vocab_size=64, d_model=32, num_layers=2, num_heads=4, key=jax.random.key(0))
+    tokens = jnp.arange(16) % 64  # [seq]
+    labels = jnp.roll(tokens, -1)  # next tokens (the last one's is meaningless: mask it out)
+    mask = jnp.arange(16) < 15
+
+    @eqx.filter_jit
+    def losses(model, tokens, labels, mask):
+        hidden = model(tokens)  # [seq, d_model]: final hidden states, not logits
+        loss = eqx_ring.chunked_cross_entropy(hidden, model.head_weight, labels, mask, vocab_chunk_size=16)
+        logits = model.logits(hidden)  # [seq, vocab_size]: fine for short sequences
+        ref = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+        return loss, (ref * mask).sum() / mask.sum()
+
+    loss, ref = losses(model, tokens, labels, mask)
+    assert jnp.allclose(loss, ref, atol=1e-5)
+    ```
     """
 
     embedding: eqx.nn.Embedding
@@ -167,20 +254,45 @@ class RingTransformer(eqx.Module):
     ):
         """**Arguments:**
 
-        - `vocab_size`, `d_model`, `num_layers`, `num_heads`: the model's size.
-        - `num_kv_heads`, `head_dim`, `causal`, `causal_block_size`, `sliding_window`,
-          `rope_theta`, `layout`, `query_chunk_size`, `key_chunk_size`, `mesh`, `seq_axis`,
-          `head_axis`: passed to every [`RingAttention`][eqx_ring.RingAttention].
-        - `hidden_size`, `activation`, `ffn_chunk_size`: the [`BlockwiseFFN`][eqx_ring.BlockwiseFFN]
-          (`hidden_size` defaults to `4 * d_model`).
-        - `tie_embeddings`: use the embedding matrix as the LM head.
-        - `scan_layers`: stack the blocks and `lax.scan` over them.
+        Arguments marked "attention" are passed to every [`RingAttention`][eqx_ring.RingAttention]
+        and have its defaults and meaning; those marked "FFN" go to every
+        [`BlockwiseFFN`][eqx_ring.BlockwiseFFN].
+
+        - `vocab_size`: number of token ids.
+        - `d_model`: width of the residual stream.
+        - `num_layers`: number of blocks.
+        - `num_heads`: query heads per block.
+        - `num_kv_heads`: attention: key/value heads (GQA); defaults to `num_heads`.
+        - `head_dim`: attention: width of each head; defaults to `d_model // num_heads`.
+        - `hidden_size`: FFN: hidden width; defaults to `4 * d_model`.
+        - `activation`: FFN: `"swiglu"` (default) or `"gelu"`.
+        - `tie_embeddings`: use the embedding matrix as the LM head (default `False`).
+        - `causal`: attention: causal mask (default `True`).
+        - `causal_block_size`: attention: tokens per causal block (default 1).
+        - `sliding_window`: attention: window length, or `None` (default) for none.
+        - `rope_theta`: attention: RoPE base (default `10_000.0`), or `None` for no RoPE.
+        - `layout`: attention: the sequence's order on the ring (default `"contiguous"`); inputs
+          must be in it (see [`to_layout`][eqx_ring.to_layout]).
+        - `query_chunk_size`: attention: query block size (default 512).
+        - `key_chunk_size`: attention: key block size (default 512).
+        - `ffn_chunk_size`: FFN: tokens per chunk (its `chunk_size`, default 2048).
+        - `mesh`: attention: a mesh to run the ring over, or `None` (default) for one device.
+        - `seq_axis`: attention: the mesh axis the sequence is split over (default `"sp"`).
+        - `head_axis`: attention: a mesh axis to split the heads over, or `None` (default).
+        - `scan_layers`: stack the blocks and `lax.scan` over them (default `True`).
         - `remat_policy`: a name in `jax.checkpoint_policies` (one of
           `"nothing_saveable"`, `"dots_saveable"`, `"dots_with_no_batch_dims_saveable"`,
           `"everything_saveable"`), or `None` for no rematerialisation.
-        - `norm_eps`: the RMSNorms' epsilon.
-        - `dtype`: parameter dtype; defaults to float32.
+          Default `"nothing_saveable"`.
+        - `norm_eps`: the RMSNorms' epsilon (default `1e-6`).
+        - `dtype`: parameter dtype; defaults to float32 (the RMSNorm scales are always float32).
         - `key`: a `jax.random.PRNGKey` for the initialisation.
+
+        **Raises:**
+
+        `ValueError` if `remat_policy` is unknown, `num_layers < 1`, or the attention or FFN
+        arguments are invalid (see [`RingAttention`][eqx_ring.RingAttention] and
+        [`BlockwiseFFN`][eqx_ring.BlockwiseFFN]).
         """
         ek, hk, bk = jax.random.split(key, 3)
         hidden_size = 4 * d_model if hidden_size is None else hidden_size
@@ -217,7 +329,12 @@ class RingTransformer(eqx.Module):
 
     @property
     def head_weight(self) -> Float[Array, "{self.vocab_size} {self.d_model}"]:
-        """The LM head's `[vocab_size, d_model]` matrix (the embedding's when tied)."""
+        """The LM head's `[vocab_size, d_model]` matrix (the embedding's when tied).
+
+        **Returns:**
+
+        `[vocab_size, d_model]`: pass it to [`chunked_cross_entropy`][eqx_ring.chunked_cross_entropy].
+        """
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
     def __call__(
@@ -231,11 +348,20 @@ class RingTransformer(eqx.Module):
     ) -> Float[Array, "seq {self.d_model}"]:
         """**Arguments:**
 
-        - `tokens`: token ids, in the attention layout's order.
-        - `positions`, `segment_ids`: as [`RingAttention`][eqx_ring.RingAttention].
-        - `key`, `inference`: unused (there is no dropout).
+        - `tokens`: `[seq]` token ids, in the attention layout's order (see
+          [`to_layout`][eqx_ring.to_layout]). With a mesh, `seq` must split over `seq_axis`.
+        - `positions`: `[seq]` RoPE positions, in the same order; default `None`: the true position
+          of each slot. See [`RingAttention.__call__`][eqx_ring.RingAttention.__call__].
+        - `segment_ids`: `[seq]` packed-sequence ids; tokens attend only within their own id.
+          Default `None`: one segment.
+        - `key`: unused (there is no dropout).
+        - `inference`: unused, likewise.
 
-        **Returns:** the final (normalised) hidden states.
+        **Returns:**
+
+        The final (normalised) hidden states, `[seq, d_model]`, in layout order. Not logits: see
+        [`logits`][eqx_ring.RingTransformer.logits] and
+        [`chunked_cross_entropy`][eqx_ring.chunked_cross_entropy].
         """
         del key, inference
         with jax.named_scope("eqx_ring.RingTransformer"):
@@ -253,15 +379,26 @@ class RingTransformer(eqx.Module):
 
         **Arguments:**
 
-        - `tokens`: the whole sequence to be, in `layout` order as for `__call__`: the prompt's
-          `length` tokens, then room for those to be generated (any ids; they are overwritten).
-          Its length is the cache's size.
-        - `length`: how many tokens (natural order) the prompt has.
-        - `positions`, `segment_ids`: as `__call__`. Give the room after the prompt a segment
-          id of its own, so that the ring skips it.
+        - `tokens`: `[seq]`, the whole sequence to be, in `layout` order as for `__call__`: the
+          prompt's `length` tokens, then room for those to be generated (any ids; they are
+          overwritten). Its length is the cache's size.
+        - `length`: how many tokens (natural order) the prompt has, an int or a scalar int array
+          (keyword only); at least 1.
+        - `positions`: `[seq]` RoPE positions, as for `__call__`; default `None`: the true position
+          of each slot.
+        - `segment_ids`: `[seq]` segment ids, as for `__call__`; default `None`: all zeros. Give the
+          room after the prompt a segment id of its own, so that the ring skips it.
 
-        **Returns:** `(hidden, cache)`: final hidden states of every slot (those of the prompt's
-        last token give the first new token's logits) and a [`KVCache`][eqx_ring.KVCache].
+        **Returns:**
+
+        `(hidden, cache)`: final hidden states of every slot, `[seq, d_model]` in layout order
+        (those of the prompt's last token give the first new token's logits), and a
+        [`KVCache`][eqx_ring.KVCache] whose next token has index `length`, the position after the
+        prompt's last token and its segment.
+
+        **Raises:**
+
+        `ValueError` unless the attention is causal with `causal_block_size=1`.
         """
         self._check_decodable()
         seq = tokens.shape[0]
@@ -281,7 +418,25 @@ class RingTransformer(eqx.Module):
 
         The token takes the next RoPE position and the segment of the token before it, and sees
         the cached tokens exactly as a causal pass over the whole sequence would (sliding window
-        and GQA included), at O(cache / devices) work per device and layer.
+        and GQA included), at O(cache / devices) work per device and layer. The cache has a fixed
+        size: decode at most `cache - length` tokens.
+
+        **Arguments:**
+
+        - `token`: scalar int, the id of the token at index `cache.length`.
+        - `cache`: the [`KVCache`][eqx_ring.KVCache] from [`prefill`][eqx_ring.RingTransformer.prefill]
+          or a previous `decode_step`.
+
+        **Returns:**
+
+        `(hidden, cache)`: the token's final hidden state, `[d_model]` (`logits(hidden)` predicts the
+        next token), and the cache with the token's keys, values and segment written and
+        `length`/`position` advanced by one.
+
+        **Raises:**
+
+        `ValueError` unless the attention is causal with `causal_block_size=1`, or if it has a
+        `head_axis`.
         """
         self._check_decodable()
         with jax.named_scope("eqx_ring.RingTransformer.decode_step"):
@@ -352,7 +507,16 @@ class RingTransformer(eqx.Module):
         return (x, *kv) if with_cache else (x,)
 
     def logits(self, hidden: Float[Array, "*batch {self.d_model}"]) -> Float[Array, "*batch {self.vocab_size}"]:
-        """Project hidden states to logits (materialises `[*batch, vocab_size]`)."""
+        """Project hidden states to logits (materialises `[*batch, vocab_size]`).
+
+        **Arguments:**
+
+        - `hidden`: `[*batch, d_model]`, e.g. the output of `__call__` or `decode_step`.
+
+        **Returns:**
+
+        `hidden @ head_weight.T`, `[*batch, vocab_size]`.
+        """
         return hidden @ self.head_weight.T
 
 
@@ -365,24 +529,34 @@ def chunked_cross_entropy(
     vocab_chunk_size: int = 8192,
     reduction: str = "mean",
 ) -> Float[Array, ""] | Float[Array, "*batch"]:
-    """Mean next-token cross-entropy of `hidden @ head_weight.T` against `labels`, over `mask`.
+    """Mean cross-entropy of the logits `hidden @ head_weight.T` against `labels`, over `mask`.
 
     The vocabulary is processed `vocab_chunk_size` rows of `head_weight` at a time with an online
     log-sum-exp, each chunk under `jax.checkpoint`, so neither pass ever holds more than
-    `[*batch, vocab_chunk_size]` logits. Logits are accumulated in float32.
+    `[*batch, vocab_chunk_size]` logits. Logits are accumulated in float32. `labels` are taken as
+    they are: for next-token prediction, pass labels already shifted by one (in layout order, like
+    `hidden`).
 
     **Arguments:**
 
-    - `hidden`: final hidden states, any leading dims (e.g. `[batch, seq]`).
-    - `head_weight`: the `[vocab, d_model]` output matrix (`RingTransformer.head_weight`).
-    - `labels`: target ids, shaped like `hidden` without its last axis.
-    - `mask`: which tokens count (bool or 0/1 weights); all of them when `None`.
-    - `vocab_chunk_size`: rows of `head_weight` per chunk; the vocabulary is padded to a multiple.
-    - `reduction`: `"mean"`, or `"none"` for the float32 per-token losses `[*batch]` (times `mask`
-      when given), e.g. to weigh several masks from one pass over the vocabulary.
+    - `hidden`: final hidden states, `[*batch, d_model]`, any leading dims (e.g. `[batch, seq]`).
+    - `head_weight`: the `[vocab, d_model]` output matrix
+      ([`RingTransformer.head_weight`][eqx_ring.RingTransformer.head_weight]).
+    - `labels`: `[*batch]` target ids in `[0, vocab)`, shaped like `hidden` without its last axis.
+    - `mask`: `[*batch]`, which tokens count (bool or 0/1 weights); all of them when `None` (default).
+    - `vocab_chunk_size`: rows of `head_weight` per chunk (default 8192; capped at `vocab`); the
+      vocabulary is padded to a multiple.
+    - `reduction`: `"mean"` (default), or `"none"` for the float32 per-token losses `[*batch]`
+      (times `mask` when given), e.g. to weigh several masks from one pass over the vocabulary.
 
-    **Returns:** `sum(mask * loss) / max(sum(mask), 1)`, a float32 scalar; per-token losses with
+    **Returns:**
+
+    `sum(mask * loss) / max(sum(mask), 1)`, a float32 scalar; per-token losses `[*batch]` with
     `reduction="none"`.
+
+    **Raises:**
+
+    `ValueError` if `reduction` is neither `"mean"` nor `"none"`.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
