@@ -175,8 +175,7 @@ def layout_slot(position: int | Int[Array, "*shape"], seq_len: int, layout: str,
 
     The inverse of [`layout_positions`][eqx_ring.layout_positions]:
     `layout_positions(seq_len, layout, n)[layout_slot(p, seq_len, layout, n)] == p`. `position`
-    may be a traced array (e.g. a decoding step's index). The arguments are not validated: pass a
-    known `layout` and a `seq_len` that it splits over `num_shards`, as `layout_positions` requires.
+    may be a traced array (e.g. a decoding step's index).
 
     **Arguments:**
 
@@ -191,6 +190,11 @@ def layout_slot(position: int | Int[Array, "*shape"], seq_len: int, layout: str,
     The slot index (or indices), shaped like `position`: `position` itself for `"contiguous"` (or
     one shard), a value of `position`'s type for `"striped"`, a JAX int array for `"zigzag"`.
 
+    **Raises:**
+
+    `ValueError` for an unknown layout, or a `seq_len` the layout cannot split over `num_shards`
+    (as [`layout_positions`][eqx_ring.layout_positions]).
+
     **Example:**
 
     ```python
@@ -202,6 +206,7 @@ def layout_slot(position: int | Int[Array, "*shape"], seq_len: int, layout: str,
     assert (eqx_ring.layout_positions(8, "zigzag", 2)[slots] == jnp.arange(8)).all()
     ```
     """
+    check_layout(layout, seq_len, num_shards)
     local = seq_len // num_shards
     if layout == "contiguous" or num_shards == 1:
         return position

@@ -38,3 +38,7 @@ def test_layout_errors():
         eqx_ring.layout_positions(8, "diagonal", 2)
     with pytest.raises(ValueError, match=r"seq_len=12 must be divisible by 8 \(2 × 4 shards\)"):
         eqx_ring.layout_positions(12, "zigzag", 4)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        eqx_ring.layout_slot(3, 16, "bogus", 4)
+    with pytest.raises(ValueError, match=r"seq_len=15 must be divisible by 4 \(4 shards\)"):
+        eqx_ring.layout_slot(3, 15, "striped", 4)
