@@ -34,11 +34,23 @@ def respec(model: eqx.Module, *, mesh: Mesh | None = _KEEP, head_axis: str | Non
 
     For settings that live in static fields and change no array shape: e.g. a single-device copy
     for decoding (`respec(model, mesh=None)`), another `layout`, or a new `rope_theta` for a
-    context-extension stage. `mesh` and `head_axis` default to the model's own. The model must have
-    a dataclass `config` and a `(config, *, mesh, head_axis, key)` constructor, as
-    [`RingLM`][models.RingLM] and [`VideoTextLM`][models.VideoTextLM] do.
+    context-extension stage (as [`train`][models.train] does). The model must have a dataclass
+    `config` and a `(config, *, mesh, head_axis, key)` constructor, as [`RingLM`][models.RingLM]
+    and [`VideoTextLM`][models.VideoTextLM] do. The new model is built shape-only
+    (`eqx.filter_eval_shape`) and takes the old model's arrays as they are: nothing is copied,
+    initialised or moved between devices.
 
-    **Raises:** `ValueError` if the changes alter the shapes of the weights.
+    **Arguments:**
+
+    - `model`: the model whose weights to keep.
+    - `mesh`: the mesh the rebuilt model runs its ring on, or `None` for one device; defaults to
+      the model's own.
+    - `head_axis`: the mesh axis to split the heads over, or `None`; defaults to the model's own.
+    - `**changes`: fields of `model.config` to replace (`dataclasses.replace`).
+
+    **Returns:** a model of the same class with the new config and settings and the same arrays.
+
+    **Raises:** `ValueError` if the changes alter the shapes (or dtypes) of the weights.
     """
     attention = _attention_of(model)
     mesh = attention.mesh if mesh is _KEEP else mesh
@@ -69,23 +81,52 @@ def generate(
 
     Runs where the model runs: with a mesh, the prompt is prefilled by ring attention in the
     model's layout and the cache stays split over the sequence axis, each device attending to
-    its own part of it (see [`RingAttention.decode_step`][eqx_ring.RingAttention.decode_step]).
-    The whole loop is one jitted `while_loop`.
+    its own part of it (see [`RingAttention.decode_step`][eqx_ring.RingAttention.decode_step]);
+    the rows are split over the mesh's data axes (`"dp"`, `"fsdp"`), the batch padded to divide
+    them. The whole loop is one jitted `while_loop`; the cache holds the longest prompt plus
+    `max_new_tokens`, rounded up to what the layout splits evenly. Call it outside `jit`. With
+    several processes every process calls it and gets every row.
 
     **Arguments:**
 
-    - `model`: a zoo model with a `transformer` ([`RingLM`][models.RingLM], [`VideoTextLM`][models.VideoTextLM]).
-    - `prompts`: token ids, natural order; they may differ in length (each is left-padded in a
-      segment of its own that it never attends to, and its positions start at 0 as in training).
+    - `model`: a zoo model with a `config` and a `transformer` ([`RingLM`][models.RingLM],
+      [`VideoTextLM`][models.VideoTextLM]); its attention must be causal with `causal_block_size=1`.
+    - `prompts`: token ids, each `[_prompt]` in natural order; they may differ in length (each is
+      left-padded in a segment of its own that it never attends to, and its positions start at 0
+      as in training).
     - `max_new_tokens`: how many tokens to generate.
-    - `temperature`: 0 takes the most likely token; otherwise sample at this temperature with `key`,
-      among the `top_k` most likely tokens and the smallest set whose probability reaches `top_p`.
+    - `temperature`: 0 (the default) takes the most likely token; otherwise sample at this
+      temperature with `key`, among the `top_k` most likely tokens and the smallest set whose
+      probability reaches `top_p`.
+    - `top_k`: keep only the `top_k` most likely tokens when sampling; `None`: no limit.
+    - `top_p`: keep only the smallest set of most likely tokens whose probability reaches `top_p`
+      (nucleus sampling), in `(0, 1]`; `None`: no limit.
     - `stop_tokens`: a row is finished once it produces one; the loop ends when every row is.
       What follows a stop token in a row is unspecified.
-    - `allowed`: which tokens may be produced (`[vocab]`, or `[max_new_tokens, vocab]` per step).
-    - `forced`: per step, a token to place instead of choosing one (`-1`: choose).
+    - `key`: a `jax.random.PRNGKey` for sampling; required when `temperature > 0`.
+    - `allowed`: which tokens may be produced, bool `[vocab]` for every step or
+      `[max_new_tokens, vocab]` per step; `None`: all.
+    - `forced`: `[max_new_tokens]`, per step a token to place instead of choosing one (`-1`:
+      choose); `None`: choose at every step.
 
-    **Returns:** the new tokens, `[len(prompts), max_new_tokens]` int32.
+    **Returns:** the new tokens, `[len(prompts), max_new_tokens]` int32 (the `[batch, steps]` of the
+    signature).
+
+    **Raises:** `ValueError` if `temperature < 0`, `temperature > 0` without a `key`, `top_k < 1`,
+    `top_p` outside `(0, 1]`, `max_new_tokens < 1`, or the model's attention is not causal with
+    `causal_block_size=1`.
+
+    **Example:**
+
+    ```python
+    import jax
+    import models
+
+    config = models.LMConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, hidden_size=32)
+    model = models.RingLM(config, key=jax.random.key(0))
+    tokens = models.generate(model, [[1, 2, 3], [4, 5]], 4, temperature=0.8, top_k=10, key=jax.random.key(1))
+    assert tokens.shape == (2, 4)  # [len(prompts), max_new_tokens]
+    ```
     """
     if temperature < 0 or (temperature > 0 and key is None):
         raise ValueError(f"temperature must be >= 0 (> 0 needs a key), got {temperature} with key={key}")

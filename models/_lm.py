@@ -14,7 +14,33 @@ from eqx_ring import RingTransformer, chunked_cross_entropy
 
 @dataclass(frozen=True)
 class LMConfig:
-    """Hyperparameters of a [`RingLM`][models.RingLM]; JSON-serialisable (`dataclasses.asdict`)."""
+    """Hyperparameters of a [`RingLM`][models.RingLM]; JSON-serialisable (`dataclasses.asdict`).
+
+    Every field is passed to the [`RingTransformer`][eqx_ring.RingTransformer] the model builds (its
+    other settings keep their defaults: e.g. stacked, scanned layers, SwiGLU, causal attention over
+    the mesh axis `"sp"`). Named sizes are in [`PRESETS`][models.PRESETS]; get one with
+    [`preset`][models.LMConfig.preset].
+
+    **Arguments:**
+
+    - `vocab_size`: token ids the model embeds and predicts. The default, 263, is the
+      [`ByteTokenizer`][data_pipelines.ByteTokenizer]'s 256 bytes and 7 special tokens.
+    - `d_model`: width of the residual stream.
+    - `num_layers`: decoder blocks.
+    - `num_heads`: query heads; must divide `d_model`.
+    - `num_kv_heads`: key/value heads (GQA/MQA); must divide `num_heads`. `None`: `num_heads`.
+    - `hidden_size`: width of the SwiGLU feed-forward layer. `None`: `4 * d_model`.
+    - `rope_theta`: the RoPE base.
+    - `causal_block_size`: 1 for token-causal attention; `b > 1` lets every token see its whole
+      block of `b` tokens (block-causal). KV-cached decoding ([`generate`][models.generate]) needs 1.
+    - `tie_embeddings`: use the embedding matrix as the LM head.
+    - `layout`: the order of the sequence on the ring: `"contiguous"`, `"zigzag"` or `"striped"`
+      (see [`to_layout`][eqx_ring.to_layout]); batches must be laid out to match.
+    - `query_chunk_size`, `key_chunk_size`: the attention kernel's block sizes.
+    - `ffn_chunk_size`: tokens per chunk of the blockwise feed-forward layer.
+    - `remat_policy`: a name in `jax.checkpoint_policies` each block is rematerialised with
+      (e.g. `"nothing_saveable"`, `"dots_saveable"`), or `None` for no rematerialisation.
+    """
 
     vocab_size: int = 263
     d_model: int = 128
@@ -33,7 +59,29 @@ class LMConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "LMConfig":
-        """A named size: `"tiny"` and `"small"` train on a CPU; `"1b"` and `"7b"` are LLaMA-shaped for real meshes."""
+        """A named size from [`PRESETS`][models.PRESETS], with some fields replaced.
+
+        `"tiny"` and `"small"` train on a CPU; `"1b"` and `"7b"` are LLaMA-shaped for real meshes
+        (override their `vocab_size` with the real tokenizer's).
+
+        **Arguments:**
+
+        - `name`: a key of [`PRESETS`][models.PRESETS]: `"tiny"`, `"small"`, `"1b"` or `"7b"`.
+        - `**overrides`: fields to replace, e.g. `vocab_size=32_000` or `layout="zigzag"`.
+
+        **Returns:** a new `LMConfig`.
+
+        **Raises:** `ValueError` if `name` is not a preset (and `TypeError` for an unknown field).
+
+        **Example:**
+
+        ```python
+        import models
+
+        config = models.LMConfig.preset("7b", vocab_size=1000)
+        assert (config.d_model, config.num_layers, config.vocab_size) == (4096, 32, 1000)
+        ```
+        """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
@@ -46,13 +94,44 @@ PRESETS: dict[str, LMConfig] = {
     "1b": LMConfig(vocab_size=32_000, d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4, hidden_size=5632),
     "7b": LMConfig(vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32, hidden_size=11008),
 }
+"""Named [`LMConfig`][models.LMConfig]s, used by [`LMConfig.preset`][models.LMConfig.preset].
+
+- `"tiny"`: `d_model=64`, 2 layers, 4 heads (2 key/value heads), `hidden_size=192`: trains on a CPU.
+- `"small"`: `d_model=256`, 4 layers, 8 heads (4 key/value heads), `hidden_size=768`.
+- `"1b"`: LLaMA-style, `d_model=2048`, 22 layers, 32 heads (4 key/value heads), `hidden_size=5632`,
+  `vocab_size=32_000` (about 1.1 billion parameters).
+- `"7b"`: LLaMA-7B's shape, `d_model=4096`, 32 layers, 32 heads, `hidden_size=11008`, `vocab_size=32_000`.
+
+The other fields keep the `LMConfig` defaults; `"tiny"` and `"small"` keep `vocab_size=263` (the
+[`ByteTokenizer`][data_pipelines.ByteTokenizer]'s). Override `vocab_size` of the large ones with
+the real tokenizer's.
+"""
 
 
 class RingLM(eqx.Module):
-    """A decoder-only language model: [`RingTransformer`][eqx_ring.RingTransformer] built from an `LMConfig`.
+    """A LLaMA-style decoder-only language model: a [`RingTransformer`][eqx_ring.RingTransformer] built
+    from an [`LMConfig`][models.LMConfig].
 
     Single-example like every Equinox module: `__call__` maps `[seq]` tokens to `[seq, d_model]`
-    hidden states; `loss` is the mean next-token cross-entropy of a batch, never building the logits.
+    hidden states (not logits; `model.transformer.logits(hidden)` gives those for short sequences);
+    `loss` is the mean next-token cross-entropy of a batch, never building the logits. Generate
+    text with [`generate`][models.generate]; save and load with [`save`][models.save] /
+    [`load`][models.load]. On a mesh, the sequence is split over its `"sp"` axis and must be in
+    the config's `layout` order.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import models
+
+    config = models.LMConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, hidden_size=32)
+    model = models.RingLM(config, key=jax.random.key(0))
+    hidden = model(jnp.arange(8))
+    assert hidden.shape == (8, 16)  # [seq, d_model]
+    assert model.transformer.logits(hidden).shape == (8, 32)  # [seq, vocab_size]
+    ```
     """
 
     transformer: RingTransformer
@@ -60,7 +139,17 @@ class RingLM(eqx.Module):
 
     def __init__(self, config: LMConfig, *, mesh: Mesh | None = None, head_axis: str | None = None,
                  key: PRNGKeyArray):
-        """**Arguments:** the `config`, an optional `mesh` (and `head_axis`) to run the ring on, and a PRNG `key`."""
+        """Build the model with freshly initialised weights.
+
+        **Arguments:**
+
+        - `config`: the [`LMConfig`][models.LMConfig].
+        - `mesh`: a mesh with an `"sp"` axis to run the ring attention over, or `None` (the default)
+          for one device. The weights are not placed on it: use
+          [`shard_params`][eqx_ring.sharding.shard_params].
+        - `head_axis`: a mesh axis to split the attention heads over (tensor parallelism), or `None`.
+        - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only argument.)
+        """
         c = config
         self.transformer = RingTransformer(
             c.vocab_size, c.d_model, c.num_layers, c.num_heads, num_kv_heads=c.num_kv_heads,
@@ -80,15 +169,41 @@ class RingLM(eqx.Module):
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
     ) -> Float[Array, "seq d_model"]:
-        """Final hidden states; arguments as [`RingTransformer`][eqx_ring.RingTransformer]."""
+        """Final (normalised) hidden states of one sequence, as
+        [`RingTransformer.__call__`][eqx_ring.RingTransformer.__call__].
+
+        **Arguments:**
+
+        - `tokens`: token ids `[seq]`, in the config's `layout` order.
+        - `positions`: each token's RoPE position `[seq]` (e.g. restarting in every packed segment);
+          `None`: its position in natural order, given the layout.
+        - `segment_ids`: `[seq]` ids of packed documents, which attend only within themselves; `None`:
+          one document.
+        - `key`, `inference`: ignored (there is no dropout); for compatibility with the Equinox API.
+
+        **Returns:** the hidden states, `[seq, d_model]`.
+        """
         return self.transformer(tokens, positions=positions, segment_ids=segment_ids)
 
     def loss(self, batch: dict[str, Array], *, spmd_axis_name: tuple[str, ...] | None = None) -> Float[Array, ""]:
-        """Mean next-token loss of a batch of packed rows (`[batch, seq]` arrays as `data_pipelines` makes them).
+        """Mean next-token cross-entropy of a batch of packed rows, never building the `[seq, vocab]` logits.
 
-        Uses `tokens`, `positions`, `segment_ids`, `targets` and `target_mask`; the targets were
-        taken in natural order before any ring layout, so no shift happens here. Pass
-        `spmd_axis_name=("dp", "fsdp")` on a mesh.
+        The targets were taken in natural order before any ring layout (as
+        [`packed_batches`][data_pipelines.packed_batches] and
+        [`global_packed_batches`][data_pipelines.global_packed_batches] make them), so no shift
+        happens here. [`train`][models.train] wants `(loss, metrics)`: pass it
+        `lambda m, b: (m.loss(b, spmd_axis_name=BATCH_AXES), {})`.
+
+        **Arguments:**
+
+        - `batch`: `[batch, seq]` arrays `"tokens"`, `"positions"`, `"segment_ids"` (int),
+          `"targets"` (int) and `"target_mask"` (bool: which targets count), all in the config's
+          `layout` order; other keys are ignored.
+        - `spmd_axis_name`: the mesh's data axes (`("dp", "fsdp")`, i.e.
+          [`BATCH_AXES`][eqx_ring.sharding.BATCH_AXES]) when the model is on a mesh, so that each
+          data shard keeps its own rows; `None` (the default) without a mesh.
+
+        **Returns:** the mean loss over the targets in `target_mask`, a float32 scalar.
         """
 
         hidden = batch_hidden(self.transformer, batch, spmd_axis_name)

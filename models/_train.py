@@ -33,8 +33,17 @@ LossFn = Callable[[eqx.Module, dict[str, jax.Array]], tuple[jax.Array, dict[str,
 class Stage:
     """One stage of a context-extension schedule: `steps` steps on rows of `seq_len` tokens.
 
-    `rope_theta`, when given, replaces the model's RoPE base from this stage on (LWM raises it
-    with the context length).
+    [`train`][models.train] runs the stages of [`TrainConfig.stages`][models.TrainConfig] in order
+    and hands each to the `batches` callable, which makes rows of `seq_len` tokens (`train` itself
+    does not read `seq_len`).
+
+    **Arguments:**
+
+    - `seq_len`: tokens per row in this stage.
+    - `steps`: optimiser steps in this stage.
+    - `rope_theta`: when given, replaces the model's RoPE base from this stage on (by
+      [`respec`][models.respec]; LWM raises it with the context length); `None` (the default)
+      keeps the previous stage's.
     """
 
     seq_len: int
@@ -44,7 +53,28 @@ class Stage:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and checkpointing settings of [`train`][models.train]; JSON-serialisable."""
+    """Optimisation and checkpointing settings of [`train`][models.train]; JSON-serialisable (`dataclasses.asdict`).
+
+    **Arguments:**
+
+    - `stages`: the [`Stage`][models.Stage]s, run in order; default one stage of 1000 steps at
+      `seq_len=1024`.
+    - `batch_size`: rows per (global) batch.
+    - `grad_accum`: microbatches each batch is split into (must divide `batch_size`); their
+      losses and gradients are averaged.
+    - `learning_rate`: the peak learning rate of AdamW.
+    - `warmup_steps`: steps of linear warmup from 0 to `learning_rate`.
+    - `final_lr_fraction`: the cosine decay ends at `final_lr_fraction * learning_rate`.
+    - `weight_decay`: AdamW's decoupled weight decay, applied to arrays of 2 or more dimensions.
+    - `grad_clip`: the maximum global norm of the gradients.
+    - `compute_dtype`: `"float32"` or `"bfloat16"`: the dtype the model runs in (the master
+      weights and the optimiser state stay float32).
+    - `checkpoint_every`: save a checkpoint every this many steps (and after the last).
+    - `max_checkpoints`: how many checkpoints to keep.
+
+    **Raises:** `ValueError` for no stages or a stage with `steps < 1` or `seq_len < 1`, a
+    `batch_size` that `grad_accum` does not divide, or another `compute_dtype`.
+    """
 
     stages: tuple[Stage, ...] = (Stage(seq_len=1024, steps=1000),)
     batch_size: int = 8
@@ -68,13 +98,48 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        """Steps over all stages."""
+        """The number of steps over all stages.
+
+        **Returns:** the sum of the stages' `steps`, an `int`.
+        """
         return sum(s.steps for s in self.stages)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW whose rate warms up linearly and decays on a cosine to
-    `final_lr_fraction · learning_rate`; weight decay on matrices only (not norms or biases)."""
+    """The optimiser of [`train`][models.train]: global-norm clipping, then AdamW whose rate warms up
+    linearly and decays on a cosine.
+
+    The rate rises from 0 to `learning_rate` over `warmup_steps`, then decays on a cosine to
+    `final_lr_fraction · learning_rate` at `total_steps`. Weight decay applies to the arrays of 2
+    or more dimensions only, meant as the matrices; note that the blocks of a
+    [`RingTransformer`][eqx_ring.RingTransformer] are stacked (a leading `num_layers` axis), so
+    their norm scales have 2 dimensions and are decayed too. Initialise it on the model's arrays,
+    `optimizer.init(eqx.filter(model, eqx.is_array))`.
+
+    **Arguments:**
+
+    - `config`: a [`TrainConfig`][models.TrainConfig]; its `learning_rate`, `warmup_steps`,
+      `final_lr_fraction`, `weight_decay`, `grad_clip` and `total_steps` are used.
+
+    **Returns:** an `optax.GradientTransformation`.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import models
+
+    config = models.TrainConfig(stages=(models.Stage(seq_len=64, steps=100),), warmup_steps=10)
+    optimizer = models.make_optimizer(config)
+    params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+    grads = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+    state = optimizer.init(params)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 step counts
+        updates, state = optimizer.update(grads, state, params)
+    assert (updates["w"] == 0).all()  # the warmup starts at a learning rate of 0
+    ```
+    """
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, config.warmup_steps, max(config.total_steps, config.warmup_steps + 1),
         end_value=config.learning_rate * config.final_lr_fraction,
@@ -88,13 +153,26 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, config: TrainConfig,
                     mesh: Mesh | None = None):
-    """One jitted step `(model, opt_state, batch) -> (model, opt_state, metrics)`.
+    """The jitted training step of [`train`][models.train]: `(model, opt_state, batch) -> (model, opt_state, metrics)`.
 
     With a mesh the batch is constrained to `P(("dp", "fsdp"), "sp")` and the parameters to their
     [`param_shardings`][eqx_ring.sharding.param_shardings]. With `grad_accum > 1` the batch is split
     into that many microbatches (strided, so each keeps its share of every data shard) whose
     losses and gradients are averaged. `compute_dtype="bfloat16"` runs the model in bfloat16
-    from float32 master weights. `metrics` holds `loss`, the loss function's metrics and `grad_norm`.
+    from float32 master weights. The step donates the buffers of `opt_state` and `batch`: do not
+    use them after the call.
+
+    **Arguments:**
+
+    - `loss_fn`: `(model, batch) -> (loss, metrics)`: a scalar to minimise and a dict of named
+      arrays to report.
+    - `optimizer`: e.g. [`make_optimizer(config)`][models.make_optimizer].
+    - `config`: the [`TrainConfig`][models.TrainConfig]; its `grad_accum` and `compute_dtype` are used.
+    - `mesh`: the mesh the model and batches live on, or `None` (the default) for one device.
+
+    **Returns:** the step function. Its `batch` is a dict of `[batch, seq]` (or any `[batch, ...]`)
+    arrays whose leading size `grad_accum` divides; its `metrics` holds `"loss"`, the loss
+    function's metrics and `"grad_norm"` (the global norm of the gradients before clipping).
     """
     accum = config.grad_accum
     compute = jnp.dtype(config.compute_dtype)
@@ -135,7 +213,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
 
 @dataclass
 class TrainResult:
-    """What [`train`][models.train] returns: the trained model, its optimizer state and the logged records."""
+    """What [`train`][models.train] returns: the trained model, its optimizer state and the logged records.
+
+    **Arguments:**
+
+    - `model`: the trained model.
+    - `opt_state`: the optimiser state after the last step.
+    - `records`: one dict per step: `"step"`, `"stage"` (index), the step's metrics (`"loss"`, the
+      loss function's metrics, `"grad_norm"`), `"tokens"`, `"tokens_per_s"`, `"seconds"` and
+      `"batch_digest"` (a hash of the host batch); the lines of `metrics.jsonl`.
+    """
 
     model: eqx.Module
     opt_state: Any
@@ -162,9 +249,13 @@ def train(
 
     - `model`: the model (on `mesh`, when given); a stage with `rope_theta` rebuilds it with
       [`respec`][models.respec].
-    - `loss_fn`: `(model, batch) -> (loss, metrics)`.
+    - `loss_fn`: `(model, batch) -> (loss, metrics)`, traced inside the jitted step: a scalar loss
+      and a dict of scalars (each is logged with `float`), e.g.
+      `lambda m, b: m.loss(b, spmd_axis_name=BATCH_AXES)` for a
+      [`VideoTextLM`][models.VideoTextLM].
     - `batches`: `(stage_index, stage) -> ` a grain `IterDataset` (or any iterable whose iterator
-      has `get_state` / `set_state`) of numpy batches for that stage.
+      has `get_state` / `set_state`) of numpy batches for that stage (dicts of `[batch, ...]`
+      arrays, e.g. from [`packed_batches`][data_pipelines.packed_batches]).
     - `config`: a [`TrainConfig`][models.TrainConfig].
     - `workdir`: checkpoints go to `workdir/checkpoints` (orbax: model, optimizer state, data
       iterator state and position saved together, each step's directory finalised atomically), one
@@ -182,11 +273,16 @@ def train(
     - `tokens_per_batch`: counts the global batch's tokens for the tokens/s figure (default: size of `"tokens"`).
     - `after_step`: `(model, batch, metrics, step) -> model`, run outside `jit` after each step;
       `batch` is the step's global batch (on `mesh` when given), so every process sees the same.
-    - `progress`: show a tqdm progress bar with the loss and tokens/s; otherwise log them (logger
-      `models._train`, level INFO) every `log_every` steps.
+    - `progress`: show a tqdm progress bar (on process 0) with the loss and tokens/s; `False`:
+      log them instead (logger `models._train`, level INFO).
+    - `log_every`: with `progress=False`, log every this many steps (and the last).
+    - `description`: the progress bar's label and the log lines' prefix.
 
     **Returns:** a [`TrainResult`][models.TrainResult] with every step's record since the start of training
     (on processes other than 0: since this run's first step).
+
+    **Raises:** `ValueError` if several processes run without a `mesh`, or if a checkpoint's data
+    states were saved by another number of processes and cannot be merged.
     """
     if mesh is None and jax.process_count() > 1:
         raise ValueError(f"train runs in {jax.process_count()} processes but was given no mesh: pass one (e.g. "
@@ -357,7 +453,18 @@ def _progress_bar(enabled: bool, total: int, initial: int, description: str):
 
 def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike, *, keys: tuple[str, ...] = ("loss",),
                  title: str = "training loss") -> None:
-    """Write a PNG of `keys` against the step from `train`'s records (matplotlib, no display needed)."""
+    """Write a PNG of `keys` against the step from [`train`][models.train]'s records (matplotlib, no display
+    needed).
+
+    The y axis is logarithmic and labelled "loss"; a record without a key is plotted as a gap.
+
+    **Arguments:**
+
+    - `records`: [`TrainResult.records`][models.TrainResult], or the lines of `metrics.jsonl`.
+    - `path`: the PNG file to write.
+    - `keys`: which metrics to plot, one line each; default `("loss",)`.
+    - `title`: the plot's title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

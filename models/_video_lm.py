@@ -31,11 +31,29 @@ class SpecialIds(Protocol):
 
 @dataclass(frozen=True)
 class VideoTextConfig:
-    """Hyperparameters of a [`VideoTextLM`][models.VideoTextLM]; JSON-serialisable.
+    """Hyperparameters of a [`VideoTextLM`][models.VideoTextLM]; JSON-serialisable (`dataclasses.asdict`).
 
     The vocabulary is the text tokenizer's `text_vocab_size` ids followed by `codebook_size` vision
-    codes (code `c` is token `text_vocab_size + c`), as `data_pipelines.lwm_sequence` lays them out.
-    A video is `num_frames` frames of `codes_per_frame` codes.
+    codes (code `c` is token `text_vocab_size + c`), as
+    [`lwm_sequence`][data_pipelines.lwm_sequence] lays them out. A video is `num_frames` frames of
+    `codes_per_frame` codes.
+
+    **Arguments:**
+
+    - `text_vocab_size`: the text tokenizer's `vocab_size`, special tokens included (263: the
+      [`ByteTokenizer`][data_pipelines.ByteTokenizer]'s).
+    - `codebook_size`: vision codes, the video tokenizer's codebook size (e.g. a
+      [`VideoVQ`][models.VideoVQ]'s).
+    - `num_frames`: frames per video.
+    - `codes_per_frame`: codes per frame (a `VideoVQ`'s `grid ** 2`).
+    - `d_model`, `num_layers`, `num_heads`, `num_kv_heads`, `hidden_size`, `rope_theta`,
+      `causal_block_size`, `layout`, `query_chunk_size`, `key_chunk_size`, `ffn_chunk_size`,
+      `remat_policy`: the [`RingTransformer`][eqx_ring.RingTransformer], as in
+      [`LMConfig`][models.LMConfig] (`num_kv_heads=None`: `num_heads`; `hidden_size=None`:
+      `4 * d_model`). [`caption`][models.VideoTextLM.caption] and
+      [`generate_video`][models.VideoTextLM.generate_video] need `causal_block_size=1`.
+    - `text_loss_weight`: the weight of the text loss in [`loss`][models.VideoTextLM.loss], in
+      `[0, 1]`; the vision loss gets `1 - text_loss_weight`.
     """
 
     text_vocab_size: int = 263
@@ -58,12 +76,18 @@ class VideoTextConfig:
 
     @property
     def vocab_size(self) -> int:
-        """Text ids plus vision codes."""
+        """The model's vocabulary: text ids plus vision codes.
+
+        **Returns:** `text_vocab_size + codebook_size`, an `int`.
+        """
         return self.text_vocab_size + self.codebook_size
 
     @property
     def vision_length(self) -> int:
-        """Tokens of one video in the LWM layout: `<vision>`, each frame's codes and `<eof>`/`<eov>`, `</vision>`."""
+        """Tokens of one video in the LWM layout: `<vision>`, each frame's codes and `<eof>`/`<eov>`, `</vision>`.
+
+        **Returns:** `num_frames * (codes_per_frame + 1) + 2`, an `int`.
+        """
         return self.num_frames * (self.codes_per_frame + 1) + 2
 
 
@@ -75,7 +99,14 @@ class VideoTextLM(eqx.Module):
     first to generate one. The loss is LWM's: `text_loss_weight · text loss + (1 − text_loss_weight)
     · vision loss`, each the mean over its own trained targets. With `causal_block_size` =
     `codes_per_frame + 1` the attention is block-causal in blocks of that many tokens, counted from
-    the start of the row (so frames line up with blocks only where the rows are laid out to match).
+    the start of the row (so frames line up with blocks only where the rows are laid out to match);
+    KV-cached generation ([`caption`][models.VideoTextLM.caption],
+    [`generate_video`][models.VideoTextLM.generate_video]) needs `causal_block_size=1`.
+
+    Single-example like every Equinox module: `__call__` maps `[seq]` tokens to `[seq, d_model]`
+    hidden states. Batches come from [`global_packed_batches`][data_pipelines.global_packed_batches]
+    or [`packed_batches`][data_pipelines.packed_batches] over
+    [`video_text_examples`][data_pipelines.video_text_examples].
     """
 
     transformer: RingTransformer
@@ -83,7 +114,19 @@ class VideoTextLM(eqx.Module):
 
     def __init__(self, config: VideoTextConfig, *, mesh: Mesh | None = None, head_axis: str | None = None,
                  key: PRNGKeyArray):
-        """**Arguments:** the `config`, an optional `mesh` (and `head_axis`) to run the ring on, and a PRNG `key`."""
+        """Build the model with freshly initialised weights (the LM head is never tied to the embedding).
+
+        **Arguments:**
+
+        - `config`: the [`VideoTextConfig`][models.VideoTextConfig].
+        - `mesh`: a mesh with an `"sp"` axis to run the ring attention over, or `None` (the default)
+          for one device. The weights are not placed on it: use
+          [`shard_params`][eqx_ring.sharding.shard_params].
+        - `head_axis`: a mesh axis to split the attention heads over (tensor parallelism), or `None`.
+        - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only argument.)
+
+        **Raises:** `ValueError` if `config.text_loss_weight` is outside `[0, 1]`.
+        """
         if not 0.0 <= config.text_loss_weight <= 1.0:
             raise ValueError(f"text_loss_weight must lie in [0, 1], got {config.text_loss_weight}")
         c = config
@@ -104,19 +147,45 @@ class VideoTextLM(eqx.Module):
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
     ) -> Float[Array, "seq d_model"]:
-        """Final hidden states; arguments as [`RingTransformer`][eqx_ring.RingTransformer]."""
+        """Final (normalised) hidden states of one sequence, as
+        [`RingTransformer.__call__`][eqx_ring.RingTransformer.__call__].
+
+        **Arguments:**
+
+        - `tokens`: token ids `[seq]` (text ids and `text_vocab_size + code`), in the config's
+          `layout` order.
+        - `positions`: each token's RoPE position `[seq]` (e.g. restarting in every packed segment);
+          `None`: its position in natural order, given the layout.
+        - `segment_ids`: `[seq]` ids of packed examples, which attend only within themselves; `None`:
+          one example.
+        - `key`, `inference`: ignored (there is no dropout); for compatibility with the Equinox API.
+
+        **Returns:** the hidden states, `[seq, d_model]`.
+        """
         return self.transformer(tokens, positions=positions, segment_ids=segment_ids)
 
     def loss(
         self, batch: dict[str, Array], *, spmd_axis_name: tuple[str, ...] | None = None
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-        """LWM's per-modality loss of a batch of packed rows (`[batch, seq]` arrays from `data_pipelines`).
+        """LWM's per-modality loss of a batch of packed rows, never building the `[seq, vocab]` logits.
 
-        Uses `tokens`, `positions`, `segment_ids`, `targets`, `target_mask` and `target_vision_mask`
-        (all in the model's layout; targets were taken in natural order, so nothing is shifted here).
-        Pass `spmd_axis_name=("dp", "fsdp")` on a mesh.
+        The targets were taken in natural order before any ring layout (as
+        [`packed_batches`][data_pipelines.packed_batches] and
+        [`global_packed_batches`][data_pipelines.global_packed_batches] make them), so nothing is
+        shifted here. Its `(loss, metrics)` is what [`train`][models.train]'s `loss_fn` returns.
 
-        **Returns:** `(loss, {"text_loss": ..., "vision_loss": ...})`.
+        **Arguments:**
+
+        - `batch`: `[batch, seq]` arrays `"tokens"`, `"positions"`, `"segment_ids"`, `"targets"`
+          (int), `"target_mask"` (bool: which targets count) and `"target_vision_mask"` (bool: which
+          targets are vision tokens), all in the config's `layout` order; other keys are ignored.
+        - `spmd_axis_name`: the mesh's data axes (`("dp", "fsdp")`, i.e.
+          [`BATCH_AXES`][eqx_ring.sharding.BATCH_AXES]) when the model is on a mesh, so that each
+          data shard keeps its own rows; `None` (the default) without a mesh.
+
+        **Returns:** `(loss, {"text_loss": ..., "vision_loss": ...})`, float32 scalars: the mean
+        cross-entropy over the trained text targets, over the trained vision targets (0 when there
+        are none), and `loss = text_loss_weight · text_loss + (1 − text_loss_weight) · vision_loss`.
         """
 
         hidden = batch_hidden(self.transformer, batch, spmd_axis_name)
@@ -135,12 +204,29 @@ class VideoTextLM(eqx.Module):
         self, codes: Int[ArrayLike, "batch frames codes"], tokenizer: SpecialIds, *, max_length: int = 48,
         temperature: float = 0.0, key: PRNGKeyArray | None = None,
     ) -> list[np.ndarray]:
-        """Captions for videos given as codes (e.g. `VideoVQ.encode`): the text ids of each, without `<eos>`.
+        """Captions for videos given as codes (e.g. [`VideoVQ.encode`][models.VideoVQ.encode]): the text ids of
+        each, without `<eos>`.
 
         The prompt is `<bos>` and the video in the LWM layout; at most `max_length` text tokens are
         generated by [`generate`][models.generate] (on the model's mesh, if it has one), only text
-        ids and `<eos>` are allowed, and decoding stops at `<eos>`. `temperature=0` is greedy.
-        Decode with `tokenizer.decode`.
+        ids and `<eos>` are allowed, and decoding stops at `<eos>`. Call it outside `jit`.
+
+        **Arguments:**
+
+        - `codes`: the videos' codes, `[batch, frames, codes]` = `[batch, num_frames,
+          codes_per_frame]`, values in `[0, codebook_size)`.
+        - `tokenizer`: the text tokenizer the model was trained with (a
+          [`Tokenizer`][data_pipelines.Tokenizer], e.g. [`ByteTokenizer`][data_pipelines.ByteTokenizer]),
+          for its special ids and `vocab_size`.
+        - `max_length`: the most text tokens to generate per video.
+        - `temperature`: 0 (the default) is greedy; otherwise sample at this temperature with `key`.
+        - `key`: a `jax.random.PRNGKey`; required when `temperature > 0`.
+
+        **Returns:** one int32 NumPy array `[length]` per video, `length <= max_length`: the caption's
+        ids, cut before the first `<eos>`. Decode with `tokenizer.decode`.
+
+        **Raises:** `ValueError` if `codes` does not have that shape, and as [`generate`][models.generate]
+        (e.g. `causal_block_size != 1`).
         """
         c = self.config
         codes = np.asarray(codes, np.int32)
@@ -163,10 +249,26 @@ class VideoTextLM(eqx.Module):
         self, caption_ids: Sequence[Int[ArrayLike, " _text"]], tokenizer: SpecialIds, *, temperature: float = 0.0,
         key: PRNGKeyArray | None = None,
     ) -> Int[Array, "batch frames codes"]:
-        """Videos, as codes (decode them with `VideoVQ.decode`), generated from tokenized captions.
+        """Videos, as codes (decode them with [`VideoVQ.decode`][models.VideoVQ.decode]), generated from
+        tokenized captions.
 
         The prompt is `<bos> caption <vision>` (captions may differ in length); code positions allow
-        only vision codes, and the `<eof>` / `<eov>` markers are placed, not sampled.
+        only vision codes, and the `<eof>` / `<eov>` markers are placed, not sampled. Runs
+        [`generate`][models.generate] (on the model's mesh, if it has one); call it outside `jit`.
+
+        **Arguments:**
+
+        - `caption_ids`: each caption's text ids `[_text]`, without `<bos>`/`<eos>` (e.g.
+          `tokenizer.encode(text)`).
+        - `tokenizer`: the text tokenizer the model was trained with (a
+          [`Tokenizer`][data_pipelines.Tokenizer]), for its special ids.
+        - `temperature`: 0 (the default) is greedy; otherwise sample at this temperature with `key`.
+        - `key`: a `jax.random.PRNGKey`; required when `temperature > 0`.
+
+        **Returns:** the codes, int32 `[batch, frames, codes]` = `[len(caption_ids), num_frames,
+        codes_per_frame]`, values in `[0, codebook_size)`.
+
+        **Raises:** `ValueError` as [`generate`][models.generate] (e.g. `causal_block_size != 1`).
         """
         c = self.config
         batch = len(caption_ids)

@@ -10,7 +10,17 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 
 @dataclass(frozen=True)
 class VQConfig:
-    """Hyperparameters of a [`VideoVQ`][models.VideoVQ]; JSON-serialisable."""
+    """Hyperparameters of a [`VideoVQ`][models.VideoVQ]; JSON-serialisable (`dataclasses.asdict`).
+
+    **Arguments:**
+
+    - `frame_size`: the side of the square RGB frames, in pixels; `patch` must divide it.
+    - `patch`: the side of the square pixel cells that each become one code.
+    - `hidden`: the width of the encoder's and decoder's hidden layer.
+    - `codebook_size`: how many codes there are.
+    - `code_dim`: the width of each codebook vector.
+    - `commitment`: β, the weight of the commitment loss in [`vq_loss`][models.vq_loss].
+    """
 
     frame_size: int = 32
     patch: int = 4
@@ -21,12 +31,26 @@ class VQConfig:
 
     @property
     def grid(self) -> int:
-        """Codes per frame side: `frame_size / patch`."""
+        """Codes per frame side: a frame becomes `grid × grid` codes.
+
+        **Returns:** `frame_size // patch`, an `int`.
+        """
         return self.frame_size // self.patch
 
 
 class VQOutput(eqx.Module):
-    """What [`VideoVQ.__call__`][models.VideoVQ.__call__] returns for one video."""
+    """What [`VideoVQ.__call__`][models.VideoVQ.__call__] returns for one video.
+
+    **Arguments:**
+
+    - `reconstruction`: the decoded frames, `[frames, 3, size, size]` in `[-1, 1]` units (not clipped);
+      the gradient reaches the encoder through the straight-through estimator.
+    - `codes`: each cell's code, int `[frames, grid, grid]`.
+    - `codebook_loss`: the mean squared distance from the (fixed) encoder outputs to their codebook
+      vectors: it trains the codebook. A scalar.
+    - `commitment_loss`: the same distance with the codebook vectors fixed: it trains the encoder.
+      A scalar.
+    """
 
     reconstruction: Float[Array, "frames 3 size size"]
     codes: Int[Array, "frames grid grid"]
@@ -61,11 +85,32 @@ class VideoVQ(eqx.Module):
     stride `patch`, computed as one matmul), mixed by a residual 3 × 3 convolution over the
     `grid × grid` cells, and each cell quantised to one of `codebook_size` codes; the decoder
     mirrors it. Training uses the straight-through estimator with the VQ-VAE codebook and
-    commitment losses (`vq_loss`); codes that fall out of use can be restarted at encoder outputs
-    (`restart_dead_codes`). `encode` / `decode` work on uint8 video.
+    commitment losses ([`vq_loss`][models.vq_loss]); codes that fall out of use can be restarted at
+    encoder outputs ([`restart_dead_codes`][models.VideoVQ.restart_dead_codes]). `encode` / `decode`
+    work on uint8 video.
 
     Patches rather than overlapping strided convolutions: XLA:CPU runs the backward pass of strided
     and transposed convolutions slowly, and the demo trains this model on two CPU cores.
+
+    Every method works on one video (`[frames, ...]`); `jax.vmap` for a batch. Frames in float are
+    `[frames, 3, size, size]` (channels first) in `[-1, 1]`; uint8 video is `[frames, size, size, 3]`
+    (channels last), where `size` is `frame_size`.
+
+    **Example:**
+
+    ```python
+    import jax
+    import jax.numpy as jnp
+    import models
+
+    config = models.VQConfig(frame_size=16, patch=4, hidden=16, codebook_size=8, code_dim=4)
+    vq = models.VideoVQ(config, key=jax.random.key(0))
+    video = jnp.zeros((2, 16, 16, 3), jnp.uint8)  # [frames, size, size, 3]
+    codes = vq.encode(video)
+    assert codes.shape == (2, config.grid**2) and codes.dtype == jnp.int32  # [frames, codes]
+    decoded = vq.decode(codes)
+    assert decoded.shape == video.shape and decoded.dtype == jnp.uint8  # [frames, size, size, 3]
+    ```
     """
 
     encoder: _Coder
@@ -74,7 +119,15 @@ class VideoVQ(eqx.Module):
     config: VQConfig = eqx.field(static=True)
 
     def __init__(self, config: VQConfig, *, key: PRNGKeyArray):
-        """**Arguments:** the `config` and a PRNG `key`."""
+        """Build the model with freshly initialised weights (codebook vectors uniform in `[-1, 1]`).
+
+        **Arguments:**
+
+        - `config`: the [`VQConfig`][models.VQConfig].
+        - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only argument.)
+
+        **Raises:** `ValueError` if `config.patch` does not divide `config.frame_size`.
+        """
         if config.frame_size % config.patch:
             raise ValueError(f"frame_size={config.frame_size} must be divisible by patch={config.patch}")
         ek, dk, ck = jax.random.split(key, 3)
@@ -93,7 +146,14 @@ class VideoVQ(eqx.Module):
         return cells.reshape(f, g, g, 3, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(f, 3, g * p, g * p)
 
     def encode_latents(self, frames: Float[Array, "frames 3 size size"]) -> Float[Array, "frames grid grid dim"]:
-        """The encoder's continuous output for frames in `[-1, 1]`, before quantisation."""
+        """The encoder's continuous output for frames in `[-1, 1]`, before quantisation.
+
+        **Arguments:**
+
+        - `frames`: float frames `[frames, 3, size, size]` in `[-1, 1]`.
+
+        **Returns:** one `code_dim` vector per cell, `[frames, grid, grid, dim]` (`dim` = `code_dim`).
+        """
         return jax.vmap(self.encoder)(self._cells(frames))
 
     def _nearest(self, z: Float[Array, "*cells dim"]) -> Int[Array, "*cells"]:
@@ -101,7 +161,15 @@ class VideoVQ(eqx.Module):
         return distance.argmin(-1)
 
     def __call__(self, frames: Float[Array, "frames 3 size size"]) -> VQOutput:
-        """Quantise and reconstruct frames scaled to `[-1, 1]`; returns a [`VQOutput`][models.VQOutput]."""
+        """Quantise and reconstruct frames scaled to `[-1, 1]`, with the straight-through estimator.
+
+        **Arguments:**
+
+        - `frames`: float frames `[frames, 3, size, size]` in `[-1, 1]`.
+
+        **Returns:** a [`VQOutput`][models.VQOutput]: the reconstruction `[frames, 3, size, size]`,
+        the codes `[frames, grid, grid]` and the codebook and commitment losses (scalars).
+        """
         with jax.named_scope("models.VideoVQ"):
             z = self.encode_latents(frames)
             codes = self._nearest(z)
@@ -113,12 +181,26 @@ class VideoVQ(eqx.Module):
             return VQOutput(reconstruction, codes, codebook_loss, commitment_loss)
 
     def encode(self, video: UInt8[Array, "frames size size 3"]) -> Int[Array, "frames codes"]:
-        """uint8 video → int32 codes, `grid²` per frame, row-major."""
+        """uint8 video → int32 codes, `grid²` per frame, row-major.
+
+        **Arguments:**
+
+        - `video`: one video, uint8 `[frames, size, size, 3]`.
+
+        **Returns:** the codes, int32 `[frames, codes]` (`codes` = `grid²`), values in `[0, codebook_size)`.
+        """
         codes = self._nearest(self.encode_latents(to_unit(video)))
         return codes.reshape(video.shape[0], -1).astype(jnp.int32)
 
     def decode(self, codes: Int[Array, "frames codes"]) -> UInt8[Array, "frames size size 3"]:
-        """Codes → uint8 video."""
+        """Codes → uint8 video: the inverse of [`encode`][models.VideoVQ.encode] up to the quantisation.
+
+        **Arguments:**
+
+        - `codes`: int `[frames, codes]` (`codes` = `grid²`, row-major), values in `[0, codebook_size)`.
+
+        **Returns:** the video, uint8 `[frames, size, size, 3]` (values clipped to `[0, 255]`).
+        """
         g = self.config.grid
         return from_unit(self._frames(jax.vmap(self.decoder)(self.codebook[codes.reshape(-1, g, g)])))
 
@@ -127,7 +209,18 @@ class VideoVQ(eqx.Module):
         threshold: float = 1e-3,
     ) -> "VideoVQ":
         """A copy whose codes with `usage` below `threshold` (fraction of recent assignments) are moved onto
-        encoder outputs of `frames` drawn at random, so every code can be used again."""
+        encoder outputs of `frames` drawn at random, so every code can be used again.
+
+        **Arguments:**
+
+        - `usage`: the fraction of assignments each code got, `[codebook_size]` (e.g. `vq_loss`'s
+          `"usage"` metric, possibly averaged over steps).
+        - `frames`: float frames `[frames, 3, size, size]` in `[-1, 1]` to draw encoder outputs from.
+        - `key`: a `jax.random.PRNGKey` for the draws.
+        - `threshold`: codes with `usage < threshold` are restarted; default `1e-3`.
+
+        **Returns:** a new `VideoVQ` with the same encoder and decoder and the restarted codebook.
+        """
         flat = self.encode_latents(frames).reshape(-1, self.config.code_dim)
         picks = flat[jax.random.randint(key, (self.config.codebook_size,), 0, flat.shape[0])]
         codebook = jnp.where((usage < threshold)[:, None], picks, self.codebook)
@@ -147,8 +240,18 @@ def from_unit(x: Float[Array, "*frames 3 size size"]) -> UInt8[Array, "*frames s
 def vq_loss(model: VideoVQ, video: UInt8[Array, "batch frames size size 3"]) -> tuple[Float[Array, ""], dict]:
     """VQ-VAE training loss of a uint8 video batch: reconstruction MSE + codebook + β · commitment.
 
-    **Returns:** `(loss, metrics)` with `"reconstruction"` (MSE in `[-1, 1]` units), `"usage"` (the
-    fraction of assignments each code got, `[codebook_size]`) and `"perplexity"` of the code histogram.
+    The frames of every video are encoded together, in the codebook's dtype. `"usage"` is not a
+    scalar: [`train`][models.train] logs every metric with `float`, so drop it in the `loss_fn`
+    given to `train`.
+
+    **Arguments:**
+
+    - `model`: the [`VideoVQ`][models.VideoVQ] (β is its `config.commitment`).
+    - `video`: uint8 videos `[batch, frames, size, size, 3]`.
+
+    **Returns:** `(loss, metrics)`: the scalar loss, and `"reconstruction"` (MSE in `[-1, 1]` units),
+    `"usage"` (the fraction of assignments each code got, `[codebook_size]`) and `"perplexity"`
+    (the exponential of the entropy of that histogram; a scalar).
     """
     frames = to_unit(video.reshape(-1, *video.shape[2:])).astype(model.codebook.dtype)
     out = model(frames)

@@ -21,11 +21,18 @@ REGISTRY: dict[str, tuple[type, Callable[..., Any]]] = {
     "VideoTextLM": (VideoTextLM, VideoTextConfig),
     "VideoVQ": (VideoVQ, VQConfig),
 }
-"""The classes `load` can rebuild, by name: `(class, config class)`."""
+"""The classes [`load`][models.load] can rebuild, by class name: `(class, config class)`.
+
+`"RingLM"`: ([`RingLM`][models.RingLM], [`LMConfig`][models.LMConfig]); `"VideoTextLM"`:
+([`VideoTextLM`][models.VideoTextLM], [`VideoTextConfig`][models.VideoTextConfig]); `"VideoVQ"`:
+([`VideoVQ`][models.VideoVQ], [`VQConfig`][models.VQConfig]). [`save`][models.save] records
+`type(model).__name__`, so a model of another class can be saved but not loaded.
+"""
 
 
 class ZooIntegrityError(ValueError):
-    """A zoo weights file whose SHA-256 is not the one its JSON records (tampered or corrupt)."""
+    """Raised by [`load`][models.load] for a zoo weights file whose SHA-256 is not the one its JSON
+    records (tampered or corrupt); a subclass of `ValueError`."""
 
 
 def _sha256(path: str) -> str:
@@ -37,11 +44,35 @@ def _sha256(path: str) -> str:
 
 
 def save(path: str | os.PathLike, model: eqx.Module) -> tuple[str, str]:
-    """Write `model` as `{path}.json` (class, config, SHA-256) and `{path}.eqx` (weights); returns both paths.
+    """Write `model` as `{path}.json` (class, config, SHA-256) and `{path}.eqx` (weights).
 
-    The model must have a dataclass `config` from which `type(model)(config, key=...)` rebuilds it.
-    With several processes every process calls `save`; arrays split across processes are gathered,
-    process 0 writes the files, and all return once they are written.
+    The model must have a dataclass `config` from which `type(model)(config, key=...)` rebuilds it
+    (the classes of [`REGISTRY`][models.REGISTRY]; [`load`][models.load] reads the files back).
+    Existing files are overwritten. With several processes every process calls `save`; arrays
+    split across processes are gathered, process 0 writes the files, and all return once they
+    are written.
+
+    **Arguments:**
+
+    - `path`: the files' path without extension: `.json` and `.eqx` are appended to it.
+    - `model`: the model to save.
+
+    **Returns:** `(json_path, weights_path)`, the two paths written, as strings.
+
+    **Example:**
+
+    ```python
+    import tempfile
+    import jax
+    import jax.numpy as jnp
+    import models
+
+    model = models.VideoVQ(models.VQConfig(frame_size=8, hidden=8, codebook_size=4, code_dim=2), key=jax.random.key(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path, weights_path = models.save(f"{tmp}/vq", model)
+        loaded = models.load(json_path)
+    assert loaded.config == model.config and jnp.array_equal(loaded.codebook, model.codebook)
+    ```
     """
     base = os.fspath(path)
     weights = base + ".eqx"
@@ -74,10 +105,21 @@ def _write(base: str, weights: str, model: eqx.Module) -> None:
 def load(path: str | os.PathLike, **build_kwargs: Any) -> eqx.Module:
     """Load what [`save`][models.save] wrote: check the weights' SHA-256, then fill a shape-only skeleton.
 
-    The class must be in `REGISTRY`; `build_kwargs` (e.g. `mesh=`) go to its constructor. The skeleton
-    is built with `eqx.filter_eval_shape`, so no weights are initialised.
+    The class must be in [`REGISTRY`][models.REGISTRY]. The skeleton is built with
+    `eqx.filter_eval_shape`, so no weights are initialised; the weights are read onto the default
+    device (with a `mesh=`, place them with [`shard_params`][eqx_ring.sharding.shard_params]).
 
-    **Raises:** `ZooIntegrityError` if the weights file's hash differs from the JSON's.
+    **Arguments:**
+
+    - `path`: the path given to [`save`][models.save], or its `.json` file.
+    - `**build_kwargs`: keyword arguments for the class's constructor besides `config` and `key`,
+      e.g. `mesh=` and `head_axis=` for [`RingLM`][models.RingLM] and
+      [`VideoTextLM`][models.VideoTextLM].
+
+    **Returns:** the model, of the class the JSON names, with the saved config and weights.
+
+    **Raises:** [`ZooIntegrityError`][models.ZooIntegrityError] if the weights file's hash differs
+    from the JSON's; `ValueError` if the JSON is not a zoo file or names a class not in `REGISTRY`.
     """
     base = os.fspath(path).removesuffix(".json")
     with open(base + ".json", encoding="utf-8") as f:
