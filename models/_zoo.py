@@ -54,7 +54,8 @@ def save(path: str | os.PathLike, model: eqx.Module) -> tuple[str, str]:
 
     **Arguments:**
 
-    - `path`: the files' path without extension: `.json` and `.eqx` are appended to it.
+    - `path`: the files' path without extension: `.json` and `.eqx` are appended to it (a `.json` ending
+      is dropped first, so `save` and [`load`][models.load] take the same paths).
     - `model`: the model to save.
 
     **Returns:** `(json_path, weights_path)`, the two paths written, as strings.
@@ -74,7 +75,7 @@ def save(path: str | os.PathLike, model: eqx.Module) -> tuple[str, str]:
     assert loaded.config == model.config and jnp.array_equal(loaded.codebook, model.codebook)
     ```
     """
-    base = os.fspath(path)
+    base = os.fspath(path).removesuffix(".json")  # as `load` reads it
     weights = base + ".eqx"
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -68,6 +68,8 @@ def test_vq_zoo_round_trip(tmp_path):
     json_path, _ = models.save(tmp_path / "vq", vq)
     loaded = models.load(json_path)
     np.testing.assert_array_equal(loaded.encode(video()[1]), vq.encode(video()[1]))
+    # save and load take the same paths, with or without the .json ending.
+    assert models.save(tmp_path / "vq.json", vq) == (json_path, str(tmp_path / "vq.eqx"))
 
 
 def test_each_code_sees_its_own_patch():
