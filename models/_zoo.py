@@ -55,7 +55,7 @@ def save(path: str | os.PathLike, model: eqx.Module) -> tuple[str, str]:
     **Arguments:**
 
     - `path`: the files' path without extension: `.json` and `.eqx` are appended to it (a `.json` ending
-      is dropped first, so `save` and [`load`][models.load] take the same paths).
+      is dropped first, so `save` and [`load`][models.load] take the same paths); missing folders are made.
     - `model`: the model to save.
 
     **Returns:** `(json_path, weights_path)`, the two paths written, as strings.
@@ -91,6 +91,7 @@ def save(path: str | os.PathLike, model: eqx.Module) -> tuple[str, str]:
 
 
 def _write(base: str, weights: str, model: eqx.Module) -> None:
+    os.makedirs(os.path.dirname(weights) or ".", exist_ok=True)
     eqx.tree_serialise_leaves(weights, model)
     meta = {
         "format": FORMAT,

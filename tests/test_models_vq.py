@@ -70,6 +70,7 @@ def test_vq_zoo_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.encode(video()[1]), vq.encode(video()[1]))
     # save and load take the same paths, with or without the .json ending.
     assert models.save(tmp_path / "vq.json", vq) == (json_path, str(tmp_path / "vq.eqx"))
+    assert models.load(models.save(tmp_path / "new" / "dir" / "vq", vq)[0]).config == vq.config
 
 
 def test_each_code_sees_its_own_patch():
