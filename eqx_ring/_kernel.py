@@ -26,6 +26,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array
 
+from . import _pallas
 from ._layout import shard_positions
 from ._masks import MaskSpec, classify, visible
 
@@ -33,7 +34,11 @@ _F32 = jnp.float32
 
 
 class Config(NamedTuple):
-    """Everything static about one attention call (hashable: it is a custom_vjp nondiff arg)."""
+    """Everything static about one attention call (hashable: it is a custom_vjp nondiff arg).
+
+    With `implementation="pallas"` one ring step is one fused kernel (`_pallas.py`) and the chunk
+    sizes are its tiles: `q_chunk`/`k_chunk` forward, `bwd_chunks` backward.
+    """
 
     spec: MaskSpec
     scale: float
@@ -41,6 +46,9 @@ class Config(NamedTuple):
     k_chunk: int
     axis_name: Hashable | None
     layout: str
+    implementation: str = "xla"
+    bwd_chunks: tuple[int, int] = (0, 0)
+    interpret: bool = False
 
 
 class KV(NamedTuple):
@@ -227,22 +235,9 @@ def _shift(tree, cfg: Config, n: int):
     return jax.tree.map(lambda x: lax.ppermute(x, cfg.axis_name, perm), tree)
 
 
-def _forward(cfg: Config, q, kv: KV, q_seg):
-    n, r = _ring_geometry(cfg)
-    b, lq, kh, g, d = q.shape
-    lk = kv.k.shape[1]
-    q_pos = shard_positions(r, lq, cfg.layout, n)
-    # full_like inherits q's varying mesh axes, so the carries type-check under shard_map.
-    state = (
-        jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq, d)),
-        jnp.full_like(q, -jnp.inf, _F32, shape=(b, kh, g, lq)),
-        jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq)),
-    )
-
-    def step(s, kv, state):
-        k_pos = shard_positions((r - s) % n, lk, cfg.layout, n)
-        return _fwd_sweep(cfg, q, q_pos, q_seg, kv, k_pos, state)
-
+def _ring_forward(cfg: Config, kv: KV, state, step):
+    """Fold every key/value block of the ring into `state` with `step(s, kv, state)`."""
+    n, _ = _ring_geometry(cfg)
     if n > 1:
 
         def body(carry, s):
@@ -251,33 +246,12 @@ def _forward(cfg: Config, q, kv: KV, q_seg):
             return (nxt, step(s, kv, state)), None
 
         (kv, state), _ = lax.scan(body, (kv, state), jnp.arange(n - 1))
-    acc, m, l = step(n - 1, kv, state)
-    seen = l > 0
-    l_safe = jnp.where(seen, l, 1.0)
-    o = (acc / l_safe[..., None]).transpose(0, 3, 1, 2, 4)
-    lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
-    return o, lse
+    return step(n - 1, kv, state)
 
 
-def _backward(cfg: Config, q, kv: KV, q_seg, o, lse, do):
-    n, r = _ring_geometry(cfg)
-    b, lq, kh, g, d = q.shape
-    lk = kv.k.shape[1]
-    q_pos = shard_positions(r, lq, cfg.layout, n)
-    delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(_F32), o.astype(_F32))
-    # Rows that saw no key have lse = -inf and every score -inf; shifting by 0 keeps p at 0.
-    lse = jnp.where(lse == -jnp.inf, 0.0, lse)
-    dq = jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq, d))
-    dkv = (
-        jnp.full_like(kv.k, 0.0, _F32, shape=(b, kh, d, lk)),
-        jnp.full_like(kv.v, 0.0, _F32, shape=(b, kh, d, lk)),
-        _opt(jnp.full_like, kv.bias, 0.0, _F32),
-    )
-
-    def step(s, kv, dq, dkv):
-        k_pos = shard_positions((r - s) % n, lk, cfg.layout, n)
-        return _bwd_sweep(cfg, q, q_pos, q_seg, do, lse, delta, kv, k_pos, dq, dkv)
-
+def _ring_backward(cfg: Config, kv: KV, dq, dkv, step):
+    """Run `step(s, kv, dq, dkv)` on every block; each block's `dkv` travels with it and comes home."""
+    n, _ = _ring_geometry(cfg)
     if n > 1:
 
         def body(carry, s):
@@ -291,7 +265,78 @@ def _backward(cfg: Config, q, kv: KV, q_seg, o, lse, do):
     dq, dkv = step(n - 1, kv, dq, dkv)
     if n > 1:
         dkv = _shift(dkv, cfg, n)  # the last hop brings each block's gradients home
-    dk_t, dv_t, db = dkv
+    return dq, dkv
+
+
+def _forward(cfg: Config, q, kv: KV, q_seg):
+    n, r = _ring_geometry(cfg)
+    b, lq, kh, g, d = q.shape
+    lk = kv.k.shape[1]
+    q_pos = shard_positions(r, lq, cfg.layout, n)
+
+    def k_pos(s):
+        return shard_positions((r - s) % n, lk, cfg.layout, n)
+
+    if cfg.implementation == "pallas":
+
+        def fused(s, kv, state):
+            step = _pallas.forward(q, kv.k, kv.v, q_pos, k_pos(s), q_seg, kv.seg, kv.bias, spec=cfg.spec,
+                                   scale=cfg.scale, block_q=cfg.q_chunk, block_k=cfg.k_chunk, interpret=cfg.interpret)
+            return _pallas.merge(*state, *step)
+
+        empty = (jnp.full_like(q, 0.0, _F32), jnp.full_like(q, -jnp.inf, _F32, shape=(b, kh, g, lq)))
+        return _ring_forward(cfg, kv, empty, fused)
+
+    # full_like inherits q's varying mesh axes, so the carries type-check under shard_map.
+    state = (
+        jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq, d)),
+        jnp.full_like(q, -jnp.inf, _F32, shape=(b, kh, g, lq)),
+        jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq)),
+    )
+    acc, m, l = _ring_forward(cfg, kv, state, lambda s, kv, st: _fwd_sweep(cfg, q, q_pos, q_seg, kv, k_pos(s), st))
+    seen = l > 0
+    l_safe = jnp.where(seen, l, 1.0)
+    o = (acc / l_safe[..., None]).transpose(0, 3, 1, 2, 4)
+    lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+    return o, lse
+
+
+def _backward(cfg: Config, q, kv: KV, q_seg, o, lse, do):
+    n, r = _ring_geometry(cfg)
+    b, lq, kh, g, d = q.shape
+    lk = kv.k.shape[1]
+    q_pos = shard_positions(r, lq, cfg.layout, n)
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(_F32), o.astype(_F32))
+
+    def k_pos(s):
+        return shard_positions((r - s) % n, lk, cfg.layout, n)
+
+    if cfg.implementation == "pallas":
+
+        def fused(s, kv, dq, dkv):
+            bq, bk = cfg.bwd_chunks
+            dq_s, *dkv_s = _pallas.backward(q, kv.k, kv.v, q_pos, k_pos(s), q_seg, kv.seg, kv.bias, do, lse, delta,
+                                            spec=cfg.spec, scale=cfg.scale, block_q=bq, block_k=bk,
+                                            interpret=cfg.interpret)
+            return dq + dq_s, tuple(_opt(jnp.add, a, x) for a, x in zip(dkv, dkv_s, strict=True))
+
+        zeros = tuple(_opt(jnp.full_like, x, 0.0, _F32) for x in (kv.k, kv.v, kv.bias))
+        dq, (dk, dv, db) = _ring_backward(cfg, kv, jnp.full_like(q, 0.0, _F32), zeros, fused)
+        return dq, dk, dv, db
+
+    # Rows that saw no key have lse = -inf and every score -inf; shifting by 0 keeps p at 0.
+    lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+    dq = jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq, d))
+    dkv = (
+        jnp.full_like(kv.k, 0.0, _F32, shape=(b, kh, d, lk)),
+        jnp.full_like(kv.v, 0.0, _F32, shape=(b, kh, d, lk)),
+        _opt(jnp.full_like, kv.bias, 0.0, _F32),
+    )
+
+    def step(s, kv, dq, dkv):
+        return _bwd_sweep(cfg, q, q_pos, q_seg, do, lse, delta, kv, k_pos(s), dq, dkv)
+
+    dq, (dk_t, dv_t, db) = _ring_backward(cfg, kv, dq, dkv, step)
     dq = (dq * cfg.scale).transpose(0, 3, 1, 2, 4)
     return dq, (dk_t * cfg.scale).transpose(0, 3, 1, 2), dv_t.transpose(0, 3, 1, 2), db
 

@@ -2,6 +2,7 @@
 
 from collections.abc import Hashable
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
@@ -10,9 +11,51 @@ from ._checks import check_chunk, check_mask_args, check_qkv
 from ._kernel import Config, attention
 from ._layout import check_layout
 
+IMPLEMENTATIONS = ("xla", "pallas")
+# The fused kernel's tiles (forward q, k; backward q, k), for an H100; a shorter sequence takes the
+# largest power of two that divides it.
+_PALLAS_TILES = (128, 64, 64, 64)
+
+
+def _pallas_tile(preferred: int, length: int, interpret: bool) -> int | None:
+    """The largest power-of-two tile (>= 16, Triton's smallest dot) up to `preferred` dividing `length`.
+
+    Interpreted (off GPU) any tile works, so a short sequence is one tile.
+    """
+    tile = preferred
+    while tile >= 16:
+        if length % tile == 0:
+            return tile
+        tile //= 2
+    return min(preferred, length) if interpret and length % min(preferred, length) == 0 else None
+
+
+def _pallas_config(implementation: str | None, q_len: int, kv_len: int, head_dim: int):
+    """The tiles and interpret flag of the fused path, or None for the XLA path.
+
+    `None` picks the fused kernel on GPU when the shapes suit Triton; off GPU, an explicit
+    "pallas" runs the same kernels in Pallas's interpreter (slow; for tests).
+    """
+    if implementation not in (None, *IMPLEMENTATIONS):
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    on_gpu = jax.default_backend() == "gpu"
+    if implementation == "xla" or (implementation is None and not on_gpu):
+        return None
+    interpret = not on_gpu
+    tiles = tuple(_pallas_tile(t, n, interpret) for t, n in zip(_PALLAS_TILES, (q_len, kv_len) * 2, strict=True))
+    fits = None not in tiles and (interpret or (head_dim >= 16 and head_dim & (head_dim - 1) == 0))
+    if fits:
+        return tiles, interpret
+    if implementation is None:
+        return None
+    raise ValueError(
+        f'implementation="pallas" needs a head_dim that is a power of two >= 16 (got {head_dim}) and local sequence '
+        f"lengths divisible by 16 or more (got q_seq={q_len}, kv_seq={kv_len}); use implementation=\"xla\""
+    )
+
 
 def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, segment_ids, kv_segment_ids,
-         key_bias, sliding_window, scale, query_chunk_size, key_chunk_size):
+         key_bias, sliding_window, scale, query_chunk_size, key_chunk_size, implementation):
     dims = check_qkv(q, k, v)
     spec, q_seg, k_seg, bias = check_mask_args(
         dims,
@@ -27,14 +70,21 @@ def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, s
     # A zigzag shard holds two far-apart halves; a chunk inside one half keeps causal skipping exact.
     halves = 2 if layout == "zigzag" and num_shards > 1 else 1
     where = where if halves == 1 else f"{where}/2 (one zigzag half)"
-    cfg = Config(
-        spec=spec,
-        scale=float(dims.head_dim**-0.5 if scale is None else scale),
-        q_chunk=check_chunk("query_chunk_size", query_chunk_size, dims.q_len // halves, f"q_seq{where}"),
-        k_chunk=check_chunk("key_chunk_size", key_chunk_size, dims.kv_len // halves, f"kv_seq{where}"),
-        axis_name=axis_name,
-        layout=layout,
-    )
+    scale = float(dims.head_dim**-0.5 if scale is None else scale)
+    fused = _pallas_config(implementation, dims.q_len // halves, dims.kv_len // halves, dims.head_dim)
+    if fused is None:
+        cfg = Config(
+            spec=spec,
+            scale=scale,
+            q_chunk=check_chunk("query_chunk_size", query_chunk_size, dims.q_len // halves, f"q_seq{where}"),
+            k_chunk=check_chunk("key_chunk_size", key_chunk_size, dims.kv_len // halves, f"kv_seq{where}"),
+            axis_name=axis_name,
+            layout=layout,
+        )
+    else:
+        (fwd_q, fwd_k, bwd_q, bwd_k), interpret = fused
+        cfg = Config(spec=spec, scale=scale, q_chunk=fwd_q, k_chunk=fwd_k, axis_name=axis_name, layout=layout,
+                     implementation="pallas", bwd_chunks=(bwd_q, bwd_k), interpret=interpret)
     b = -1 if dims.batch else 1
     groups = dims.q_heads // dims.kv_heads
     qi = q.reshape(b, dims.q_len, dims.kv_heads, groups, dims.head_dim)
@@ -64,6 +114,7 @@ def blockwise_attention(
     scale: float | None = None,
     query_chunk_size: int = 512,
     key_chunk_size: int = 512,
+    implementation: str | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention on one device in O(chunk²) extra memory (Blockwise Parallel Transformer).
 
@@ -97,6 +148,13 @@ def blockwise_attention(
       the sequence is shortened to it).
     - `key_chunk_size`: keys per chunk (default 512); must divide `kv_seq`, likewise. Larger chunks
       run faster and use O(query_chunk_size · key_chunk_size · heads) more temporary memory.
+    - `implementation`: `"xla"` (the blockwise loop above, any backend), `"pallas"` (one fused
+      Pallas kernel per ring step, forward and backward, lowered to Triton on GPU; its tiles are
+      128 × 64 forward and 64 × 64 backward, or the largest power of two dividing a shorter
+      sequence, and the chunk sizes above do not apply; off GPU it runs in Pallas's interpreter,
+      which is slow and meant for tests), or `None` (default): `"pallas"` on a GPU when `head_dim`
+      is a power of two >= 16 and the local sequence splits into tiles of 16 or more, `"xla"`
+      otherwise. Both give the same result.
 
     **Returns:**
 
@@ -104,7 +162,8 @@ def blockwise_attention(
 
     **Raises:**
 
-    `ValueError` if a chunk size does not divide its sequence length, and the errors of
+    `ValueError` if a chunk size does not divide its sequence length, or for an
+    `implementation="pallas"` the shapes do not suit; and the errors of
     [`dot_product_attention`][eqx_ring.dot_product_attention] for bad shapes, dtypes or masks.
 
     **Example:**
@@ -122,7 +181,7 @@ def blockwise_attention(
     return _run(q, k, v, axis_name=None, num_shards=1, layout="contiguous", causal=causal,
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
-                query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size)
+                query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation)
 
 
 def ring_attention(
@@ -142,6 +201,7 @@ def ring_attention(
     scale: float | None = None,
     query_chunk_size: int = 512,
     key_chunk_size: int = 512,
+    implementation: str | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention over a sequence split across the devices of mesh axis `axis_name`.
 
@@ -184,6 +244,13 @@ def ring_attention(
     - `query_chunk_size`: queries per chunk (default 512); must divide the local `q_seq`, or half
       of it with `layout="zigzag"` on more than one device (a longer chunk is shortened to it).
     - `key_chunk_size`: keys per chunk (default 512); must divide the local `kv_seq` likewise.
+    - `implementation`: `"xla"` (the blockwise loop above, any backend), `"pallas"` (one fused
+      Pallas kernel per ring step, forward and backward, lowered to Triton on GPU; its tiles are
+      128 × 64 forward and 64 × 64 backward, or the largest power of two dividing a shorter
+      sequence, and the chunk sizes above do not apply; off GPU it runs in Pallas's interpreter,
+      which is slow and meant for tests), or `None` (default): `"pallas"` on a GPU when `head_dim`
+      is a power of two >= 16 and the local sequence splits into tiles of 16 or more, `"xla"`
+      otherwise. Both give the same result.
 
     **Returns:**
 
@@ -193,8 +260,9 @@ def ring_attention(
     **Raises:**
 
     `ValueError` if `axis_name` is not bound (not inside `shard_map` over it), if the layout is
-    unknown or does not split the global sequence over the devices, or if a chunk size does not
-    divide the local sequence; and the errors of
+    unknown or does not split the global sequence over the devices, if a chunk size does not
+    divide the local sequence, or for an `implementation="pallas"` the shapes do not suit; and the
+    errors of
     [`dot_product_attention`][eqx_ring.dot_product_attention] for bad shapes, dtypes or masks.
 
     **Example:**
@@ -230,4 +298,4 @@ def ring_attention(
     return _run(q, k, v, axis_name=axis_name, num_shards=n, layout=layout, causal=causal,
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
-                query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size)
+                query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation)

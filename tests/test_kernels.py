@@ -63,6 +63,48 @@ def test_blockwise_bf16(case):
           dtype=jnp.bfloat16, out_tol=2e-2, grad_tol=2e-2)
 
 
+# The fused Pallas path (issue 10), in Pallas's interpreter on CPU: the same checks as above. On a GPU the
+# tests above already run it, as implementation=None picks it there.
+PALLAS_CPU = jax.default_backend() != "gpu"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_blockwise_pallas(case):
+    check(lambda **s: partial(eqx_ring.blockwise_attention, implementation="pallas", **s), case)
+
+
+@pytest.mark.parametrize(("layout", "case"), [("zigzag", c) for c in CASES] + [
+    ("contiguous", "causal"), ("contiguous", "segments"), ("striped", "causal"), ("striped", "gqa")])
+def test_ring_pallas(layout, case):
+    check(lambda **s: ring_fn(4, layout, check_vma=not PALLAS_CPU, implementation="pallas", **s), case)
+
+
+@pytest.mark.parametrize("case", ["causal", "segments"])
+def test_pallas_bf16(case):
+    check(lambda **s: partial(eqx_ring.blockwise_attention, implementation="pallas", **s), case,
+          dtype=jnp.bfloat16, out_tol=2e-2, grad_tol=2e-2)
+    check(lambda **s: ring_fn(4, "zigzag", check_vma=not PALLAS_CPU, implementation="pallas", **s), case,
+          dtype=jnp.bfloat16, out_tol=2e-2, grad_tol=2e-2)
+
+
+def test_implementation_switch():
+    (q, k, v), _, _ = make_inputs("causal")
+
+    def kernels(**kw):
+        def loss(q):
+            return eqx_ring.blockwise_attention(q, k, v, causal=True, **kw).sum()
+
+        return "pallas_call" in str(jax.make_jaxpr(jax.grad(loss))(q))
+
+    assert kernels(implementation="pallas") and not kernels(implementation="xla")
+    assert kernels() == (jax.default_backend() == "gpu")  # the default follows the backend
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        eqx_ring.blockwise_attention(q, k, v, implementation="triton")
+    if not PALLAS_CPU:
+        with pytest.raises(ValueError, match="power of two"):
+            eqx_ring.blockwise_attention(q[..., :12], k[..., :12], v[..., :12], implementation="pallas")
+
+
 @pytest.mark.parametrize("cq", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("ck", [1, 3, 16])
 def test_blockwise_any_chunk_size(cq, ck):
