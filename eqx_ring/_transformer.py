@@ -242,6 +242,7 @@ class RingTransformer(eqx.Module):
         layout: str = "contiguous",
         query_chunk_size: int = 512,
         key_chunk_size: int = 512,
+        implementation: str | None = None,
         ffn_chunk_size: int = 2048,
         mesh: Mesh | None = None,
         seq_axis: str = "sp",
@@ -275,6 +276,7 @@ class RingTransformer(eqx.Module):
           must be in it (see [`to_layout`][eqx_ring.to_layout]).
         - `query_chunk_size`: attention: query block size (default 512).
         - `key_chunk_size`: attention: key block size (default 512).
+        - `implementation`: attention: the kernel, `"xla"`, `"pallas"` or `None` (default: by backend).
         - `ffn_chunk_size`: FFN: tokens per chunk (its `chunk_size`, default 2048).
         - `mesh`: attention: a mesh to run the ring over, or `None` (default) for one device.
         - `seq_axis`: attention: the mesh axis the sequence is split over (default `"sp"`).
@@ -302,8 +304,9 @@ class RingTransformer(eqx.Module):
             attention = RingAttention(
                 d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal,
                 causal_block_size=causal_block_size, sliding_window=sliding_window, rope_theta=rope_theta,
-                layout=layout, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, mesh=mesh,
-                seq_axis=seq_axis, head_axis=head_axis, dtype=dtype, key=ak,
+                layout=layout, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
+                implementation=implementation, mesh=mesh, seq_axis=seq_axis, head_axis=head_axis, dtype=dtype,
+                key=ak,
             )
             ffn = BlockwiseFFN(d_model, hidden_size, activation=activation, chunk_size=ffn_chunk_size, dtype=dtype,
                                key=fk)

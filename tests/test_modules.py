@@ -170,6 +170,21 @@ def test_ring_attention_gradients_equal_single_device():
     assert tree_rel_err(grads_of(ring, natural_order_ring, x), grads_of(single, lambda m, x: m(x), x)) <= 1e-5
 
 
+def test_fused_kernel_module_equals_single_device():
+    """implementation="pallas" (interpreted off GPU) through the module's own shard_map: same value and gradients."""
+    mesh = make_mesh(sp=4, devices=jax.devices()[:4])
+    kw = dict(num_kv_heads=2, layout="zigzag", key=jax.random.key(0))
+    ring = eqx_ring.RingAttention(D_MODEL, 4, mesh=mesh, implementation="pallas", **kw)
+    single = eqx_ring.RingAttention(D_MODEL, 4, implementation="xla", **kw)
+    slot_position = jnp.asarray(eqx_ring.layout_positions(T, "zigzag", 4))
+
+    def natural_order_ring(m, x):
+        return m(x[slot_position])[jnp.argsort(slot_position)]
+
+    x = x_input()
+    assert tree_rel_err(grads_of(ring, natural_order_ring, x), grads_of(single, lambda m, x: m(x), x)) <= 1e-5
+
+
 def test_inside_a_callers_shard_map():
     """Called on local shards inside the caller's shard_map, the module runs the ring directly."""
     mesh = make_mesh(sp=4, devices=jax.devices()[:4])
@@ -205,6 +220,7 @@ def test_bfloat16_module():
         (dict(num_heads=4, head_dim=7), "head_dim=7 must be even"),
         (dict(num_heads=4, query_chunk_size=0), "query_chunk_size must be a positive int, got 0"),
         (dict(num_heads=4, layout="spiral"), "layout must be one of"),
+        (dict(num_heads=4, implementation="cuda"), "implementation must be one of"),
         (dict(num_heads=4, mesh="sp8", seq_axis="seq"), "seq_axis='seq' is not an axis of the mesh"),
         (dict(num_heads=4, num_kv_heads=1, mesh="tp2", head_axis="tp"), "num_kv_heads=1 must be divisible"),
     ],
