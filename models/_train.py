@@ -19,6 +19,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from eqx_ring import RMSNorm
 from eqx_ring.sharding import batch_sharding, shard_params
 
 from ._generate import respec
@@ -65,7 +66,8 @@ class TrainConfig:
     - `learning_rate`: the peak learning rate of AdamW.
     - `warmup_steps`: steps of linear warmup from 0 to `learning_rate`.
     - `final_lr_fraction`: the cosine decay ends at `final_lr_fraction * learning_rate`.
-    - `weight_decay`: AdamW's decoupled weight decay, applied to arrays of 2 or more dimensions.
+    - `weight_decay`: AdamW's decoupled weight decay, applied to arrays of 2 or more dimensions outside
+      normalisation layers.
     - `grad_clip`: the maximum global norm of the gradients.
     - `compute_dtype`: `"float32"` or `"bfloat16"`: the dtype the model runs in (the master
       weights and the optimiser state stay float32).
@@ -105,15 +107,18 @@ class TrainConfig:
         return sum(s.steps for s in self.stages)
 
 
+_NORMS = (RMSNorm, eqx.nn.RMSNorm, eqx.nn.LayerNorm, eqx.nn.GroupNorm)
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """The optimiser of [`train`][models.train]: global-norm clipping, then AdamW whose rate warms up
     linearly and decays on a cosine.
 
     The rate rises from 0 to `learning_rate` over `warmup_steps`, then decays on a cosine to
     `final_lr_fraction · learning_rate` at `total_steps`. Weight decay applies to the arrays of 2
-    or more dimensions only, meant as the matrices; note that the blocks of a
-    [`RingTransformer`][eqx_ring.RingTransformer] are stacked (a leading `num_layers` axis), so
-    their norm scales have 2 dimensions and are decayed too. Initialise it on the model's arrays,
+    or more dimensions (the matrices and embeddings) outside normalisation layers: the norm scales
+    of a [`RingTransformer`][eqx_ring.RingTransformer]'s stacked blocks (a leading `num_layers`
+    axis) have 2 dimensions too, and are not decayed. Initialise it on the model's arrays,
     `optimizer.init(eqx.filter(model, eqx.is_array))`.
 
     **Arguments:**
@@ -144,7 +149,15 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
         0.0, config.learning_rate, config.warmup_steps, max(config.total_steps, config.warmup_steps + 1),
         end_value=config.learning_rate * config.final_lr_fraction,
     )
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+
+    def decay_mask(params):
+        def mask(x):
+            if isinstance(x, _NORMS):
+                return jax.tree.map(lambda _: False, x)
+            return x.ndim >= 2
+
+        return jax.tree.map(mask, params, is_leaf=lambda x: isinstance(x, _NORMS))
+
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
         optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask),

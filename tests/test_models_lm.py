@@ -70,3 +70,18 @@ def test_zoo_round_trip_and_tamper(tmp_path):
 
 def jit_call(model, tokens):
     return eqx.filter_jit(lambda m, t: m(t))(model, tokens)
+
+
+def test_weight_decay_spares_the_norms_of_stacked_blocks():
+    """With zero gradients AdamW's update is the decay alone: matrices shrink, norm scales (2-D when stacked) don't."""
+    model = models.RingLM(TINY, key=jax.random.key(0))
+    params = eqx.filter(model, eqx.is_array)
+    config = models.TrainConfig(learning_rate=0.1, warmup_steps=0, weight_decay=0.5)
+    optimizer = models.make_optimizer(config)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 step counts
+        updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    blocks = updates.transformer.blocks
+    assert blocks.attention_norm.weight.ndim == 2 and not blocks.attention_norm.weight.any()
+    assert not updates.transformer.norm.weight.any()
+    assert blocks.attention.query_proj.weight.all() and blocks.attention.query_proj.weight.ndim == 3
