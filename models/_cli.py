@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         echo(f"saved {workdir / ('vq' if args.stage == 'vq' else 'video_text_lm')}.json")
         return 0
 
-    vq, lm = _load(workdir, "vq"), _load(workdir, "video_text_lm")
+    # The LM decodes on the --mesh it would train on (the VQ is small and stays on one device), as the demo does.
+    vq, lm = _load(workdir, "vq"), _load(workdir, "video_text_lm", mesh=make_mesh(config.mesh))
     from data_pipelines import ByteTokenizer
 
     tokenizer = ByteTokenizer()
@@ -248,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load(workdir: Path, name: str):
+def _load(workdir: Path, name: str, **build_kwargs):
     from ._zoo import load
 
     if not (workdir / f"{name}.json").exists():
         stage = "vq" if name == "vq" else "lm"
         raise SystemExit(f"error: {workdir / name}.json not found; run `eqx-ring train {stage} --workdir {workdir}` "
                          "or `eqx-ring demo` first")
-    return load(workdir / name)
+    return load(workdir / name, **build_kwargs)
