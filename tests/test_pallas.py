@@ -1,4 +1,4 @@
-"""The Pallas ring-step kernels (interpret mode) equal dense attention, per block and composed over a ring.
+"""The Pallas ring-step kernels equal dense attention, per block and composed over a ring (Triton on GPU).
 
 The setting is the one the ring creates: device 1 of 4 in the zigzag layout holds the queries at
 true positions 16..31 and 96..111 (chunks 1 and 6 of 8), and the four key/value blocks arrive in
@@ -119,20 +119,24 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+# On a GPU the kernels run compiled by Triton; elsewhere in Pallas's interpreter.
+INTERPRET = jax.default_backend() != "gpu"
+
+
 # The kernels' matmuls take the default precision, which on a GPU may be TF32 for float32 inputs;
 # the float32 tolerances below are for true float32 products, so ask for them (no-op on CPU).
 @partial(jax.jit, static_argnames=("spec", "scale"))
 def ring_step_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, bias, *, spec, scale):
     with jax.default_matmul_precision("highest"):
         return _pallas.forward(q, k, v, q_pos, k_pos, q_seg, k_seg, bias, spec=spec, scale=scale,
-                               block_q=BLOCK, block_k=BLOCK, interpret=True)
+                               block_q=BLOCK, block_k=BLOCK, interpret=INTERPRET)
 
 
 @partial(jax.jit, static_argnames=("spec", "scale"))
 def ring_step_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, bias, do, lse, delta, *, spec, scale):
     with jax.default_matmul_precision("highest"):
         return _pallas.backward(q, k, v, q_pos, k_pos, q_seg, k_seg, bias, do, lse, delta, spec=spec,
-                                scale=scale, block_q=BLOCK, block_k=BLOCK, interpret=True)
+                                scale=scale, block_q=BLOCK, block_k=BLOCK, interpret=INTERPRET)
 
 
 def block(x, name, kv_pos):
