@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import fwd_bwd
+from _common import fwd_bwd, median_seconds
 
 import eqx_ring
 
@@ -66,12 +66,7 @@ def matmul_tflops(n: int, reps: int) -> float:
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
     f = jax.jit(lambda a, b: a @ b)
     jax.block_until_ready(f(a, b))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e12
+    return 2 * n**3 / median_seconds(lambda: f(a, b), reps) / 1e12
 
 
 def run_config(t, d, causal, reps, tokens, width, check):

@@ -10,7 +10,7 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._layout import LAYOUTS, check_layout, layout_positions, shard_positions
-from ._ring import IMPLEMENTATIONS, blockwise_attention, ring_attention
+from ._ring import IMPLEMENTATIONS, blockwise_attention, fused_is_interpreted, ring_attention
 from ._rope import apply_rope
 
 
@@ -444,7 +444,7 @@ class RingAttention(eqx.Module):
         ring = partial(ring_attention, axis_name=self.seq_axis, layout=self.layout, **kernel_kw)
         qkv_spec = P(self.seq_axis, self.head_axis, None)
         # Pallas's interpreter (the fused kernel off GPU, for tests) trips jax 0.10's varying-axes check.
-        check_vma = not (self.implementation == "pallas" and jax.default_backend() != "gpu")
+        check_vma = not fused_is_interpreted(self.implementation)
         if segment_ids is None:
             return jax.shard_map(ring, mesh=self.mesh, in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
                                  check_vma=check_vma)(q, k, v)

@@ -45,7 +45,8 @@ def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
     return lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
 
-def _pow2(n: int) -> bool:
+def pow2_tile(n: int) -> bool:
+    """Triton's rule for a `tl.dot` tile side (and the head dim): a power of two, 16 or more."""
     return n >= 16 and n & (n - 1) == 0
 
 
@@ -72,10 +73,10 @@ def _check(q, k, v, q_pos, k_pos, q_seg, k_seg, bias, block_q: int, block_k: int
         blk = min(blk, n)
         if n % blk:
             raise ValueError(f"{name}={blk} must divide the sequence length {n}")
-        if not interpret and not _pow2(blk):
+        if not interpret and not pow2_tile(blk):
             raise ValueError(f"{name}={blk} must be a power of two >= 16 for Triton (tl.dot tiles)")
         sizes.append(blk)
-    if not interpret and not _pow2(d):
+    if not interpret and not pow2_tile(d):
         raise ValueError(f"head dim {d} must be a power of two >= 16 for Triton (tl.dot tiles)")
     return tuple(sizes)
 
@@ -489,6 +490,3 @@ def backward(
     )
     dbias = db[0].sum(1) if db else None
     return dq, dk, dv, dbias
-
-
-__all__ = ["backward", "forward", "merge"]

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from . import _pallas
 from ._checks import check_chunk, check_mask_args, check_qkv
 from ._kernel import Config, attention
 from ._layout import check_layout
@@ -17,13 +18,18 @@ IMPLEMENTATIONS = ("xla", "pallas")
 _PALLAS_TILES = (128, 64, 64, 64)
 
 
+def fused_is_interpreted(implementation: str | None) -> bool:
+    """Whether `implementation` means the fused kernels in Pallas's interpreter (asked for off GPU)."""
+    return implementation == "pallas" and jax.default_backend() != "gpu"
+
+
 def _pallas_tile(preferred: int, length: int, interpret: bool) -> int | None:
     """The largest power-of-two tile (>= 16, Triton's smallest dot) up to `preferred` dividing `length`.
 
     Interpreted (off GPU) any tile works, so a short sequence is one tile.
     """
     tile = preferred
-    while tile >= 16:
+    while _pallas.pow2_tile(tile):
         if length % tile == 0:
             return tile
         tile //= 2
@@ -38,12 +44,11 @@ def _pallas_config(implementation: str | None, q_len: int, kv_len: int, head_dim
     """
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    on_gpu = jax.default_backend() == "gpu"
-    if implementation == "xla" or (implementation is None and not on_gpu):
+    if implementation == "xla" or (implementation is None and jax.default_backend() != "gpu"):
         return None
-    interpret = not on_gpu
+    interpret = fused_is_interpreted("pallas")
     tiles = tuple(_pallas_tile(t, n, interpret) for t, n in zip(_PALLAS_TILES, (q_len, kv_len) * 2, strict=True))
-    fits = None not in tiles and (interpret or (head_dim >= 16 and head_dim & (head_dim - 1) == 0))
+    fits = None not in tiles and (interpret or _pallas.pow2_tile(head_dim))
     if fits:
         return tiles, interpret
     if implementation is None:

@@ -82,8 +82,10 @@ _RUNNER = r"""
 import contextlib, io, json, sys, traceback
 blocks = json.load(open(sys.argv[1]))
 results = []
+namespace = {"__name__": "__main__"}
 for b in blocks:
-    namespace = {"__name__": "__main__"} if b["fresh"] or not results else namespace
+    if b["fresh"]:
+        namespace = {"__name__": "__main__"}
     buffer = io.StringIO()
     error = None
     try:
@@ -118,7 +120,7 @@ def run_blocks(blocks: list[tuple[str, str]], *, fresh: bool, env: dict[str, str
 def check_page(path: Path) -> list[str]:
     """Runs a page's python blocks; returns the failures (empty when every block ran and printed as shown)."""
     blocks, _ = extract(path.read_text())
-    rel = path.relative_to(ROOT)
+    rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     results = run_blocks([(f"{rel}:{b.line}", b.source) for b in blocks], fresh=False)
     failures = []
     checker = doctest.OutputChecker()

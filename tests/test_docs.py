@@ -86,8 +86,10 @@ def docstring_problems(path: str) -> list[str]:
             if fields and "**Arguments:**" not in obj.docstring.value:
                 problems.append(f"{path}: a dataclass with fields {fields} but no **Arguments:** in its docstring")
         for member in _own_methods(obj):
-            check_function(member, f"{path}.{member.name}") if member.is_function else (
-                None if member.docstring else problems.append(f"{path}.{member.name}: no docstring"))
+            if member.is_function:
+                check_function(member, f"{path}.{member.name}")
+            elif not member.docstring:
+                problems.append(f"{path}.{member.name}: no docstring")
     elif not (obj.docstring and obj.docstring.value.strip()):
         problems.append(f"{path}: no docstring (an attribute docstring: a string right after the assignment)")
     return problems
@@ -145,16 +147,8 @@ def test_snippet_extraction_pairs_outputs_and_skips_shown_only_code():
 def test_a_wrong_output_block_fails(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("```python\nprint(6 * 7)\n```\n\n```text title=\"Output\"\n41\n```\n")
-    failures = check_page_at(page, tmp_path)
+    failures = check_page(page)
     assert len(failures) == 1 and "printed:\n42" in failures[0]
-
-
-def check_page_at(page: Path, root: Path) -> list[str]:
-    import doc_snippets
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(doc_snippets, "ROOT", root)
-        return doc_snippets.check_page(page)
 
 
 @pytest.mark.parametrize("page", [str(p.relative_to(DOCS)) for p in guide_pages()])
