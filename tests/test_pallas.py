@@ -41,7 +41,7 @@ def positions(shard):
     return np.asarray(shard_positions(shard, L, LAYOUT, N, xp=np), np.int32)
 
 
-def make_inputs(case, k_heads, groups, dtype, seed=0):
+def make_inputs(case, k_heads, groups, dtype, seed=0, d=D):
     kw = CASES[case]
     rng = np.random.default_rng(seed)
 
@@ -49,10 +49,10 @@ def make_inputs(case, k_heads, groups, dtype, seed=0):
         return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
 
     x = dict(
-        q=normal(B, L, k_heads, groups, D),
-        k=normal(B, T, k_heads, D),  # keys and values in natural order; blocks gather from them
-        v=normal(B, T, k_heads, D),
-        do=normal(B, L, k_heads, groups, D),
+        q=normal(B, L, k_heads, groups, d),
+        k=normal(B, T, k_heads, d),  # keys and values in natural order; blocks gather from them
+        v=normal(B, T, k_heads, d),
+        do=normal(B, L, k_heads, groups, d),
         seg=None,
         q_seg=None,
         bias=None,
@@ -149,10 +149,10 @@ def opt(x):
     return None if x is None else jnp.asarray(x)
 
 
-def run_ring(case, k_heads, groups, dtype, *, fwd_tol, grad_tol):
+def run_ring(case, k_heads, groups, dtype, *, fwd_tol, grad_tol, d=D):
     """Forward per block and merged over the ring, then backward composed over the ring, vs dense."""
-    spec, x = make_inputs(case, k_heads, groups, dtype)
-    scale = D**-0.5
+    spec, x = make_inputs(case, k_heads, groups, dtype, d=d)
+    scale = d**-0.5
     q_pos = positions(SHARD)
     q, q_seg = x["q"], opt(x["q_seg"])
     kv_shards = [(SHARD - s) % N for s in range(N)]  # the order blocks arrive in on the ring
@@ -234,6 +234,22 @@ def test_ring_step_mha_f32(case):
 @pytest.mark.parametrize(("case", "heads"), [("causal", (2, 2)), ("all", (4, 1))])
 def test_ring_step_bf16(case, heads):
     run_ring(case, *heads, jnp.bfloat16, fwd_tol=2**-8, grad_tol=2e-2)
+
+
+# The GPU matrix: every mask x dtype x head_dim with GQA (and MHA for two masks), Triton-compiled at
+# tiles of 16 (each block pair is 2 x 2 tiles). float16 rounds p and ds to within 2**-11 (bf16: 2**-9),
+# so its tolerances are the bf16 ones scaled by 2**-2. Interpreted on CPU only one cell runs (float16,
+# D = 64; no other test covers float16 there): the interpreter would take minutes for the whole grid.
+TOLERANCES = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2**-8, 2e-2), jnp.float16: (2**-10, 5e-3)}
+MATRIX = [(case, dtype, d, heads) for dtype in TOLERANCES for d in (64, 128)
+          for case, heads in [(c, (2, 2)) for c in CASES] + [("causal", (4, 1)), ("all", (4, 1))]]
+ON_CPU = ("causal", jnp.float16, 64, (2, 2))
+
+
+@pytest.mark.parametrize(("case", "dtype", "d", "heads"), [ON_CPU] if INTERPRET else MATRIX)
+def test_ring_step_matrix(case, dtype, d, heads):
+    fwd_tol, grad_tol = TOLERANCES[dtype]
+    run_ring(case, *heads, dtype, fwd_tol=fwd_tol, grad_tol=grad_tol, d=d)
 
 
 def test_merge_empty_and_one_sided():
