@@ -2,11 +2,72 @@
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
+
+
+def _max_shapes(text: str) -> int:
+    value = _int(text)
+    if not 1 <= value <= 3:
+        raise argparse.ArgumentTypeError(f"expected 1, 2 or 3 shapes, got {text!r}")
+    return value
+
+
+def _float(text: str, *, minimum: float, inclusive: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+        raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if inclusive else '>'} {minimum:g}, "
+                                         f"got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _float(text, minimum=0.0, inclusive=False)
+
+
+def _nonnegative_float(text: str) -> float:
+    return _float(text, minimum=0.0, inclusive=True)
+
+
+def _mesh(text: str) -> str:
+    parts = text.split(",")
+    try:
+        sizes = [int(s) for s in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 4 or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+        raise argparse.ArgumentTypeError(f"expected four comma-separated sizes dp,fsdp,tp,sp, each a positive int "
+                                         f"and at most one -1 (e.g. 2,1,1,4), got {text!r}")
+    return ",".join(map(str, sizes))
 
 
 def _stages(text: str):
@@ -15,25 +76,84 @@ def _stages(text: str):
     stages = []
     for part in text.split(","):
         fields = part.split(":")
-        if len(fields) not in (2, 3):
-            raise argparse.ArgumentTypeError(f"a stage is SEQ_LEN:STEPS[:ROPE_THETA], got {part!r}")
-        stages.append(Stage(int(fields[0]), int(fields[1]), float(fields[2]) if len(fields) == 3 else None))
+        try:
+            if len(fields) not in (2, 3):
+                raise argparse.ArgumentTypeError("")
+            seq_len, steps = _positive_int(fields[0]), _positive_int(fields[1])
+            theta = _positive_float(fields[2]) if len(fields) == 3 else None
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"a stage is SEQ_LEN:STEPS[:ROPE_THETA] with SEQ_LEN and STEPS positive "
+                                             f"ints and ROPE_THETA a positive number, got {part!r}") from None
+        stages.append(Stage(seq_len, steps, theta))
     return tuple(stages)
 
 
+def _coordinator(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port from 1 to 65535, got {text!r}")
+    return text
+
+
+def _show(value) -> str:
+    """A config value as its flag writes it."""
+    if isinstance(value, tuple):  # stages
+        return ",".join(f"{s.seq_len}:{s.steps}" + (f":{s.rope_theta:g}" if s.rope_theta is not None else "")
+                        for s in value)
+    return {"bfloat16": "on", "float32": "off"}.get(value, str(value)) if isinstance(value, str) else str(value)
+
+
+# The recipe's flags: (flag, type, field of DemoConfig ("lm.d_model": of its lm), help). A flag left out takes the
+# workdir's saved value, else DemoConfig's; `train_only` flags do not change what eval, caption and generate do.
+_RECIPE = (
+    ("--frames", _positive_int, "num_frames", "frames per video"),
+    ("--max-shapes", _max_shapes, "max_shapes", "up to this many shapes (1 to 3) per MovingShapes video"),
+    ("--train-videos", _positive_int, "train_videos", "training videos"),
+    ("--eval-videos", _positive_int, "eval_videos", "held-out videos"),
+    ("--seed", _nonnegative_int, "seed", "data and initialisation seed (held-out videos use seed + 1)"),
+    ("--mesh", _mesh, "mesh", "dp,fsdp,tp,sp sizes as in LWM, e.g. 2,1,1,4 (one may be -1)"),
+    ("--vq-steps", _positive_int, "vq_steps", "VQ training steps"),
+    ("--stages", _stages, "lm_train.stages", "LM context-extension schedule, e.g. 1024:400,2048:100:50000"),
+    ("--batch-size", _positive_int, "lm_train.batch_size", "LM rows per step (global)"),
+    ("--grad-accum", _positive_int, "lm_train.grad_accum", "microbatches per LM step"),
+    ("--learning-rate", _positive_float, "lm_train.learning_rate", "peak LM learning rate"),
+    ("--bf16", None, "lm_train.compute_dtype", "LM compute in bfloat16 (float32 weights)"),
+    ("--checkpoint-every", _positive_int, "lm_train.checkpoint_every", "LM steps between checkpoints"),
+    ("--d-model", _positive_int, "lm.d_model", "LM width"),
+    ("--layers", _positive_int, "lm.num_layers", "LM depth"),
+)
+_USED_BY_INFERENCE = frozenset({"--frames", "--max-shapes", "--eval-videos", "--seed", "--mesh"})
+_INFERENCE = ("eval", "caption", "generate")
+SETTINGS = "config.json"  # the workdir's DemoConfig, written by demo and train
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _field(config, path: str):
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
 def _parser() -> argparse.ArgumentParser:
+    from ._demo import DemoConfig
+
+    defaults = DemoConfig()
     parser = argparse.ArgumentParser(
         prog="eqx-ring",
         description="Train and use the eqx-ring video-text model (ring attention, Equinox, grain).",
     )
-    parser.add_argument("--cpu-devices", type=int, default=8, metavar="N",
+    parser.add_argument("--cpu-devices", type=_positive_int, default=8, metavar="N",
                         help="CPU devices to simulate (per process) when running on the CPU (default: %(default)s)")
     multi = parser.add_argument_group(
         "multi-process runs", "Run the same command in every process (one per host); each builds the same global "
                               "mesh from every process's devices. The workdir must be shared.")
-    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (jax.distributed)")
-    multi.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
-    multi.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1")
+    multi.add_argument("--coordinator", type=_coordinator, metavar="HOST:PORT",
+                       help="address of process 0 (jax.distributed)")
+    multi.add_argument("--num-processes", type=_positive_int, metavar="N", help="how many processes take part")
+    multi.add_argument("--process-id", type=_nonnegative_int, metavar="I", help="this process's index, 0 to N-1")
     multi.add_argument("--distributed", action="store_true",
                        help="join a multi-process run whose settings JAX finds itself (JAX_COORDINATOR_ADDRESS; "
                             "Slurm, Open MPI, Cloud TPU pods, Kubernetes)")
@@ -41,27 +161,22 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(subparser=sub)
         sub.add_argument("--workdir", type=Path, default=Path("eqx-ring-demo"),
                          help="where models, checkpoints, metrics and plots live (default: %(default)s)")
         return sub
 
     def recipe(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--frames", type=int, help="frames per video")
-        sub.add_argument("--max-shapes", type=int, help="up to this many shapes per MovingShapes video")
-        sub.add_argument("--train-videos", type=int, help="training videos")
-        sub.add_argument("--eval-videos", type=int, help="held-out videos")
-        sub.add_argument("--seed", type=int)
-        sub.add_argument("--mesh", help="dp,fsdp,tp,sp sizes as in LWM, e.g. 2,1,1,4 (one may be -1)")
-        sub.add_argument("--vq-steps", type=int, help="VQ training steps")
-        sub.add_argument("--stages", type=_stages, metavar="SEQ:STEPS[:THETA],...",
-                         help="LM context-extension schedule, e.g. 1024:400,2048:100:50000")
-        sub.add_argument("--batch-size", type=int, help="LM rows per step (global)")
-        sub.add_argument("--grad-accum", type=int, help="microbatches per LM step")
-        sub.add_argument("--learning-rate", type=float, help="peak LM learning rate")
-        sub.add_argument("--bf16", action="store_true", help="LM compute in bfloat16 (float32 weights)")
-        sub.add_argument("--checkpoint-every", type=int, help="LM steps between checkpoints")
-        sub.add_argument("--d-model", type=int, help="LM width")
-        sub.add_argument("--layers", type=int, help="LM depth")
+        group = sub.add_argument_group(
+            "recipe", f"demo and train save these settings in WORKDIR/{SETTINGS}; later commands on that workdir "
+                      "reuse them, and a flag given replaces the saved value. Defaults are for a new workdir.")
+        for flag, type_, path, help in _RECIPE:
+            default = f"{help} (default: {_show(_field(defaults, path))})"
+            if type_ is None:
+                group.add_argument(flag, action="store_true", default=None, help=default)
+            else:
+                metavar = "SEQ:STEPS[:THETA],..." if flag == "--stages" else None
+                group.add_argument(flag, type=type_, metavar=metavar, help=default)
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     recipe(command("demo", "Train the tiny VQ and video-text LM on MovingShapes with ring attention, then caption "
@@ -73,18 +188,22 @@ def _parser() -> argparse.ArgumentParser:
     recipe(evaluate)
     caption = command("caption", "Caption videos: held-out MovingShapes by index, or video files.")
     caption.add_argument("videos", nargs="*", help="video files (decoded with PyAV); none: held-out videos")
-    caption.add_argument("--index", type=int, nargs="*", default=[0, 1, 2, 3], help="held-out video indices")
+    caption.add_argument("--index", type=_nonnegative_int, nargs="+", default=None,
+                         help="held-out video indices, below --eval-videos (default: 0 1 2 3, those that exist)")
     recipe(caption)
     generate = command("generate", "Generate videos from captions and save their frames as a PNG grid.")
     generate.add_argument("captions", nargs="+", help='e.g. "a red circle moves left"')
-    generate.add_argument("--out", type=Path, default=None, help="PNG path (default: WORKDIR/generate.png)")
-    generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: %(default)s)")
+    generate.add_argument("--out", type=Path, default=None,
+                          help="PNG path, its folders created (default: WORKDIR/generate.png)")
+    generate.add_argument("--temperature", type=_nonnegative_float, default=0.8,
+                          help="sampling temperature, 0 for greedy (default: %(default)s)")
     recipe(generate)
     bench = commands.add_parser(
         "bench", help="Run the benchmarks/ scripts: tables (.txt), JSON and plots (.png) for docs/benchmarks.md.",
         description="Run every script of the repository's benchmarks/ folder with the settings of "
                     "docs/benchmarks.md (about 30 minutes on 2 CPU cores) and write their output to --out.")
     bench.add_argument("--out", type=Path, default=Path("eqx-ring-bench"), help="output folder (default: %(default)s)")
+    bench.set_defaults(subparser=bench)
     bench.add_argument("--quick", action="store_true", help="tiny sizes: checks that every script runs (a minute)")
     return parser
 
@@ -139,49 +258,228 @@ def _bench(out: Path, quick: bool) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace):
+def _check_folder(fail, flag: str, path: Path) -> None:
+    """Refuse a folder path that cannot be made: it, or its nearest existing ancestor, is a file."""
+    if path.exists() and not path.is_dir():
+        fail(f"argument {flag}: {path} is a file, not a folder")
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        fail(f"argument {flag}: {existing} is a file, so the folder {path} cannot be made")
+
+
+def _read_settings(stop, workdir: Path):
     from ._demo import DemoConfig
 
-    config = DemoConfig()
-    simple = {"frames": "num_frames", "max_shapes": "max_shapes", "train_videos": "train_videos",
-              "eval_videos": "eval_videos", "seed": "seed", "mesh": "mesh", "vq_steps": "vq_steps"}
-    config = dataclasses.replace(config, **{f: getattr(args, a) for a, f in simple.items()
-                                            if getattr(args, a, None) is not None})
-    lm = {"d_model": args.d_model, "num_layers": args.layers}
-    lm = {k: v for k, v in lm.items() if v is not None}
-    config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, num_frames=config.num_frames,
-                                                                 codebook_size=config.vq.codebook_size,
-                                                                 codes_per_frame=config.vq.grid**2, **lm))
-    train = {"stages": args.stages, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-             "learning_rate": args.learning_rate, "checkpoint_every": args.checkpoint_every,
-             "compute_dtype": "bfloat16" if args.bf16 else None}
-    train = {k: v for k, v in train.items() if v is not None}
-    return dataclasses.replace(config, lm_train=dataclasses.replace(config.lm_train, **train))
+    path = workdir / SETTINGS
+    if not path.is_file():
+        return None
+    try:
+        return DemoConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        stop(f"{path} does not hold the settings of an eqx-ring run ({error}); move it away to start from the "
+             "defaults")
+
+
+def _config(args: argparse.Namespace, saved, fail, notes: list[str]):
+    """The run's DemoConfig: the workdir's saved one (else the defaults) with the flags given."""
+    from ._demo import DemoConfig
+
+    base = saved or DemoConfig()
+    changes: dict[str, dict] = {"": {}, "lm": {}, "lm_train": {}}
+    for flag, _, path, _ in _RECIPE:
+        value = getattr(args, _dest(flag))
+        value = "bfloat16" if flag == "--bf16" and value else value
+        old = _field(base, path)
+        if value is None or value == old:
+            continue
+        if args.command in _INFERENCE and flag not in _USED_BY_INFERENCE:
+            notes.append(f"note: {args.command} does not use {flag} (a training flag); ignoring it")
+            continue
+        if saved is not None:
+            notes.append(f"note: {flag} {_show(value)} replaces {_show(old)}, the value saved in "
+                         f"{args.workdir / SETTINGS}")
+        owner, _, name = path.rpartition(".")
+        changes[owner][name] = value
+    if "num_frames" in changes[""]:
+        changes["lm"]["num_frames"] = changes[""]["num_frames"]
+    batch = changes["lm_train"].get("batch_size", base.lm_train.batch_size)
+    accum = changes["lm_train"].get("grad_accum", base.lm_train.grad_accum)
+    if batch % accum:
+        flag = "--grad-accum" if args.grad_accum is not None else "--batch-size"
+        fail(f"argument {flag}: --grad-accum {accum} microbatches must divide --batch-size {batch}")
+    d_model, heads = changes["lm"].get("d_model", base.lm.d_model), base.lm.num_heads
+    if d_model % (2 * heads):
+        fail(f"argument --d-model: expected a multiple of {2 * heads} ({heads} heads of an even width, as RoPE "
+             f"rotates pairs of features), got {d_model}")
+    try:
+        return dataclasses.replace(base, **changes[""], lm=dataclasses.replace(base.lm, **changes["lm"]),
+                                   lm_train=dataclasses.replace(base.lm_train, **changes["lm_train"]))
+    except ValueError as error:
+        fail(str(error))
+
+
+def _check_multi_process(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """Whether the flags ask for a multi-process run; refuses an incomplete or contradictory set."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if all(x is None for x in explicit) and not args.distributed:
+        return False
+    if args.distributed and any(x is not None for x in explicit):
+        parser.error("--distributed finds the settings itself; give it alone, or give all three of "
+                     "--coordinator, --num-processes and --process-id")
+    if not args.distributed and any(x is None for x in explicit):
+        parser.error("a multi-process run needs all three of --coordinator, --num-processes and --process-id")
+    if not args.distributed and args.process_id >= args.num_processes:
+        parser.error(f"argument --process-id: expected 0 to --num-processes - 1 = {args.num_processes - 1}, "
+                     f"got {args.process_id}")
+    return True
+
+
+def _check_files(args: argparse.Namespace, config, fail, stop) -> None:
+    """What the command reads and writes, before anything runs."""
+    workdir = args.workdir
+    if args.command == "caption":
+        if args.videos and args.index is not None:
+            fail("argument --index: --index picks held-out videos; give it or video files, not both")
+        for video in args.videos:
+            if not os.path.isfile(video):
+                fail(f"argument videos: no such file: {video}")
+        if not args.videos:
+            args.index = args.index if args.index is not None else list(range(min(4, config.eval_videos)))
+            bad = [i for i in args.index if i >= config.eval_videos]
+            if bad:
+                fail(f"argument --index: expected indices below --eval-videos {config.eval_videos}, got {bad}")
+    if args.command == "generate":
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        args.out = args.out or args.workdir / "generate.png"
+        if args.out.is_dir():
+            fail(f"argument --out: {args.out} is a folder; give a file name, e.g. {args.out / 'generate.png'}")
+        _check_folder(fail, "--out", args.out.parent)
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if args.out.suffix and args.out.suffix[1:].lower() not in formats:
+            fail(f"argument --out: expected an image file name ending in one of "
+                 f"{', '.join('.' + f for f in sorted(formats))}, got {str(args.out)!r}")
+    needs = {"train": ("vq",) if getattr(args, "stage", None) == "lm" else (), "eval": ("vq", "video_text_lm"),
+             "caption": ("vq", "video_text_lm"), "generate": ("vq", "video_text_lm")}.get(args.command, ())
+    for name in needs:
+        if not (workdir / f"{name}.json").is_file():
+            stage = "vq" if name == "vq" else "lm"
+            stop(f"{workdir / name}.json not found: run `eqx-ring train {stage} --workdir {workdir}` or "
+                 f"`eqx-ring demo --workdir {workdir}` first")
+    if "video_text_lm" in needs:
+        try:
+            trained = json.loads((workdir / "video_text_lm.json").read_text(encoding="utf-8"))["config"]["num_frames"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            stop(f"{workdir / 'video_text_lm.json'} is not a zoo file of the LM ({error!r})")
+        if trained != config.num_frames:
+            given = f"--frames {args.frames}" if args.frames is not None else f"the recipe's {config.num_frames}"
+            fail(f"argument --frames: the LM in {workdir} reads videos of {trained} frames, not {given}; give "
+                 f"--frames {trained}")
+
+
+def _trains(args: argparse.Namespace, name: str) -> bool:
+    """Whether this command trains the stage `name` ("vq" or "video_text_lm")."""
+    if args.command == "demo":
+        return not (args.workdir / f"{name}.json").exists()
+    return args.command == "train" and args.stage == ("vq" if name == "vq" else "lm")
+
+
+def _check_devices(args: argparse.Namespace, config, saved: bool, fail, notes: list[str]):
+    """The LM's mesh, checked against the devices, the batch and the stages' lengths, before any work."""
+    import equinox as eqx
+    import jax
+
+    from eqx_ring.sharding import BATCH_AXES, make_mesh
+
+    from ._video_lm import VideoTextLM
+
+    devices = jax.devices()
+    where = f"{len(devices)} {devices[0].platform} device{'s' if len(devices) > 1 else ''}"
+    if devices[0].platform == "cpu":
+        where += f" (--cpu-devices {args.cpu_devices}, before the command, sets them per process)"
+    try:
+        mesh = make_mesh(config.mesh)
+    except ValueError as error:
+        if args.command not in _INFERENCE or args.mesh is not None:
+            source = "" if args.mesh is not None else f" (the {'saved' if saved else 'default'} --mesh)"
+            fail(f"argument --mesh: {config.mesh}{source} does not fit the {where}: {error}")
+        notes.append(f"note: the mesh {config.mesh} does not fit the {where}; {args.command} decodes on -1,1,1,1 "
+                     "(data parallel) instead (give --mesh to choose)")
+        mesh = make_mesh("-1,1,1,1")
+    if _trains(args, "vq") and config.vq_batch % len(devices):
+        fail(f"argument --cpu-devices: the VQ stage splits its {config.vq_batch} frames per step over all {where}, "
+             f"whose number must divide {config.vq_batch}")
+    if not _trains(args, "video_text_lm"):
+        return mesh
+    train = config.lm_train
+    data, micro = mesh.shape["dp"] * mesh.shape["fsdp"], train.batch_size // train.grad_accum
+    if micro % data:
+        fail(f"argument --batch-size: each of the --grad-accum {train.grad_accum} microbatches of --batch-size "
+             f"{train.batch_size} holds {micro} rows, which the {data} data shards (dp * fsdp) of --mesh "
+             f"{config.mesh} must divide")
+    # An abstract forward pass (shapes only, no compute) runs the model's own checks on each stage's rows.
+    lm = eqx.filter_eval_shape(lambda: VideoTextLM(config.lm, mesh=mesh, key=jax.random.key(0)))
+    for seq_len in sorted({s.seq_len for s in train.stages}):
+        rows = jax.ShapeDtypeStruct((micro, seq_len), jax.numpy.int32)
+        try:
+            eqx.filter_eval_shape(lambda m, x: jax.vmap(m, spmd_axis_name=BATCH_AXES)(x), lm, rows)
+        except ValueError as error:
+            fail(f"argument --stages: rows of {seq_len} tokens do not fit the LM on --mesh {config.mesh}: {error}")
+    return mesh
+
+
+def _write_settings(workdir: Path, config) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    scratch = workdir / f".{SETTINGS}.tmp"
+    scratch.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", encoding="utf-8")
+    os.replace(scratch, workdir / SETTINGS)  # whole or not at all: other processes may read it
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `eqx-ring` console script."""
+    """Entry point of the `eqx-ring` console script.
+
+    Every argument is checked before anything is loaded, trained or written: a bad one exits with
+    status 2 and one line naming the flag (argparse's convention), as does a workdir that lacks
+    what the command needs.
+
+    **Arguments:**
+
+    - `argv`: the command line without the program name; default `sys.argv[1:]`.
+
+    **Returns:** the exit status, `0`.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
+    sub = args.subparser
+
+    def stop(message: str):
+        sub.exit(2, f"{sub.prog}: error: {message}\n")
+
     if args.command == "bench":  # the scripts run in their own processes
+        _check_folder(sub.error, "--out", args.out)
         return _bench(args.out, args.quick)
+    multi_process = _check_multi_process(parser, args)
+    workdir: Path = args.workdir
+    _check_folder(sub.error, "--workdir", workdir)
+    notes: list[str] = []
+    saved = _read_settings(stop, workdir)
+    config = _config(args, saved, sub.error, notes)
+    _check_files(args, config, sub.error, stop)
+
     import logging
 
     import jax
 
     # Before JAX starts a backend; an accelerator backend ignores it.
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if any(x is not None for x in explicit) or args.distributed:
-        if args.distributed and any(x is not None for x in explicit):
-            parser.error("--distributed finds the settings itself; give it alone, or give all three of "
-                         "--coordinator, --num-processes and --process-id")
-        if not args.distributed and any(x is None for x in explicit):
-            parser.error("a multi-process run needs all three of --coordinator, --num-processes and --process-id")
+    if multi_process:
         from eqx_ring.sharding import initialize_distributed
 
-        initialize_distributed(*explicit)
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    mesh = _check_devices(args, config, saved is not None, sub.error, notes)
     primary = jax.process_index() == 0
+    for note in notes if primary else ():
+        print(note, file=sys.stderr, flush=True)
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -189,34 +487,31 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO if primary else logging.WARNING)
     log.propagate = False  # absl (through orbax) gives the root logger a handler of its own
-    echo = print if primary else (lambda *args, **kwargs: None)
+    # Flushed, so that redirected output keeps up with the run.
+    echo = functools.partial(print, flush=True) if primary else (lambda *args, **kwargs: None)
 
     from . import _demo
     from ._zoo import save
 
-    config = _config(args)
-    workdir: Path = args.workdir
     progress = not args.no_progress and sys.stderr.isatty()
+    if args.command in ("demo", "train") and primary:
+        _write_settings(workdir, config)
     if args.command == "demo":
         _demo.run_demo(config, workdir, progress=progress, echo=echo)
         return 0
-
-    from eqx_ring.sharding import make_mesh
-
-    workdir.mkdir(parents=True, exist_ok=True)
     if args.command == "train":
+        workdir.mkdir(parents=True, exist_ok=True)
         if args.stage == "vq":
             save(workdir / "vq", _demo.train_vq(config, workdir, progress=progress))
         else:
-            vq = _load(workdir, "vq")
+            vq = _load(stop, workdir, "vq")
             records = _demo.encode(vq, _demo.videos(config, "train"))
-            mesh = make_mesh(config.mesh)
             save(workdir / "video_text_lm", _demo.train_video_text(config, records, workdir, mesh, progress=progress))
         echo(f"saved {workdir / ('vq' if args.stage == 'vq' else 'video_text_lm')}.json")
         return 0
 
     # The LM decodes on the --mesh it would train on (the VQ is small and stays on one device), as the demo does.
-    vq, lm = _load(workdir, "vq"), _load(workdir, "video_text_lm", mesh=make_mesh(config.mesh))
+    vq, lm = _load(stop, workdir, "vq"), _load(stop, workdir, "video_text_lm", mesh=mesh)
     from data_pipelines import ByteTokenizer
 
     tokenizer = ByteTokenizer()
@@ -227,14 +522,18 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
 
         if args.videos:
-            from data_pipelines import VideoFiles
+            from data_pipelines import VideoDecodeError, VideoFiles
 
             with tempfile.TemporaryDirectory() as scratch:
                 manifest = Path(scratch) / "manifest.jsonl"
                 manifest.write_text("".join(json.dumps({"path": os.path.abspath(v), "caption": ""}) + "\n"
                                             for v in args.videos))
                 source = VideoFiles(manifest, num_frames=config.num_frames, size=config.frame_size)
-                names, frames = args.videos, [source[i]["frames"] for i in range(len(source))]
+                try:
+                    frames = [source[i]["frames"] for i in range(len(source))]
+                except VideoDecodeError as error:
+                    stop(f"argument videos: {error}")
+                names = args.videos
         else:
             held_out = _demo.videos(config, "eval")
             names = [f"held-out #{i}: {held_out[i]['caption']}" for i in args.index]
@@ -243,17 +542,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, ids in zip(names, lm.caption(codes, tokenizer), strict=True):
             echo(f"{name}\n  -> {tokenizer.decode(ids)}")
     elif args.command == "generate":
-        out = args.out or workdir / "generate.png"
-        _demo.generate_grid(lm, vq, args.captions, out, temperature=args.temperature, seed=config.seed)
-        echo(f"wrote {out}")
+        _demo.generate_grid(lm, vq, args.captions, args.out, temperature=args.temperature, seed=config.seed)
+        echo(f"wrote {args.out}")
     return 0
 
 
-def _load(workdir: Path, name: str, **build_kwargs):
-    from ._zoo import load
+def _load(stop, workdir: Path, name: str, **build_kwargs):
+    from ._zoo import ZooIntegrityError, load
 
-    if not (workdir / f"{name}.json").exists():
-        stage = "vq" if name == "vq" else "lm"
-        raise SystemExit(f"error: {workdir / name}.json not found; run `eqx-ring train {stage} --workdir {workdir}` "
-                         "or `eqx-ring demo` first")
-    return load(workdir / name, **build_kwargs)
+    try:
+        return load(workdir / name, **build_kwargs)
+    except (OSError, ValueError, ZooIntegrityError) as error:
+        stop(f"cannot load {workdir / name}.json: {error}")

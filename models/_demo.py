@@ -20,7 +20,27 @@ from ._zoo import load, save
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Everything the demo trains and evaluates; the defaults finish in minutes on two CPU cores."""
+    """Everything the demo trains and evaluates; the defaults finish in minutes on two CPU cores.
+
+    JSON-serialisable: `dataclasses.asdict` writes it and `DemoConfig.from_dict` reads it back (the
+    `eqx-ring` command keeps a workdir's settings so).
+
+    **Arguments:**
+
+    - `num_frames`, `frame_size`, `max_shapes`: the `MovingShapes` videos: frames per video, frame
+      side in pixels, up to this many shapes per video.
+    - `train_videos`, `eval_videos`: how many training and held-out videos.
+    - `seed`: the data and initialisation seed (the held-out videos use `seed + 1`).
+    - `mesh`: the LM's mesh, an LWM-style string `"dp,fsdp,tp,sp"`.
+    - `vq`, `vq_steps`, `vq_batch`, `vq_learning_rate`, `restart_every`: the VQ tokenizer and its
+      training (dead codes restart every `restart_every` steps).
+    - `lm`, `lm_train`: the video-text LM and its training.
+    - `tasks`: `(task, weight)` pairs of [`video_text_examples`][data_pipelines.video_text_examples].
+
+    **Raises:** `ValueError` for a count below 1 (a negative `seed`), or for an `lm` or `vq` that does
+    not match the videos: `vq.frame_size` must be `frame_size`, and `lm`'s `num_frames`,
+    `codebook_size` and `codes_per_frame` must be `num_frames`, `vq.codebook_size` and `vq.grid ** 2`.
+    """
 
     num_frames: int = 2
     frame_size: int = 32
@@ -42,6 +62,58 @@ class DemoConfig:
     lm_train: TrainConfig = TrainConfig(stages=(Stage(seq_len=1024, steps=750),), batch_size=8,
                                         learning_rate=3e-3, warmup_steps=50, checkpoint_every=250)
     tasks: tuple[tuple[str, float], ...] = (("video_to_text", 0.85), ("text_to_video", 0.15))
+
+    def __post_init__(self):
+        counts = ("num_frames", "frame_size", "max_shapes", "train_videos", "eval_videos", "vq_steps", "vq_batch",
+                  "restart_every")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"DemoConfig.{name} must be a positive int, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"DemoConfig.seed must be >= 0, got {self.seed}")
+        # The LM's and the VQ's sizes are derived from the videos': a mismatch trains, then fails or
+        # decodes garbage, so it is refused here.
+        derived = (("vq.frame_size", self.vq.frame_size, "frame_size", self.frame_size),
+                   ("lm.num_frames", self.lm.num_frames, "num_frames", self.num_frames),
+                   ("lm.codebook_size", self.lm.codebook_size, "vq.codebook_size", self.vq.codebook_size),
+                   ("lm.codes_per_frame", self.lm.codes_per_frame, "vq.grid ** 2", self.vq.grid**2))
+        for name, value, source, expected in derived:
+            if value != expected:
+                raise ValueError(f"DemoConfig.{name} must equal {source}={expected}, got {value}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DemoConfig":
+        """The config that `dataclasses.asdict` turned into `data` (e.g. read back from JSON).
+
+        **Arguments:**
+
+        - `data`: a dict of `DemoConfig` fields, nested configs as dicts; a field left out keeps its
+          default.
+
+        **Returns:** the `DemoConfig`.
+
+        **Raises:** `ValueError` for a key that is not a field (of `DemoConfig` or a nested config),
+        or values the configs refuse.
+        """
+        def build(config_cls, fields: dict[str, Any], where: str):
+            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(config_cls)})
+            if unknown:
+                raise ValueError(f"{where} has no fields {unknown}")
+            return config_cls(**fields)
+
+        fields = dict(data)
+        if "vq" in fields:
+            fields["vq"] = build(VQConfig, fields["vq"], "DemoConfig.vq")
+        if "lm" in fields:
+            fields["lm"] = build(VideoTextConfig, fields["lm"], "DemoConfig.lm")
+        if "lm_train" in fields:
+            train_fields = dict(fields["lm_train"])
+            if "stages" in train_fields:
+                train_fields["stages"] = tuple(build(Stage, s, "a stage") for s in train_fields["stages"])
+            fields["lm_train"] = build(TrainConfig, train_fields, "DemoConfig.lm_train")
+        if "tasks" in fields:
+            fields["tasks"] = tuple((str(task), float(weight)) for task, weight in fields["tasks"])
+        return build(cls, fields, "DemoConfig")
 
 
 def videos(config: DemoConfig, split: str):
@@ -174,7 +246,8 @@ def generate_grid(lm: VideoTextLM, vq: VideoVQ, captions: list[str], path: Path,
                   seed: int = 0) -> None:
     """Sample videos from `captions` and save their frames as a PNG grid, one row per caption (process 0 writes it).
 
-    Sampled, not greedy: the most likely code of almost every cell is the background's.
+    Sampled, not greedy: the most likely code of almost every cell is the background's. Missing
+    folders of `path` are created.
     """
     import matplotlib
 
@@ -197,6 +270,7 @@ def generate_grid(lm: VideoTextLM, vq: VideoVQ, captions: list[str], path: Path,
             axes[r, t].axis("off")
         axes[r, 0].set_title(captions[r], fontsize=8, loc="left")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 
