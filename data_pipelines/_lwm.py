@@ -47,8 +47,9 @@ def lwm_sequence(
 
     **Raises:**
 
-    `ValueError` if `codes` is not 2-D with at least one frame, has a negative code, or `task` is
-    not in [`TASKS`][data_pipelines.TASKS].
+    `ValueError` if `codes` is not a 2-D integer array with at least one frame or has a negative
+    code, if `caption_ids` is not a 1-D integer array of ids in `[0, tokenizer.vocab_size)`, or if
+    `task` is not in [`TASKS`][data_pipelines.TASKS].
 
     **Example:**
 
@@ -68,8 +69,17 @@ def lwm_sequence(
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[0] < 1:
         raise ValueError(f"codes must have shape [frames >= 1, codes_per_frame], got {codes.shape}")
+    if codes.size and not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
     if codes.size and codes.min() < 0:
         raise ValueError(f"codes must be non-negative, got minimum {codes.min()}")
+    caption_ids = np.asarray(caption_ids)
+    if caption_ids.ndim != 1 or (caption_ids.size and not np.issubdtype(caption_ids.dtype, np.integer)):
+        raise ValueError(f"caption_ids must be a 1-D array of integers, got shape {caption_ids.shape} and dtype "
+                         f"{caption_ids.dtype}")
+    if caption_ids.size and (caption_ids.min() < 0 or caption_ids.max() >= tokenizer.vocab_size):
+        raise ValueError(f"caption_ids must lie in [0, tokenizer.vocab_size={tokenizer.vocab_size}), got values in "
+                         f"[{caption_ids.min()}, {caption_ids.max()}]")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     tok = tokenizer

@@ -26,6 +26,9 @@ class PackStats:
     - `rows`: rows emitted.
     - `padding`: padding tokens in those rows, so `rows · seq_len == tokens + padding` once the
       iterator is exhausted.
+    - `skipped`: `None` records the parent yielded instead of an example (not counted in
+      `examples`), e.g. videos a [`VideoFiles`][data_pipelines.VideoFiles] with `skip_errors=True`
+      could not decode.
     """
 
     examples: int = 0
@@ -34,6 +37,7 @@ class PackStats:
     rejected: int = 0
     rows: int = 0
     padding: int = 0
+    skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,9 @@ class PackIterDataset(grain.IterDataset):
 
     Padding is `pad_id` in `"tokens"` and zero/False elsewhere, so it is never trained. An example
     longer than `seq_len` is, by `overflow`, cut into `seq_len`-long pieces packed as separate
-    segments (`"split"`) or dropped (`"reject"`); the iterator's `stats` counts both.
+    segments (`"split"`) or dropped (`"reject"`); the iterator's `stats` counts both. A `None` from
+    the parent (a record its source skipped; make the parent with `to_iter_dataset(allow_nones=True)`
+    so that grain passes them on) is counted in `stats.skipped` and packs nothing.
 
     The iterator's state is its parent's state before the example that starts the next row, plus
     how many of that example's tokens earlier rows took: small, and restored exactly.
@@ -106,15 +112,24 @@ class PackIterDataset(grain.IterDataset):
 
         **Raises:**
 
-        `ValueError` if `seq_len < 1` or `overflow` is unknown. While iterating, an example that lacks
-        one of `keys` raises `KeyError`, one whose `keys` differ in length `ValueError`.
+        `ValueError` if `seq_len < 1`, `overflow` is unknown, or `keys` is empty or repeats a key;
+        `TypeError` if `seq_len` or `pad_id` is not an int or `keys` is not a sequence of strings.
+        While iterating, an example that lacks one of `keys` raises `KeyError`, one whose `keys`
+        differ in length `ValueError`.
         """
         super().__init__(parent)
+        for name, value in (("seq_len", seq_len), ("pad_id", pad_id)):
+            if not _is_int(value):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
+        if isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
+            raise TypeError(f"keys must be a sequence of key names (strings), got {keys!r}")
+        if not keys or len(set(keys)) != len(keys):
+            raise ValueError(f"keys must be distinct key names, at least one, got {tuple(keys)}")
         if overflow not in OVERFLOW_RULES:
             raise ValueError(f"overflow must be one of {OVERFLOW_RULES}, got {overflow!r}")
-        self._config = _Config(seq_len, pad_id, tuple(keys), overflow)
+        self._config = _Config(int(seq_len), int(pad_id), tuple(keys), overflow)
 
     def __iter__(self) -> "PackIterator":
         """A fresh iterator over the packed rows, starting at the parent's beginning.
@@ -165,6 +180,9 @@ class PackIterator(grain.DatasetIterator):
                 example = next(self._parent)
             except StopIteration:
                 return False
+            if example is None:  # a record the source skipped; a saved state never points at one
+                self.stats.skipped += 1
+                continue
             resumed = self._resume_offset is not None
             offset, self._resume_offset = self._resume_offset or 0, None
             n = _length(example, cfg.keys)
@@ -263,6 +281,10 @@ class PackIterator(grain.DatasetIterator):
         return f"PackIterator(seq_len={self._config.seq_len})"
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def _length(example: dict[str, np.ndarray], keys: tuple[str, ...]) -> int:
     missing = [k for k in keys if k not in example]
     if missing:
@@ -282,7 +304,7 @@ def pack(examples, seq_len: int, pad_id: int, **kwargs) -> tuple[list[dict[str, 
     **Arguments:**
 
     - `examples`: an iterable of examples, dicts of 1-D per-token arrays (see
-      [`PackIterDataset`][data_pipelines.PackIterDataset]).
+      [`PackIterDataset`][data_pipelines.PackIterDataset]); a `None` is counted as skipped.
     - `seq_len`: the length of every row.
     - `pad_id`: the token that pads `"tokens"`.
     - `**kwargs`: `keys` and `overflow`, passed to [`PackIterDataset`][data_pipelines.PackIterDataset].
@@ -309,8 +331,8 @@ def pack(examples, seq_len: int, pad_id: int, **kwargs) -> tuple[list[dict[str, 
     assert len(rows) == 1 and stats.rejected == 1
     ```
     """
-    iterator = iter(PackIterDataset(grain.MapDataset.source(list(examples)).to_iter_dataset(), seq_len, pad_id,
-                                    **kwargs))
+    source = grain.MapDataset.source(list(examples)).to_iter_dataset(allow_nones=True)
+    iterator = iter(PackIterDataset(source, seq_len, pad_id, **kwargs))
     rows = list(iterator)
     return rows, iterator.stats
 
@@ -318,7 +340,8 @@ def pack(examples, seq_len: int, pad_id: int, **kwargs) -> tuple[list[dict[str, 
 def packing_stats(iterator: grain.DatasetIterator) -> PackStats:
     """The summed `PackStats` of every packer behind `iterator`, read from its state.
 
-    Works through `mp_prefetch` too: each worker's packer state travels in the iterator's state,
+    Every packer counts, also one whose rows another packer packs again (a packer's state holds its
+    parent's). Works through `mp_prefetch` too: each worker's packer state travels in the iterator's state,
     so rejected and split examples are counted even when packing runs in other processes (e.g. the
     iterators of [`packed_batches`][data_pipelines.packed_batches] with `num_workers > 0` or of
     [`global_packed_batches`][data_pipelines.global_packed_batches], one packer per row).
@@ -339,6 +362,7 @@ def packing_stats(iterator: grain.DatasetIterator) -> PackStats:
             if node.keys() == {"parent", "offset", "stats"}:
                 for name, value in node["stats"].items():
                     setattr(total, name, getattr(total, name) + value)
+                visit(node["parent"])  # packers further up the chain
             else:
                 for value in node.values():
                     visit(value)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from eqx_ring import to_layout
+from eqx_ring import layout_positions, to_layout
 from eqx_ring.sharding import BATCH_AXES, batch_sharding
 
 from ._lwm import TASKS, lwm_sequence
@@ -42,8 +42,14 @@ class PatchQuantizer:
 
     **Arguments:**
 
-    - `patch`: the side of a square patch in pixels, default 8; must divide the frames' height and width.
-    - `levels`: quantization steps per colour channel, default 4.
+    - `patch`: the side of a square patch in pixels, default 8, positive; must divide the frames'
+      height and width.
+    - `levels`: quantization steps per colour channel, default 4, in `[1, 256]`.
+
+    **Raises:**
+
+    `ValueError` naming the field if `patch < 1` or `levels` is not in `[1, 256]`, or either is not
+    an int.
 
     **Example:**
 
@@ -62,6 +68,13 @@ class PatchQuantizer:
 
     patch: int = 8
     levels: int = 4
+
+    def __post_init__(self):
+        """Check the fields; raises `ValueError` as listed above."""
+        if not _is_int(self.patch) or self.patch < 1:
+            raise ValueError(f"patch must be a positive int, got {self.patch!r}")
+        if not _is_int(self.levels) or not 1 <= self.levels <= 256:
+            raise ValueError(f"levels must be an int in [1, 256] (steps per 8-bit channel), got {self.levels!r}")
 
     @property
     def codebook_size(self) -> int:
@@ -82,8 +95,11 @@ class PatchQuantizer:
 
         **Raises:**
 
-        `ValueError` if `H` or `W` is not divisible by `patch`.
+        `ValueError` if `frames` is not `[T, H, W, 3]`, or `H` or `W` is not divisible by `patch`.
         """
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must have shape [T, H, W, 3] (RGB), got {frames.shape}")
         t, h, w, _ = frames.shape
         if h % self.patch or w % self.patch:
             raise ValueError(f"frame size {h}x{w} must be divisible by patch={self.patch}")
@@ -108,12 +124,35 @@ class ToLWMSequence:
     - `tokenizer`: the text [`Tokenizer`][data_pipelines.Tokenizer] for the caption and special ids.
     - `tasks`: the task names to draw from, each in [`TASKS`][data_pipelines.TASKS].
     - `weights`: the probability of each of `tasks`, same length, summing to 1.
+    - `vocab_size`: the model's vocabulary, `tokenizer.vocab_size + codebook_size`; with it every
+      sequence's ids are checked to lie in `[0, vocab_size)` (one NumPy `max` per example), so a
+      video tokenizer whose codes exceed its codebook fails here, naming the example, instead of
+      training on ids the model's embedding silently clamps. Default `None`: not checked.
+
+    **Raises:**
+
+    `ValueError` if `tasks` is empty or names an unknown task, `weights` does not match it, or
+    `vocab_size` leaves no room for a vision code (`<= tokenizer.vocab_size`).
     """
 
     video_tokenizer: Callable[[np.ndarray], np.ndarray] | None
     tokenizer: Tokenizer
     tasks: tuple[str, ...]
     weights: tuple[float, ...]
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        """Check the fields; raises `ValueError` as listed above."""
+        if not self.tasks or any(t not in TASKS for t in self.tasks):
+            raise ValueError(f"tasks must name some of {TASKS}, got {self.tasks!r}")
+        if len(self.weights) != len(self.tasks) or any(w < 0 for w in self.weights) or not np.isclose(
+                sum(self.weights), 1.0):
+            raise ValueError(f"weights must be {len(self.tasks)} non-negative probabilities summing to 1 (one per "
+                             f"task), got {self.weights!r}")
+        if self.vocab_size is not None and (not _is_int(self.vocab_size)
+                                            or self.vocab_size <= self.tokenizer.vocab_size):
+            raise ValueError(f"vocab_size must be an int > tokenizer.vocab_size={self.tokenizer.vocab_size} (text ids "
+                             f"plus the video codebook), got {self.vocab_size!r}")
 
     def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Turn one record into its LWM sequence (grain calls this with a per-example `rng`).
@@ -130,6 +169,12 @@ class ToLWMSequence:
         The dict of [`lwm_sequence`][data_pipelines.lwm_sequence] (`"tokens"` int32, `"vision_mask"`
         and `"loss_mask"` bool, all `[length]`) plus `"task"` (int, the task's index in
         [`TASKS`][data_pipelines.TASKS]) and `"index"` (the record's `"index"`, or -1).
+
+        **Raises:**
+
+        `ValueError` naming the record's `"index"`, the id and `vocab_size` if an id is outside
+        `[0, vocab_size)` (with `vocab_size`); the errors of
+        [`lwm_sequence`][data_pipelines.lwm_sequence] for bad codes or caption ids.
         """
         task = self.tasks[rng.choice(len(self.tasks), p=self.weights)] if len(self.tasks) > 1 else self.tasks[0]
         if self.video_tokenizer is None:
@@ -137,7 +182,58 @@ class ToLWMSequence:
         else:
             codes = self.video_tokenizer(np.asarray(record["frames"]))
         sequence = lwm_sequence(codes, self.tokenizer.encode(record["caption"]), self.tokenizer, task)
-        return {**sequence, "task": TASKS.index(task), "index": record.get("index", -1)}
+        index = record.get("index", -1)
+        if self.vocab_size is not None:
+            _check_ids(sequence["tokens"], self.vocab_size, f"example {index}", self.tokenizer.vocab_size)
+        return {**sequence, "task": TASKS.index(task), "index": index}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _check_ids(tokens: np.ndarray, vocab_size: int, what: str, text_vocab_size: int | None = None) -> None:
+    """Raise unless every id of `tokens` lies in `[0, vocab_size)`: one min and one max, no copy."""
+    if not tokens.size:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low >= 0 and high < vocab_size:
+        return
+    bad = low if low < 0 else high
+    hint = ""
+    if text_vocab_size is not None and bad >= vocab_size:
+        hint = (f" (video code {bad - text_vocab_size}: the codebook holds {vocab_size - text_vocab_size} codes after "
+                f"the {text_vocab_size} text ids)")
+    raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, vocab_size={vocab_size}){hint}")
+
+
+def _check_positive(**values: Any) -> None:
+    for name, value in values.items():
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_layout_args(seq_len: int | None, layout: str | None, ring_size: int) -> None:
+    """Check the row layout up front, so a bad one fails here and not at the first row."""
+    _check_positive(ring_size=ring_size)
+    if layout is None:
+        if ring_size != 1:
+            raise ValueError(f"ring_size={ring_size} needs a layout (the rows are reordered for the ring only with "
+                             "layout=...), got layout=None")
+        return
+    layout_positions(0 if seq_len is None else seq_len, layout, ring_size)
+
+
+@dataclass(frozen=True)
+class _CheckVocab:
+    """Map with index: raise naming the example if one of its token ids is outside `[0, vocab_size)`."""
+
+    vocab_size: int
+
+    def __call__(self, position: int, example: Mapping[str, Any]) -> Mapping[str, Any]:
+        where = f"example {position}" + (f" (index {example['index']})" if "index" in example else "")
+        _check_ids(np.asarray(example["tokens"]), self.vocab_size, where)
+        return example
 
 
 def _task_mixture(tasks: str | Mapping[str, float]) -> tuple[tuple[str, ...], tuple[float, ...]]:
@@ -162,6 +258,7 @@ def video_text_examples(
     num_epochs: int | None = 1,
     process_index: int | None = None,
     process_count: int | None = None,
+    vocab_size: int | None = None,
 ) -> grain.MapDataset:
     """This process's examples as LWM token sequences: a grain `MapDataset`, random-access and deterministic.
 
@@ -190,6 +287,9 @@ def video_text_examples(
       forever.
     - `process_index`: this process's index among `process_count`; default `jax.process_index()`.
     - `process_count`: the number of processes splitting the source; default `jax.process_count()`.
+    - `vocab_size`: the model's vocabulary (`tokenizer.vocab_size + codebook_size`); with it each
+      example's ids are checked against it once, as it is made (see
+      [`ToLWMSequence`][data_pipelines.ToLWMSequence]). Default `None`: not checked.
 
     **Returns:**
 
@@ -201,8 +301,11 @@ def video_text_examples(
 
     **Raises:**
 
-    `ValueError` if `tasks` names an unknown task or its weights are negative or sum to 0, or if
-    `process_index` is not in `[0, process_count)`.
+    `ValueError` if `tasks` names an unknown task or its weights are negative or sum to 0, if
+    `process_index` is not in `[0, process_count)`, `num_epochs` is neither `None` nor a positive
+    int, `seed` is not an int, or `vocab_size` is not an int above `tokenizer.vocab_size`. Reading
+    an example raises as [`ToLWMSequence`][data_pipelines.ToLWMSequence] does (an id outside
+    `vocab_size` names the example).
 
     **Example:**
 
@@ -224,8 +327,8 @@ def video_text_examples(
     ```
     """
     task_names, weights = _task_mixture(tasks)
+    transform = ToLWMSequence(video_tokenizer, tokenizer or ByteTokenizer(), task_names, weights, vocab_size)
     ds = _this_process(source, seed, shuffle, num_epochs, process_index, process_count)
-    transform = ToLWMSequence(video_tokenizer, tokenizer or ByteTokenizer(), task_names, weights)
     return ds.random_map(transform, seed=seed)
 
 
@@ -234,9 +337,14 @@ def _this_process(
     process_index: int | None, process_count: int | None,
 ) -> grain.MapDataset:
     """This process's slice of `source`, shuffled per epoch and repeated."""
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if num_epochs is not None:
+        _check_positive(num_epochs=num_epochs)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
+    _check_positive(process_count=process_count)
+    if not _is_int(process_index) or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if shuffle:
@@ -254,11 +362,19 @@ class ToRingLayout:
     **Arguments:**
 
     - `layout`: `"contiguous"`, `"zigzag"` or `"striped"`, as the model uses.
-    - `num_shards`: the number of devices on the ring (the mesh's `sp` size).
+    - `num_shards`: the number of devices on the ring (the mesh's `sp` size), positive.
+
+    **Raises:**
+
+    `ValueError` if `layout` is unknown or `num_shards` is not a positive int.
     """
 
     layout: str
     num_shards: int
+
+    def __post_init__(self):
+        """Check the fields; raises `ValueError` as listed above."""
+        layout_positions(0, self.layout, self.num_shards)
 
     def __call__(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Permute every array of `row` into the layout.
@@ -289,6 +405,7 @@ def packed_batches(
     layout: str | None = None,
     ring_size: int = 1,
     num_workers: int = 0,
+    vocab_size: int | None = None,
 ) -> grain.IterDataset:
     """Pack sequences into rows of `seq_len`, reorder them for the ring, and batch them.
 
@@ -301,6 +418,8 @@ def packed_batches(
     Each batch holds this process's rows only; make global arrays with
     [`global_batch`][data_pipelines.global_batch]. A last, incomplete batch is dropped. Keys of the
     examples other than `"tokens"`, `"loss_mask"` and `"vision_mask"` (e.g. `"task"`) are dropped.
+    `None` records (e.g. videos a [`VideoFiles`][data_pipelines.VideoFiles] with `skip_errors=True`
+    could not decode) are counted in the packers' `skipped`, in every worker.
 
     **Arguments:**
 
@@ -314,14 +433,27 @@ def packed_batches(
       [`PackIterDataset`][data_pipelines.PackIterDataset].
     - `layout`: `None` (default) for natural order, or an `eqx_ring` layout name, applied by
       [`ToRingLayout`][data_pipelines.ToRingLayout].
-    - `ring_size`: the number of devices on the ring for `layout`, default 1; ignored without `layout`.
+    - `ring_size`: the number of devices on the ring for `layout`, default 1; must be 1 without `layout`.
     - `num_workers`: worker processes for `mp_prefetch`; default 0 runs in this process.
+    - `vocab_size`: the model's vocabulary; with it each example's `"tokens"` are checked to lie
+      in `[0, vocab_size)` before packing (one min and max per example). Default `None`: not
+      checked (checking once in [`video_text_examples`][data_pipelines.video_text_examples] is
+      enough).
 
     **Returns:**
 
     A grain `IterDataset` of dicts with the keys [`ROW_KEYS`][data_pipelines.ROW_KEYS], each a
     `[batch_size, seq_len]` NumPy array (int32 ids, segment ids and positions; bool masks).
     [`packing_stats`][data_pipelines.packing_stats] of its iterator says what packing did.
+
+    **Raises:**
+
+    `ValueError` naming the argument if `seq_len`, `batch_size` or `ring_size` is not a positive
+    int, `num_workers` is negative, `ring_size > 1` without `layout`, `layout` is unknown or does
+    not split `seq_len` into `ring_size` shards (`2 · ring_size` for `"zigzag"`), or `vocab_size`
+    is not a positive int; or `overflow` is unknown. While iterating, an example with an id outside
+    `vocab_size` raises `ValueError` naming its position in `examples`, its `"index"`, the id and
+    `vocab_size`.
 
     **Example:**
 
@@ -341,8 +473,23 @@ def packed_batches(
     assert (targets[:, :-1] == tokens[:, 1:])[mask[:, :-1]].all()  # next-token targets, in natural order
     ```
     """
-    rows = PackIterDataset(examples.to_iter_dataset(), seq_len, pad_id, overflow=overflow)
+    _check_batching(seq_len, batch_size, layout, ring_size, vocab_size)
+    if not _is_int(num_workers) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+    if vocab_size is not None:
+        examples = examples.map_with_index(_CheckVocab(vocab_size))
+    rows = PackIterDataset(examples.to_iter_dataset(allow_nones=True), seq_len, pad_id, overflow=overflow)
     return _batch_rows(rows, batch_size, layout, ring_size, num_workers)
+
+
+def _check_batching(seq_len: int | None, batch_size: int, layout: str | None, ring_size: int,
+                    vocab_size: int | None) -> None:
+    if seq_len is not None:
+        _check_positive(seq_len=seq_len)
+    _check_positive(batch_size=batch_size)
+    _check_layout_args(seq_len, layout, ring_size)
+    if vocab_size is not None:
+        _check_positive(vocab_size=vocab_size)
 
 
 def shard_batches(
@@ -373,7 +520,7 @@ def shard_batches(
     - `shuffle`: shuffle each epoch (default `True`).
     - `num_epochs`: how many times to repeat, default 1; `None` repeats forever.
     - `layout`: `None` (default) for natural order, or an `eqx_ring` layout name.
-    - `ring_size`: the number of devices on the ring for `layout`, default 1.
+    - `ring_size`: the number of devices on the ring for `layout`, default 1; must be 1 without `layout`.
     - `num_workers`: worker processes for `mp_prefetch`; default 0.
     - `process_index`: this process's index; default `jax.process_index()`.
     - `process_count`: the number of processes splitting the rows; default `jax.process_count()`.
@@ -387,8 +534,13 @@ def shard_batches(
 
     **Raises:**
 
-    `ValueError` if `process_index` is not in `[0, process_count)`.
+    `ValueError` if `process_index` is not in `[0, process_count)`, `batch_size` or `ring_size` is
+    not a positive int, `ring_size > 1` without `layout`, `layout` is unknown, or `num_workers` is
+    negative; a layout that does not split the rows' length raises at the first batch.
     """
+    _check_batching(None, batch_size, layout, ring_size, None)
+    if not _is_int(num_workers) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
     rows = _this_process(shards, seed, shuffle, num_epochs, process_index, process_count).to_iter_dataset()
     return _batch_rows(rows, batch_size, layout, ring_size, num_workers)
 
@@ -445,7 +597,16 @@ def _batch_rows(
     batches = rows.batch(batch_size, drop_remainder=True)
     if num_workers:
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        # Workers hand over batches in shared memory, unlinked when the array is garbage collected.
+        # A batch still referenced at interpreter exit is collected after the modules are torn down,
+        # where grain's `__del__` fails and the block leaks ("leaked shared_memory objects"); a copy
+        # in this process lets the shared block go as soon as the batch is read.
+        batches = batches.map(_copy_out_of_shared_memory)
     return batches
+
+
+def _copy_out_of_shared_memory(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in batch.items()}
 
 
 def global_packed_batches(
@@ -458,6 +619,7 @@ def global_packed_batches(
     overflow: str = "split",
     layout: str | None = None,
     ring_size: int = 1,
+    vocab_size: int | None = None,
 ) -> grain.IterDataset:
     """Packed batches that are the same whatever the number of processes reading them: for elastic restarts.
 
@@ -488,7 +650,10 @@ def global_packed_batches(
     - `overflow`: `"split"` (default) or `"reject"`, as in
       [`PackIterDataset`][data_pipelines.PackIterDataset].
     - `layout`: `None` (default) for natural order, or an `eqx_ring` layout name.
-    - `ring_size`: the number of devices on the ring for `layout`, default 1.
+    - `ring_size`: the number of devices on the ring for `layout`, default 1; must be 1 without `layout`.
+    - `vocab_size`: the model's vocabulary; with it each example's `"tokens"` are checked to lie
+      in `[0, vocab_size)` before packing, as in [`packed_batches`][data_pipelines.packed_batches].
+      Default `None`: not checked.
 
     **Returns:**
 
@@ -498,8 +663,10 @@ def global_packed_batches(
 
     **Raises:**
 
-    `ValueError` if `rows` is `None` and `batch_size` is not divisible by the process count, or if
-    `rows` are not distinct indices in `[0, batch_size)`.
+    `ValueError` if `rows` is `None` and `batch_size` is not divisible by the process count, if
+    `rows` are not distinct indices in `[0, batch_size)`, or for the arguments
+    [`packed_batches`][data_pipelines.packed_batches] refuses (`seq_len`, `batch_size`, `layout`,
+    `ring_size`, `vocab_size`); while iterating, as `packed_batches` for an id outside `vocab_size`.
 
     **Example:**
 
@@ -522,17 +689,22 @@ def global_packed_batches(
     assert np.array_equal(np.concatenate([h["tokens"] for h in halves]), whole["tokens"])
     ```
     """
+    _check_batching(seq_len, batch_size, layout, ring_size, vocab_size)
+    if vocab_size is not None:
+        examples = examples.map_with_index(_CheckVocab(vocab_size))
     if rows is None:
         index, count = jax.process_index(), jax.process_count()
         if batch_size % count:
             raise ValueError(f"batch_size={batch_size} must be divisible by the process count {count}")
         rows = range(index * batch_size // count, (index + 1) * batch_size // count)
     rows = sorted(rows)
-    if not rows or rows[0] < 0 or rows[-1] >= batch_size or len(set(rows)) != len(rows):
+    if (not rows or not all(_is_int(r) for r in rows) or rows[0] < 0 or rows[-1] >= batch_size
+            or len(set(rows)) != len(rows)):
         raise ValueError(f"rows must be distinct indices in [0, batch_size={batch_size}), got {rows}")
     streams = {}
     for r in rows:
-        stream = PackIterDataset(examples[r::batch_size].to_iter_dataset(), seq_len, pad_id, overflow=overflow)
+        stream = PackIterDataset(examples[r::batch_size].to_iter_dataset(allow_nones=True), seq_len, pad_id,
+                                 overflow=overflow)
         stream = stream.map(with_targets)
         streams[r] = stream.map(ToRingLayout(layout, ring_size)) if layout is not None else stream
     return _RowStreams(streams)

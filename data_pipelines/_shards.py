@@ -44,6 +44,13 @@ def write_packed_shards(
 
     The list of the written files' paths, in order; empty when `rows` is empty.
 
+    **Raises:**
+
+    `ValueError` if `rows_per_shard` is not positive, `prefix` is empty or holds a path separator,
+    or `directory` is an existing file; `TypeError` if `rows_per_shard` is not an int, `prefix`
+    not a string, `rows` a single mapping instead of an iterable of them, or a row not a mapping
+    of names to arrays (named by its index). Arguments are checked before anything is written.
+
     **Example:**
 
     ```python
@@ -62,18 +69,35 @@ def write_packed_shards(
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    if isinstance(rows_per_shard, bool) or not isinstance(rows_per_shard, int | np.integer):
+        raise TypeError(f"rows_per_shard must be an int, got {type(rows_per_shard).__name__} {rows_per_shard!r}")
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__} {prefix!r}")
+    if not prefix or os.sep in prefix or (os.altsep and os.altsep in prefix):
+        raise ValueError(f"prefix must be a non-empty file name without a path separator, got {prefix!r}")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"directory must be a folder, got the existing file {os.fspath(directory)!r}")
+    if isinstance(rows, Mapping):
+        raise TypeError("rows must be an iterable of rows (mappings of name -> array), got a single mapping")
     os.makedirs(directory, exist_ok=True)
     paths: list[str] = []
     writer = None
-    for i, row in enumerate(rows):
-        if i % rows_per_shard == 0:
-            if writer is not None:
-                writer.close()
-            paths.append(os.path.join(os.fspath(directory), f"{prefix}-{len(paths):05d}.array_record"))
-            writer = ArrayRecordWriter(paths[-1], "group_size:1")
-        writer.write(_encode(row))
-    if writer is not None:
-        writer.close()
+    try:
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise TypeError(f"rows[{i}] must be a mapping of name -> array, got {type(row).__name__}")
+            if i % rows_per_shard == 0:
+                if writer is not None:
+                    writer.close()
+                    writer = None  # closed once, even if the next file cannot be opened
+                paths.append(os.path.join(os.fspath(directory), f"{prefix}-{len(paths):05d}.array_record"))
+                writer = ArrayRecordWriter(paths[-1], "group_size:1")
+            writer.write(_encode(row))
+    finally:
+        if writer is not None:
+            writer.close()
     return paths
 
 
@@ -91,8 +115,12 @@ class PackedShards:
 
         **Raises:**
 
-        `ValueError` if `paths` is empty; `FileNotFoundError` naming the files that do not exist.
+        `ValueError` if `paths` is empty; `TypeError` if it is a single path rather than a sequence
+        of them; `FileNotFoundError` naming the files that do not exist.
         """
+        if isinstance(paths, str | bytes | os.PathLike):
+            raise TypeError(f"paths must be a sequence of shard files, got the single path {os.fspath(paths)!r}; "
+                            "wrap it in a list")
         if not paths:
             raise ValueError("PackedShards needs at least one file")
         missing = [os.fspath(p) for p in paths if not os.path.exists(p)]

@@ -63,7 +63,8 @@ class MovingShapes:
 
     **Raises:**
 
-    `ValueError` if `num_examples < 0`, `num_frames < 1`, `max_shapes < 1` or `size < 12`.
+    `ValueError` naming the argument if `num_examples < 0`, `num_frames < 1`, `max_shapes < 1`,
+    `size < 12` or `seed < 0`; `TypeError` if one of them is not an int (a bool is not).
 
     **Example:**
 
@@ -90,13 +91,14 @@ class MovingShapes:
     seed: int = 0
 
     def __post_init__(self):
-        """Check the fields; raises `ValueError` as listed above."""
-        if self.num_examples < 0:
-            raise ValueError(f"num_examples must be >= 0, got {self.num_examples}")
-        if self.num_frames < 1 or self.max_shapes < 1:
-            raise ValueError(f"num_frames and max_shapes must be >= 1, got {self.num_frames}, {self.max_shapes}")
-        if self.size < 12:
-            raise ValueError(f"size must be at least 12 pixels to draw a shape, got {self.size}")
+        """Check the fields; raises as listed above."""
+        for name, low in (("num_examples", 0), ("num_frames", 1), ("size", 12), ("max_shapes", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+            if value < low:
+                bound = "at least 12 pixels to draw a shape" if name == "size" else f">= {low}"
+                raise ValueError(f"{name} must be {bound}, got {value}")
 
     def __len__(self) -> int:
         """The number of examples.
@@ -122,8 +124,11 @@ class MovingShapes:
 
         **Raises:**
 
-        `IndexError` if `index` is out of range (negative indices are not wrapped).
+        `IndexError` if `index` is out of range (negative indices are not wrapped); `TypeError` if
+        it is not an integer.
         """
+        if not _is_int(index):
+            raise TypeError(f"index must be an int, got {type(index).__name__} {index!r}")
         index = int(index)
         if not 0 <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for MovingShapes of {self.num_examples} examples")
@@ -168,6 +173,10 @@ class MovingShapes:
         return np.array(start, np.float32), np.array(direction, np.float32) * speed
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def _inside(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
     if shape == "circle":
         return dy * dy + dx * dx <= r * r
@@ -178,10 +187,11 @@ def _inside(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
 
 
 def caption(shape, color, motion) -> str:
-    """`"a red square moves left and a blue circle stays still"` from index arrays (as in the records).
+    """`"a red square moves left and an orange circle stays still"` from index arrays (as in the records).
 
     One phrase `"a {color} {shape} {motion phrase}"` per shape, in order, joined by `", "` and a
-    final `" and "`. Entries whose shape index is negative (the -1 padding of a
+    final `" and "`; the article is `"an"` before a colour that starts with a vowel (`"an orange"`).
+    Entries whose shape index is negative (the -1 padding of a
     [`MovingShapes`][data_pipelines.MovingShapes] record) are skipped.
 
     **Arguments:**
@@ -192,19 +202,38 @@ def caption(shape, color, motion) -> str:
 
     **Returns:**
 
-    The caption string.
+    The caption string; `""` when no shape index is `>= 0`.
+
+    **Raises:**
+
+    `ValueError` if the three differ in length or hold an index outside its table
+    (a negative shape index is padding; a negative colour or motion index of a shape is an error).
     """
+    shape, color, motion = (np.asarray(a).reshape(-1) for a in (shape, color, motion))
+    if not len(shape) == len(color) == len(motion):
+        raise ValueError(f"shape, color and motion must have one length, got {len(shape)}, {len(color)}, {len(motion)}")
     color_names, motion_names = list(COLORS), list(MOTIONS)
-    parts = [
-        f"a {color_names[c]} {SHAPES[s]} {_PHRASE[motion_names[m]]}"
-        for s, c, m in zip(shape, color, motion, strict=True)
-        if s >= 0
-    ]
+    parts = []
+    for s, c, m in zip(shape.tolist(), color.tolist(), motion.tolist(), strict=True):
+        if s < 0:
+            continue
+        for name, value, table in (("shape", s, SHAPES), ("color", c, color_names), ("motion", m, motion_names)):
+            if not 0 <= value < len(table):
+                raise ValueError(f"{name} indices must lie in [0, {len(table)}), got {value}")
+        parts.append(f"{_article(color_names[c])} {color_names[c]} {SHAPES[s]} {_PHRASE[motion_names[m]]}")
+    if not parts:
+        return ""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+# "a" or "an" before any colour: the article is grammar, not an attribute, and captions written
+# before `caption` chose the article by the colour ("a orange") still read.
 _OBJECT = re.compile(
-    rf"\ba ({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) ({'|'.join(_PHRASE.values())})\b"
+    rf"\ban? ({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) ({'|'.join(_PHRASE.values())})\b"
 )
 
 
@@ -212,8 +241,10 @@ def parse_caption(text: str) -> list[tuple[int, int, int]]:
     """The `(shape, color, motion)` index triples a caption names, in order; unreadable phrases are skipped.
 
     The inverse of [`caption`][data_pipelines.caption] on its own output. A phrase is read when it
-    matches `"a {color} {shape} {motion phrase}"` exactly (lower case, whole words), anywhere in
-    `text`.
+    matches `"a {color} {shape} {motion phrase}"` or `"an {color} {shape} {motion phrase}"`
+    exactly (lower case, whole words), anywhere in `text`. Either article is read before any
+    colour, so `"an orange ..."` (what `caption` writes) and `"a orange ..."` (what it wrote
+    before) both count.
 
     **Arguments:**
 
@@ -233,9 +264,11 @@ def score_captions(texts: Sequence[str], records: Sequence[Mapping[str, Any]]) -
     """Per-attribute accuracy of captions against the [`MovingShapes`][data_pipelines.MovingShapes] records.
 
     For each attribute (`"shape"`, `"color"`, `"motion"`) a video scores the size of the multiset
-    intersection of the predicted and true values over its number of shapes, so the order of the
-    phrases does not matter and a missing or extra phrase costs. `"exact"` is the fraction of
-    captions whose set of (shape, color, motion) triples equals the truth's.
+    intersection of the predicted and true values over the larger of its number of shapes and the
+    number of phrases read, so the order of the phrases does not matter and a missing or extra
+    phrase costs. A video with no shapes scores 1 when the caption names none (nothing missed,
+    nothing invented) and 0 otherwise. `"exact"` is the fraction of captions whose multiset of
+    (shape, color, motion) triples equals the truth's.
 
     **Arguments:**
 
@@ -250,17 +283,22 @@ def score_captions(texts: Sequence[str], records: Sequence[Mapping[str, Any]]) -
 
     **Raises:**
 
-    `ValueError` if `texts` and `records` differ in length.
+    `ValueError` if `texts` and `records` differ in length, or a record's `"num_shapes"` is not in
+    `[0, len(record["shape"])]`.
     """
     if len(texts) != len(records):
         raise ValueError(f"got {len(texts)} captions for {len(records)} records")
     totals = dict.fromkeys(("shape", "color", "motion", "exact"), 0.0)
-    for text, record in zip(texts, records, strict=True):
+    for i, (text, record) in enumerate(zip(texts, records, strict=True)):
         predicted = parse_caption(text)
         count = int(record["num_shapes"])
+        if not 0 <= count <= len(record["shape"]):
+            raise ValueError(f"records[{i}]: num_shapes must lie in [0, {len(record['shape'])}] (the length of its "
+                             f"label arrays), got {count}")
         truth = [tuple(int(record[a][i]) for a in ("shape", "color", "motion")) for i in range(count)]
         for a, name in enumerate(("shape", "color", "motion")):
             overlap = Counter(t[a] for t in truth) & Counter(p[a] for p in predicted)
-            totals[name] += sum(overlap.values()) / max(count, len(predicted))
+            # No shapes and no phrase: nothing to find and nothing wrong, a perfect score.
+            totals[name] += sum(overlap.values()) / max(count, len(predicted)) if count or predicted else 1.0
         totals["exact"] += float(sorted(predicted) == sorted(truth))
     return {k: v / max(len(texts), 1) for k, v in totals.items()}

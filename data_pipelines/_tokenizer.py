@@ -99,7 +99,13 @@ class ByteTokenizer:
 
         An int32 NumPy array of shape `[length]` (one id per byte, so `length` may exceed
         `len(text)`), values in `[0, 256)`.
+
+        **Raises:**
+
+        `TypeError` if `text` is not a `str`.
         """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: np.ndarray) -> str:
@@ -116,9 +122,11 @@ class ByteTokenizer:
         **Raises:**
 
         `ValueError` if an id lies outside `[0, vocab_size)` (e.g. a vision code id of the LWM
-        layout, which starts at `vocab_size`).
+        layout, which starts at `vocab_size`), or `ids` is not a 1-D array of integers.
         """
         ids = np.asarray(ids)
+        if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"ids must be a 1-D array of integers, got shape {ids.shape} and dtype {ids.dtype}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"ids must lie in [0, {self.vocab_size}), got values in [{ids.min()}, {ids.max()}]")
         return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
@@ -133,5 +141,12 @@ class ByteTokenizer:
         **Returns:**
 
         `"<eos>"` etc. for a special id, `"<0xHH>"` (two upper-case hex digits) for a byte.
+
+        **Raises:**
+
+        `ValueError` if `token_id` is not an integer in `[0, vocab_size)`.
         """
+        if isinstance(token_id, bool) or not isinstance(token_id, int | np.integer) or not (
+                0 <= token_id < self.vocab_size):
+            raise ValueError(f"token_id must be an int in [0, {self.vocab_size}), got {token_id!r}")
         return SPECIAL_TOKENS[token_id - 256] if token_id >= 256 else f"<0x{token_id:02X}>"

@@ -2,7 +2,9 @@
 
 import json
 import logging
+import math
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,13 @@ class VideoFiles:
     [`VideoDecodeError`][data_pipelines.VideoDecodeError] naming the file and its manifest line; with
     `skip_errors=True` the record is `None` instead (grain drops it), a warning names the file, and
     `skipped` maps each skipped index to its message (`num_skipped` counts them): never a silent drop.
+
+    `skipped` lives in the process that decoded: grain worker processes (`mp_prefetch`, e.g.
+    [`packed_batches`][data_pipelines.packed_batches] with `num_workers > 0`) fill their own
+    copies. The packers of [`packed_batches`][data_pipelines.packed_batches] and
+    [`global_packed_batches`][data_pipelines.global_packed_batches] count the skipped records in
+    their state, so `packing_stats(iterator).skipped` is the total over every worker, and survives
+    a checkpoint; the warnings (from the workers' processes too) name the files.
     """
 
     def __init__(
@@ -44,20 +53,31 @@ class VideoFiles:
 
         - `manifest`: the JSONL file, one object per line: `"path"` and `"caption"` (strings),
           optionally `"start"` and `"end"` (seconds; `end` after `start`). Blank lines are skipped.
-        - `num_frames`: frames per record (keyword only), default 8.
-        - `size`: height and width of the frames in pixels (keyword only), default 32.
-        - `fps`: `None` (default) samples `num_frames` frames evenly over the clip, repeating frames
-          when it has fewer; a rate samples the frames nearest to `start + k / fps`, `k < num_frames`
-          (keyword only).
+        - `num_frames`: frames per record (keyword only), default 8, positive.
+        - `size`: height and width of the frames in pixels (keyword only), default 32, positive.
+        - `fps`: `None` (default) samples `num_frames` distinct frames evenly over the clip (a clip
+          with fewer frames is an error, not repeated frames); a positive rate samples the frames
+          nearest to `start + k / fps`, `k < num_frames`, so a rate above the video's own repeats
+          frames, as any frame-rate conversion does (keyword only).
         - `skip_errors`: `False` (default) raises [`VideoDecodeError`][data_pipelines.VideoDecodeError]
           on a bad video; `True` returns `None` for it and records it in `skipped` (keyword only).
 
         **Raises:**
 
+        `ValueError` naming the argument if `num_frames` or `size` is not a positive int or `fps` is
+        not `None` or a positive finite number (`TypeError` for a non-bool `skip_errors`);
         `ValueError` naming the manifest and line for a line that is not valid JSON, lacks a string
         `"path"` or `"caption"`, has non-numeric `"start"`/`"end"`, or `end <= start`; `OSError`
         (e.g. `FileNotFoundError`) if the manifest cannot be read. Videos are not opened here.
         """
+        for name, value in (("num_frames", num_frames), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float | np.integer | np.floating)
+                                or not math.isfinite(fps) or fps <= 0):
+            raise ValueError(f"fps must be None or a positive number of frames per second, got {fps!r}")
+        if not isinstance(skip_errors, bool):
+            raise TypeError(f"skip_errors must be a bool, got {type(skip_errors).__name__} {skip_errors!r}")
         self.manifest = os.fspath(manifest)
         self.num_frames = num_frames
         self.size = size
@@ -98,7 +118,8 @@ class VideoFiles:
         """How many records this object has skipped so far (`len(skipped)`), with `skip_errors=True`.
 
         Counted in the process that read the records: records read by grain worker processes are
-        counted in the workers' copies.
+        counted in the workers' copies; `packing_stats(iterator).skipped` of a packed pipeline
+        counts them all (see the class's docstring).
         """
         return len(self.skipped)
 
@@ -127,8 +148,9 @@ class VideoFiles:
         **Raises:**
 
         [`VideoDecodeError`][data_pipelines.VideoDecodeError] when the video is missing, has no
-        video stream, is truncated, cannot be decoded, has no frames in `[start, end)`, or is too
-        short for `num_frames` at `fps`, unless `skip_errors` is set.
+        video stream, is truncated, cannot be decoded, has no frames in `[start, end)`, has fewer
+        than `num_frames` frames there (without `fps`), or is too short for `num_frames` at `fps`,
+        unless `skip_errors` is set.
         """
         entry = self._entries[index]
         try:
@@ -168,12 +190,13 @@ class VideoFiles:
 
     @staticmethod
     def _check_complete(container, times: list[float], entry: dict[str, Any], where: str) -> None:
-        """Raise if decoding stopped well before the duration the container declares (a truncated file)."""
-        rate = container.streams.video[0].average_rate
-        if not times or container.duration is None or not rate:
+        """Raise if decoding stopped well before the duration the video stream declares (a truncated file)."""
+        stream = container.streams.video[0]
+        rate = stream.average_rate
+        declared = _declared_seconds(container, stream)
+        if not times or declared is None or not rate:
             return
         period = 1 / float(rate)
-        declared = container.duration / 1e6
         limit = declared if entry["end"] is None else min(entry["end"], declared)
         if times[-1] < limit - 2.5 * period:
             raise VideoDecodeError(
@@ -184,6 +207,13 @@ class VideoFiles:
         if not times:
             raise VideoDecodeError(f"{where}: no frames decoded in [{entry['start']}, {entry['end']})")
         if self.fps is None:
+            if len(times) < self.num_frames:
+                end = "end" if entry["end"] is None else f"{entry['end']:g} s"
+                span = f"[{entry['start']:g} s, {end})"
+                raise VideoDecodeError(
+                    f"{where}: num_frames={self.num_frames} frames asked for, but the video has {len(times)} "
+                    f"frames in {span}; ask for fewer, or pass fps to sample at a rate"
+                )
             return np.linspace(0, len(times) - 1, self.num_frames).round().astype(int)
         wanted = entry["start"] + np.arange(self.num_frames) / self.fps
         if wanted[-1] > times[-1] + 0.5 / self.fps:
@@ -199,3 +229,23 @@ class VideoFiles:
         pixels = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
         top, left = (h - self.size) // 2, (w - self.size) // 2
         return pixels[top : top + self.size, left : left + self.size]
+
+
+_DURATION_TAG = re.compile(r"^(\d+):(\d\d):(\d\d(?:\.\d+)?)$")
+
+
+def _declared_seconds(container, stream) -> float | None:
+    """Where the video stream says it ends: its own duration, else the container's (the longest stream's).
+
+    A container's duration covers every stream, so a complete video whose audio runs on past the
+    picture would look truncated against it. MP4 and most formats give the stream a duration;
+    Matroska writes it as the stream's `DURATION` tag (`HH:MM:SS.nnnnnnnnn`).
+    """
+    if stream.duration and stream.time_base:
+        start = stream.start_time if stream.start_time is not None else 0
+        return float((start + stream.duration) * stream.time_base)
+    tag = _DURATION_TAG.match(stream.metadata.get("DURATION", ""))
+    if tag:
+        hours, minutes, seconds = tag.groups()
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return None if container.duration is None else container.duration / 1e6
