@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from ._checks import check_mask_args, check_qkv
+from ._checks import check_mask_args, check_qkv, check_scale
 from ._masks import visible
 
 
@@ -39,7 +39,7 @@ def dot_product_attention(
     - `causal`: query `i` sees key `j` only if `j // causal_block_size <= i // causal_block_size`.
       Default `False`: no causal mask.
     - `causal_block_size`: 1 (default) for ordinary causal attention; tokens per frame for
-      frame-causal attention. Ignored unless `causal=True`.
+      frame-causal attention. Must be 1 unless `causal=True`.
     - `segment_ids`: `[*batch, q_seq]` ints; a query sees only keys of its own segment (packing).
       Default `None`: no segment mask.
     - `kv_segment_ids`: `[*batch, kv_seq]` ints, the keys' segment ids when they differ from
@@ -56,9 +56,11 @@ def dot_product_attention(
 
     **Raises:**
 
-    `ValueError` if the shapes of `q`, `k`, `v`, the segment ids or `key_bias` do not fit together,
-    or if `causal_block_size` or `sliding_window` is not a positive int; `TypeError` if `q`, `k`, `v`
-    do not share one floating dtype, or the segment ids are not integers.
+    `ValueError` if the shapes of `q`, `k`, `v`, the segment ids or `key_bias` do not fit together
+    (`q`, `k`, `v` need at least 3 axes, a sequence of at least one token and at least one kv head),
+    if `causal_block_size` or `sliding_window` is not a positive int, if `causal_block_size != 1`
+    without `causal=True`, or if `scale` is not finite; `TypeError` if `q`, `k`, `v` do not share
+    one floating dtype, if the segment ids are not integers, or if `causal` is not a bool.
 
     **Example:**
 
@@ -85,7 +87,7 @@ def dot_product_attention(
         kv_segment_ids=kv_segment_ids,
         key_bias=key_bias,
     )
-    scale = dims.head_dim**-0.5 if scale is None else scale
+    scale = dims.head_dim**-0.5 if scale is None else check_scale(scale, static=False)
     groups = dims.q_heads // dims.kv_heads
     f32 = jnp.float32
     qg = q.astype(f32).reshape(*dims.batch, dims.q_len, dims.kv_heads, groups, dims.head_dim)

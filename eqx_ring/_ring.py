@@ -8,7 +8,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from . import _pallas
-from ._checks import check_chunk, check_mask_args, check_qkv
+from ._checks import check_chunk, check_mask_args, check_qkv, check_scale
 from ._kernel import Config, attention
 from ._layout import check_layout
 
@@ -62,6 +62,11 @@ def _pallas_config(implementation: str | None, q_len: int, kv_len: int, head_dim
 def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, segment_ids, kv_segment_ids,
          key_bias, sliding_window, scale, query_chunk_size, key_chunk_size, implementation):
     dims = check_qkv(q, k, v)
+    if axis_name is not None:
+        check_layout(layout, dims.q_len * num_shards, num_shards,
+                     what=f"q_seq (local {dims.q_len} × {num_shards} devices)")
+        check_layout(layout, dims.kv_len * num_shards, num_shards,
+                     what=f"kv_seq (local {dims.kv_len} × {num_shards} devices)")
     spec, q_seg, k_seg, bias = check_mask_args(
         dims,
         causal=causal,
@@ -75,7 +80,7 @@ def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, s
     # A zigzag shard holds two far-apart halves; a chunk inside one half keeps causal skipping exact.
     halves = 2 if layout == "zigzag" and num_shards > 1 else 1
     where = where if halves == 1 else f"{where}/2 (one zigzag half)"
-    scale = float(dims.head_dim**-0.5 if scale is None else scale)
+    scale = float(dims.head_dim**-0.5) if scale is None else check_scale(scale, static=True)
     fused = _pallas_config(implementation, dims.q_len // halves, dims.kv_len // halves, dims.head_dim)
     if fused is None:
         cfg = Config(
@@ -139,7 +144,7 @@ def blockwise_attention(
     - `causal`: query `i` sees key `j` only if `j // causal_block_size <= i // causal_block_size`.
       Default `False`: no causal mask.
     - `causal_block_size`: 1 (default) for ordinary causal attention; tokens per frame for
-      frame-causal attention. Ignored unless `causal=True`.
+      frame-causal attention. Must be 1 unless `causal=True`.
     - `segment_ids`: `[*batch, q_seq]` ints; a query sees only keys of its own segment (packing).
       Default `None`: no segment mask.
     - `kv_segment_ids`: `[*batch, kv_seq]` ints, the keys' segment ids when they differ from
@@ -167,9 +172,10 @@ def blockwise_attention(
 
     **Raises:**
 
-    `ValueError` if a chunk size does not divide its sequence length, or for an
-    `implementation="pallas"` the shapes do not suit; and the errors of
-    [`dot_product_attention`][eqx_ring.dot_product_attention] for bad shapes, dtypes or masks.
+    `ValueError` if a chunk size is not a positive int or does not divide its sequence length, if
+    `implementation` is not one of `"xla"`, `"pallas"`, `None`, or for an `implementation="pallas"`
+    the shapes do not suit; `TypeError` if `scale` is not a Python float (it is static here); and the
+    errors of [`dot_product_attention`][eqx_ring.dot_product_attention] for bad shapes, dtypes or masks.
 
     **Example:**
 
@@ -236,7 +242,7 @@ def ring_attention(
     - `causal`: query `i` sees key `j` only if `j // causal_block_size <= i // causal_block_size`.
       Default `False`: no causal mask.
     - `causal_block_size`: 1 (default) for ordinary causal attention; tokens per frame for
-      frame-causal attention. Ignored unless `causal=True`.
+      frame-causal attention. Must be 1 unless `causal=True`.
     - `segment_ids`: local `[*batch, q_seq]` ints; a query sees only keys of its own segment (packing).
       Default `None`: no segment mask.
     - `kv_segment_ids`: local `[*batch, kv_seq]` ints, the keys' segment ids when they differ from
@@ -265,9 +271,9 @@ def ring_attention(
     **Raises:**
 
     `ValueError` if `axis_name` is not bound (not inside `shard_map` over it), if the layout is
-    unknown or does not split the global sequence over the devices, if a chunk size does not
-    divide the local sequence, or for an `implementation="pallas"` the shapes do not suit; and the
-    errors of
+    unknown or does not split the global sequence over the devices, and as
+    [`blockwise_attention`][eqx_ring.blockwise_attention] for chunk sizes and `implementation`
+    (with the local sequence); `TypeError` as it for `scale`; and the errors of
     [`dot_product_attention`][eqx_ring.dot_product_attention] for bad shapes, dtypes or masks.
 
     **Example:**
@@ -298,8 +304,6 @@ def ring_attention(
             f"axis_name={axis_name!r} is not a bound mesh axis: call ring_attention inside "
             "jax.shard_map over a mesh that has this axis"
         ) from None
-    check_layout(layout, q.shape[-3] * n, n, what=f"q_seq (local {q.shape[-3]} × {n} devices)")
-    check_layout(layout, k.shape[-3] * n, n, what=f"kv_seq (local {k.shape[-3]} × {n} devices)")
     return _run(q, k, v, axis_name=axis_name, num_shards=n, layout=layout, causal=causal,
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
