@@ -5,11 +5,14 @@ A layout is a permutation of a global sequence axis. Shard ``r`` of ``n`` holds 
 permutation itself: they recompute each local slot's true position from ``(layout, shard, n)``.
 """
 
+import numbers
 from typing import TypeVar
 
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Int
+
+from ._checks import is_positive_int, known_value
 
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag", "striped")
 
@@ -20,8 +23,10 @@ def check_layout(layout: str, seq_len: int, num_shards: int, *, what: str = "seq
     """Raise a `ValueError` unless `layout` is known and splits `seq_len` evenly into `num_shards`."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not isinstance(num_shards, int) or num_shards < 1:
+    if not is_positive_int(num_shards):
         raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {seq_len!r}")
     parts = 2 * num_shards if layout == "zigzag" else num_shards
     if seq_len % parts:
         detail = f"2 × {num_shards} shards" if layout == "zigzag" else f"{num_shards} shards"
@@ -57,8 +62,8 @@ def layout_positions(seq_len: int, layout: str, num_shards: int) -> Int[np.ndarr
 
     **Raises:**
 
-    `ValueError` if `layout` is unknown, `num_shards` is not a positive int, or `seq_len` is not
-    divisible by `num_shards` (by `2 * num_shards` for `"zigzag"`).
+    `ValueError` if `layout` is unknown, `num_shards` is not a positive int, `seq_len` is not a
+    non-negative int, or `seq_len` is not divisible by `num_shards` (by `2 * num_shards` for `"zigzag"`).
 
     **Example:**
 
@@ -75,6 +80,12 @@ def layout_positions(seq_len: int, layout: str, num_shards: int) -> Int[np.ndarr
     return np.concatenate(
         [shard_positions(r, local, layout, num_shards, xp=np) for r in range(num_shards)]
     ).astype(np.int32)
+
+
+def _check_axis(x: np.ndarray | Array, axis: int) -> None:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis must be an int in [{-x.ndim}, {x.ndim}) (an axis of x, whose shape is {x.shape}), "
+                         f"got {axis!r}")
 
 
 def _take(x: _A, index: np.ndarray, axis: int) -> _A:
@@ -112,7 +123,8 @@ def to_layout(x: ArrayLike, layout: str, num_shards: int, *, axis: int) -> Array
 
     **Raises:**
 
-    `ValueError` as [`layout_positions`][eqx_ring.layout_positions].
+    `ValueError` if `axis` is not an axis of `x`, and as
+    [`layout_positions`][eqx_ring.layout_positions] for the sequence along it.
 
     **Example:**
 
@@ -127,6 +139,7 @@ def to_layout(x: ArrayLike, layout: str, num_shards: int, *, axis: int) -> Array
     ```
     """
     x = x if isinstance(x, np.ndarray) else jnp.asarray(x)
+    _check_axis(x, axis)
     return _take(x, layout_positions(x.shape[axis], layout, num_shards), axis)
 
 
@@ -150,7 +163,7 @@ def from_layout(x: ArrayLike, layout: str, num_shards: int, *, axis: int) -> Arr
 
     **Raises:**
 
-    `ValueError` as [`layout_positions`][eqx_ring.layout_positions].
+    `ValueError` as [`to_layout`][eqx_ring.to_layout].
 
     **Example:**
 
@@ -166,6 +179,7 @@ def from_layout(x: ArrayLike, layout: str, num_shards: int, *, axis: int) -> Arr
     ```
     """
     x = x if isinstance(x, np.ndarray) else jnp.asarray(x)
+    _check_axis(x, axis)
     perm = layout_positions(x.shape[axis], layout, num_shards)
     return _take(x, np.argsort(perm).astype(np.int32), axis)
 
@@ -175,7 +189,10 @@ def layout_slot(position: int | Int[Array, "*shape"], seq_len: int, layout: str,
 
     The inverse of [`layout_positions`][eqx_ring.layout_positions]:
     `layout_positions(seq_len, layout, n)[layout_slot(p, seq_len, layout, n)] == p`. `position`
-    may be a traced array (e.g. a decoding step's index).
+    may be a traced array (e.g. a decoding step's index). A known `position` (an int, a NumPy
+    array, a JAX array outside `jit`) is checked to lie in `[0, seq_len)`; a traced one is not, and
+    for a traced position outside that range the result is no slot of it: it may be negative, at
+    least `seq_len`, or the slot of another token.
 
     **Arguments:**
 
@@ -193,7 +210,8 @@ def layout_slot(position: int | Int[Array, "*shape"], seq_len: int, layout: str,
     **Raises:**
 
     `ValueError` for an unknown layout, or a `seq_len` the layout cannot split over `num_shards`
-    (as [`layout_positions`][eqx_ring.layout_positions]).
+    (as [`layout_positions`][eqx_ring.layout_positions]), or if a known `position` lies outside
+    `[0, seq_len)`; `TypeError` if `position` is not an int or an integer array.
 
     **Example:**
 
@@ -207,6 +225,12 @@ def layout_slot(position: int | Int[Array, "*shape"], seq_len: int, layout: str,
     ```
     """
     check_layout(layout, seq_len, num_shards)
+    if not jnp.issubdtype(jnp.result_type(position), jnp.integer):
+        raise TypeError(f"position must be an int or an integer array, got {jnp.result_type(position)}")
+    known = known_value(position)
+    if known is not None and known.size and (known.min() < 0 or known.max() >= seq_len):
+        bad = known[(known < 0) | (known >= seq_len)].flat[0]
+        raise ValueError(f"position must be in [0, seq_len={seq_len}), got {bad}")
     local = seq_len // num_shards
     if layout == "contiguous" or num_shards == 1:
         return position
