@@ -1,10 +1,12 @@
 """Meshes with the axes (dp, fsdp, tp, sp), parameter sharding rules and the batch sharding."""
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import equinox as eqx
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
@@ -38,10 +40,16 @@ def make_mesh(
     may instead be an LWM-style string of the four sizes, e.g. `make_mesh("1,-1,4,1")`. The axes are
     `Auto`, so the mesh works with `jax.jit` sharding propagation and with `jax.shard_map`.
 
+    The devices are arranged by `jax.make_mesh`, which on TPU orders them by the chips' physical
+    topology. As in LWM, a string that starts with `!` (`"!1,-1,4,1"`) lays them out in the order
+    given instead (`devices`, or `jax.devices()`), row-major over `(dp, fsdp, tp, sp)`: what LWM's
+    `!` means (it allows a mesh axis to split a physical axis of the chips).
+
     **Arguments:**
 
     - `dp`: size of the data-parallel axis (default 1), or a string `"dp,fsdp,tp,sp"` of all four
-      sizes, which then replaces the other three arguments.
+      sizes, optionally after a `!` (above); the other three arguments must then be left at their
+      defaults.
     - `fsdp`: size of the fully-sharded data-parallel axis; default `-1` (the devices left over).
     - `tp`: size of the tensor-parallel (heads / hidden) axis; default 1.
     - `sp`: size of the sequence-parallel axis, the ring of [`ring_attention`][eqx_ring.ring_attention];
@@ -57,25 +65,47 @@ def make_mesh(
     **Raises:**
 
     `ValueError` if a size is 0 or below `-1`, if more than one size is `-1`, if a string is not four
-    comma-separated ints, or if the sizes do not multiply to the number of devices.
+    comma-separated ints (after an optional `!`) or comes with `fsdp`, `tp` or `sp`, if `devices` is
+    empty or repeats a device, or if the sizes do not multiply to the number of devices; `TypeError`
+    if a size is not an int or `devices` holds something other than `jax.Device`s.
 
     **Example:**
 
     ```python
+    import jax
     from eqx_ring.sharding import make_mesh
 
     mesh = make_mesh(tp=2, sp=2)  # 8 devices: fsdp=-1 takes the 8 / (1 * 2 * 2) = 2 left over
     assert dict(mesh.shape) == {"dp": 1, "fsdp": 2, "tp": 2, "sp": 2}
     assert dict(make_mesh("2,1,1,-1").shape) == {"dp": 2, "fsdp": 1, "tp": 1, "sp": 4}
+    plain = make_mesh("!1,-1,4,1")  # LWM's "!": the devices in their own order
+    assert plain.devices.flatten().tolist() == jax.devices()
     ```
     """
+    in_given_order = False
     if isinstance(dp, str):
+        if (fsdp, tp, sp) != (-1, 1, 1):
+            raise ValueError(f"a mesh string gives all four sizes, so leave fsdp, tp and sp at their defaults; got "
+                             f"dp={dp!r} with fsdp={fsdp!r}, tp={tp!r}, sp={sp!r}")
+        # LWM's (EasyLM's) "!": lay the devices out in their own order instead of asking
+        # mesh_utils.create_device_mesh for a topology-aware one (which may refuse to split a physical axis).
+        in_given_order, text = dp.startswith("!"), dp.removeprefix("!")
         try:
-            dp, fsdp, tp, sp = (int(s) for s in dp.split(","))
+            dp, fsdp, tp, sp = (int(s) for s in text.split(","))
         except ValueError:
-            raise ValueError(f"a mesh string must be four comma-separated ints like '1,-1,4,1', got {dp!r}") from None
+            raise ValueError(f"a mesh string must be four comma-separated ints like '1,-1,4,1', optionally after a "
+                             f"'!' ('!1,-1,4,1'), got {dp!r}") from None
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices must hold at least one jax.Device, got an empty sequence")
+    if not all(isinstance(d, jax.Device) for d in devices):
+        raise TypeError(f"devices must be jax.Device objects, got {[type(d).__name__ for d in devices]}")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices must be distinct, got {len(devices)} entries for {len(set(devices))} devices")
     sizes = {"dp": dp, "fsdp": fsdp, "tp": tp, "sp": sp}
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"{name} must be an int (a size, or -1), got {size!r}")
     inferred = [name for name, size in sizes.items() if size == -1]
     if len(inferred) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
         raise ValueError(f"mesh sizes must be positive ints with at most one -1, got {sizes}")
@@ -86,8 +116,11 @@ def make_mesh(
         sizes[inferred[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but {len(devices)} are given")
-    shape = tuple(sizes[a] for a in AXES)
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    shape = tuple(int(sizes[a]) for a in AXES)
+    axis_types = (AxisType.Auto,) * len(AXES)
+    if in_given_order:
+        return Mesh(np.array(devices, dtype=object).reshape(shape), AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
 
 
 def _spec(path, leaf, mesh: Mesh) -> P | None:
