@@ -1,5 +1,7 @@
 """`RingAttention`: multi-head self-attention whose kernel is blockwise on one device or a ring over a mesh."""
 
+import math
+import numbers
 from functools import partial
 
 import equinox as eqx
@@ -9,6 +11,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._checks import check_array, check_positive_int, is_positive_int, known_value
 from ._layout import LAYOUTS, check_layout, layout_positions, shard_positions
 from ._ring import IMPLEMENTATIONS, blockwise_attention, fused_is_interpreted, ring_attention
 from ._rope import apply_rope
@@ -130,11 +133,20 @@ class RingAttention(eqx.Module):
 
         **Raises:**
 
-        `ValueError` if `d_model` is not divisible by `num_heads` (and no `head_dim` is given), if
-        `num_heads` is not a multiple of `num_kv_heads`, if RoPE is on and `head_dim` is odd, if a
-        chunk size, `causal_block_size` or `sliding_window` is not a positive int, if `layout` is
-        unknown, or if `seq_axis` / `head_axis` is not an axis of `mesh`.
+        `ValueError` if `d_model`, `num_heads`, `num_kv_heads` or `head_dim` is not a positive int, if
+        `d_model` is not divisible by `num_heads` (and no `head_dim` is given), if `num_heads` is not
+        a multiple of `num_kv_heads`, if RoPE is on and `head_dim` is odd, if `rope_theta` is not a
+        positive finite number (or `None`), if a chunk size, `causal_block_size` or `sliding_window`
+        is not a positive int, if `causal_block_size != 1` without `causal=True`, if `layout` or
+        `implementation` is unknown, if `head_axis` is given without a `mesh`, or if `seq_axis` /
+        `head_axis` is not an axis of `mesh`; `TypeError` if `causal` is not a bool.
         """
+        # Sizes are checked before they size the projections (0 or less fails inside JAX otherwise).
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_heads", num_heads)
+        for name, value in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if value is not None and not is_positive_int(value):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if head_dim is None:
             if d_model % num_heads:
                 raise ValueError(
@@ -165,18 +177,28 @@ class RingAttention(eqx.Module):
         self.head_axis = head_axis
 
     def __check_init__(self):
-        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+        if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        theta = self.rope_theta
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, numbers.Real)
+                                  or not math.isfinite(theta) or theta <= 0):
+            raise ValueError(f"rope_theta must be a positive finite number or None, got {theta!r}")
         if self.rope_theta is not None and self.head_dim % 2:
             raise ValueError(f"RoPE rotates pairs of features: head_dim={self.head_dim} must be even")
         for name in ("query_chunk_size", "key_chunk_size", "causal_block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            check_positive_int(name, getattr(self, name))
+        if self.sliding_window is not None and not is_positive_int(self.sliding_window):
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal must be a bool, got {self.causal!r}")
+        if self.causal_block_size != 1 and not self.causal:
+            raise ValueError(f"causal_block_size={self.causal_block_size} sets the block of the causal mask, so it "
+                             "needs causal=True; got causal=False")
+        if self.head_axis is not None and self.mesh is None:
+            raise ValueError(f"head_axis={self.head_axis!r} splits the heads over a mesh axis, so it needs a mesh; "
+                             "got mesh=None (inside your own shard_map, split the heads there and pass head_axis=None)")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.implementation not in (None, *IMPLEMENTATIONS):
@@ -269,8 +291,11 @@ class RingAttention(eqx.Module):
 
         **Raises:**
 
-        `ValueError` if a mesh is given and `seq` does not split over its `seq_axis` in `layout`,
-        or if a chunk size does not divide the (local) sequence.
+        `ValueError` if `x` is not `[seq, d_model]` or `positions` / `segment_ids` is not `[seq]`,
+        if a mesh is given and `seq` does not split over its `seq_axis` in `layout`, or if a chunk
+        size does not divide the (local) sequence; `TypeError` if `x` is not floating or
+        `positions` / `segment_ids` are not integers. (With jaxtyping's import hook on, its
+        `TypeCheckError` names a wrong shape or dtype first.)
         """
         del key, inference
         with jax.named_scope("eqx_ring.RingAttention"):
@@ -301,8 +326,16 @@ class RingAttention(eqx.Module):
         `(output, keys, values)`: the output `[seq, d_model]` and the keys and values
         `[seq, num_kv_heads, head_dim]`, all in `layout` order (with a mesh, laid out over
         `seq_axis` like `x`), ready for [`decode_step`][eqx_ring.RingAttention.decode_step].
+
+        **Raises:**
+
+        As `__call__`.
         """
+        check_array("x", x, (None, self.d_model), ("seq", "d_model"))
         seq = x.shape[0]
+        for name, ids in (("positions", positions), ("segment_ids", segment_ids)):
+            if ids is not None:
+                check_array(name, ids, (seq,), ("seq",), kind="int")
         # Manual axes are those of a caller's shard_map we are traced inside.
         inside = self.seq_axis in jax.sharding.get_abstract_mesh().manual_axes
         ring = self._ring_size(seq, inside)
@@ -357,12 +390,26 @@ class RingAttention(eqx.Module):
 
         **Raises:**
 
-        `ValueError` if `head_axis` is set (decoding does not split heads), or if with a mesh the
-        cache length does not split over `seq_axis` in `layout`.
+        `ValueError` if `head_axis` is set (decoding does not split heads), if an argument's shape is
+        not the one above, if `index` is known and outside `[0, cache)`, or if with a mesh the cache
+        length does not split over `seq_axis` in `layout`; `TypeError` if `x`, `keys`, `values` are
+        not floating or `segment_ids`, `index`, `position`, `segment` are not integers. A traced
+        `index` (under `jit`) outside `[0, cache)` raises at run time, through `eqx.error_if`:
+        without the check the token would be written nowhere and dropped silently.
         """
         if self.head_axis is not None:
             raise ValueError(f"decode_step does not split heads: build the decoding model with head_axis=None, got "
                              f"head_axis={self.head_axis!r}")
+        check_array("x", x, (self.d_model,), ("d_model",))
+        heads = (self.num_kv_heads, self.head_dim)
+        check_array("keys", keys, (None, *heads), ("cache", "num_kv_heads", "head_dim"))
+        size = keys.shape[0]
+        check_array("values", values, (size, *heads), ("cache", "num_kv_heads", "head_dim"))
+        check_array("segment_ids", segment_ids, (size,), ("cache",), kind="int")
+        index, position, segment = (jnp.asarray(a) for a in (index, position, segment))
+        for name, scalar in (("index", index), ("position", position), ("segment", segment)):
+            check_array(name, scalar, (), (), kind="int")
+        index = self._check_index(index, size)
         q, k, v = self._project(x[None], position[None])
         if self.mesh is None:
             o, keys, values = self._decode_local(q, k, v, keys, values, segment_ids, index, segment, sharded=False)
@@ -374,6 +421,17 @@ class RingAttention(eqx.Module):
                 in_specs=(one, one, one, cache, cache, cache, one, one), out_specs=(one, cache, cache),
             )(q, k, v, keys, values, segment_ids, index, segment)
         return linear(self.output_proj, o.reshape(1, self.num_heads * self.head_dim))[0], keys, values
+
+    @staticmethod
+    def _check_index(index, size: int):
+        """`index`, checked to be a slot of a `size`-slot cache: now if it is known, at run time if traced."""
+        message = f"index must be in [0, {size}): the KV cache has {size} slots (keys.shape[0])"
+        known = known_value(index)
+        if known is None:
+            return eqx.error_if(index, (index < 0) | (index >= size), message)
+        if not 0 <= known < size:
+            raise ValueError(f"{message}, got index={known}")
+        return index
 
     def _decode_local(self, q, k, v, keys, values, segment_ids, index, segment, *, sharded: bool):
         """One query against this device's cache slots; merged over the ring when `sharded`."""

@@ -1,5 +1,8 @@
 """`BlockwiseFFN` and `RMSNorm`: the position-wise layers of a blockwise transformer."""
 
+import math
+import numbers
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._attention import linear
+from ._checks import check_array, check_positive_int
 
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -71,8 +75,12 @@ class BlockwiseFFN(eqx.Module):
 
         **Raises:**
 
-        `ValueError` if `activation` is unknown or `chunk_size` is not a positive int.
+        `ValueError` if `d_model`, `hidden_size` or `chunk_size` is not a positive int, or if
+        `activation` is unknown.
         """
+        # Sizes are checked before they size the projections (0 or less fails inside JAX otherwise).
+        check_positive_int("d_model", d_model)
+        check_positive_int("hidden_size", hidden_size)
         gk, uk, dk = jax.random.split(key, 3)
         self.gate_proj = (
             eqx.nn.Linear(d_model, hidden_size, use_bias=use_bias, dtype=dtype, key=gk)
@@ -89,8 +97,7 @@ class BlockwiseFFN(eqx.Module):
     def __check_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+        check_positive_int("chunk_size", self.chunk_size)
 
     def dense(self, x: Float[Array, "tokens {self.d_model}"]) -> Float[Array, "tokens {self.d_model}"]:
         """The plain (unchunked) FFN: what `__call__` computes, with every activation at once.
@@ -102,7 +109,12 @@ class BlockwiseFFN(eqx.Module):
         **Returns:**
 
         `[tokens, d_model]`, like `x`. The `[tokens, hidden_size]` activations are all materialised.
+
+        **Raises:**
+
+        `ValueError` if `x` is not `[tokens, d_model]`; `TypeError` if it is not floating.
         """
+        check_array("x", x, (None, self.d_model), ("tokens", "d_model"))
         up = linear(self.up_proj, x)
         if self.gate_proj is None:
             hidden = jax.nn.gelu(up, approximate=False)
@@ -131,10 +143,13 @@ class BlockwiseFFN(eqx.Module):
 
         **Raises:**
 
-        `ValueError` if `chunk_size` does not divide `seq`.
+        `ValueError` if `x` is not `[seq, d_model]` (a batch needs `jax.vmap`) or if `chunk_size`
+        does not divide `seq`; `TypeError` if `x` is not floating. (With jaxtyping's import hook on,
+        its `TypeCheckError` names a wrong shape or dtype first.)
         """
         del key, inference
         with jax.named_scope("eqx_ring.BlockwiseFFN"):
+            check_array("x", x, (None, self.d_model), ("seq", "d_model"))
             seq, d = x.shape
             chunk = min(self.chunk_size, seq)
             if seq % chunk:
@@ -163,7 +178,14 @@ class RMSNorm(eqx.Module):
         - `dim`: the normalised width (the last axis of the input).
         - `eps`: added to the mean square before the square root (default `1e-6`).
         - `dtype`: the scale's dtype; defaults to float32. The scale starts at ones.
+
+        **Raises:**
+
+        `ValueError` if `dim` is not a positive int or `eps` is not a finite number `>= 0`.
         """
+        check_positive_int("dim", dim)
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.weight = jnp.ones((dim,), dtype=jnp.float32 if dtype is None else dtype)
         self.dim = dim
         self.eps = eps
@@ -176,8 +198,16 @@ class RMSNorm(eqx.Module):
         **Returns:**
 
         `x / sqrt(mean(x²) + eps) * weight` over the last axis, `[*batch, dim]`, in `x`'s dtype.
+
+        **Raises:**
+
+        `ValueError` if the last axis of `x` is not `dim` wide; `TypeError` if `x` is not floating.
         """
         with jax.named_scope("eqx_ring.RMSNorm"):
+            if x.ndim < 1 or x.shape[-1] != self.dim:
+                raise ValueError(f"x must have shape [*batch, dim={self.dim}], got shape {x.shape}")
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(f"x must have a floating dtype, got {x.dtype}")
             x32 = x.astype(jnp.float32)
             normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
             return (normed * self.weight.astype(jnp.float32)).astype(x.dtype)
