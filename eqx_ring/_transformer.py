@@ -1,8 +1,12 @@
 """`RingTransformerBlock`, `RingTransformer` and the vocab-chunked cross-entropy."""
 
+import math
+import numbers
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
@@ -10,9 +14,76 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 
 from ._attention import RingAttention
 from ._ffn import BlockwiseFFN, RMSNorm
-from ._layout import layout_positions, layout_slot
+from ._layout import layout_positions, layout_slot, shard_positions
 
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
+def _on_host(*arrays) -> bool:
+    """Whether every one of `arrays` (`None` skipped) has a value this process can read now (not traced)."""
+    return not any(isinstance(a, jax.core.Tracer) or (isinstance(a, jax.Array) and not a.is_fully_addressable)
+                   for a in arrays)
+
+
+def check_ids(ids, limit: int, name: str, mask=None):
+    """`ids` unchanged, once every id (where `mask` is nonzero) is known to lie in `[0, limit)`.
+
+    A value this process can read is checked in NumPy, and the message names the first bad id and
+    its index. A traced one gets one `eqx.error_if`: a single reduction over the ids, raising an
+    `equinox.EquinoxRuntimeError` when the computation runs (`EQX_ON_ERROR=off` removes it).
+    """
+    ids = jnp.asarray(ids) if isinstance(ids, numbers.Number) else ids
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"{name} must be integer ids, got dtype {ids.dtype}")
+    if _on_host(ids, mask):
+        host = np.asarray(ids)
+        bad = (host < 0) | (host >= limit)
+        if mask is not None:
+            bad &= np.asarray(mask) != 0
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            where = f" at index {at[0] if len(at) == 1 else at}" if at else ""
+            raise ValueError(f"{_ids_message(name, limit)}, got {host[at]}{where}")
+        return ids
+    bad = (ids < 0) | (ids >= limit)
+    if mask is not None:
+        bad &= jnp.asarray(mask).astype(bool)
+    return _error_if(ids, bad, _ids_message(name, limit))
+
+
+def _error_if(x, pred, message: str):
+    """`eqx.error_if(x, pred, message)`, also for values that vary over a caller's `shard_map` axes."""
+    varying = tuple(jax.typeof(pred).manual_axis_type.varying)
+    if not varying:
+        return eqx.error_if(x, pred, message)
+    # error_if's callback returns a value that is the same on every device: so decide on every device at once.
+    flag = lax.psum(pred.any().astype(jnp.int32), varying)
+    flag = eqx.error_if(flag, flag > 0, message)
+    return lax.optimization_barrier((x, flag))[0]  # ties the check to `x`, so that using `x` runs it
+
+
+def _ids_message(name: str, limit: int) -> str:
+    return f"{name} must be ids in [0, {limit}) (vocab_size={limit})"
+
+
+def _check_length(length, size: int):
+    """`length` as an int32 scalar, once it is known to lie in `[1, size]` (see `check_ids` for how)."""
+    if not jnp.issubdtype(jnp.result_type(length), jnp.integer) or isinstance(length, bool):
+        raise TypeError(f"length must be an int or an int scalar array, got {length!r}")
+    if jnp.ndim(length) != 0:
+        raise ValueError(f"length must be a scalar, got shape {jnp.shape(length)}")
+    message = f"length must be in [1, {size}] (the prompt's tokens, at most the cache's {size} slots)"
+    if _on_host(length):
+        if not 1 <= int(length) <= size:
+            raise ValueError(f"{message}, got {int(length)}")
+        return jnp.asarray(length, jnp.int32)
+    length = jnp.asarray(length, jnp.int32)
+    return _error_if(length, (length < 1) | (length > size), message)
+
+
+def _positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class RingTransformerBlock(eqx.Module):
@@ -292,10 +363,22 @@ class RingTransformer(eqx.Module):
 
         **Raises:**
 
-        `ValueError` if `remat_policy` is unknown, `num_layers < 1`, or the attention or FFN
-        arguments are invalid (see [`RingAttention`][eqx_ring.RingAttention] and
+        `ValueError` if `vocab_size`, `d_model`, `num_layers`, `num_heads` or `hidden_size` is not
+        a positive int, `norm_eps` is negative or not finite, `rope_theta` is neither `None` nor a
+        finite positive number, `remat_policy` is unknown, or the attention or FFN arguments are
+        invalid (see [`RingAttention`][eqx_ring.RingAttention] and
         [`BlockwiseFFN`][eqx_ring.BlockwiseFFN]).
         """
+        # Checked before anything is built: a bad size otherwise fails deep inside the initialisation.
+        for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("num_layers", num_layers),
+                            ("num_heads", num_heads)):
+            _positive_int(value, name)
+        if hidden_size is not None:
+            _positive_int(hidden_size, "hidden_size")
+        if not (isinstance(norm_eps, numbers.Real) and 0 <= norm_eps < math.inf):
+            raise ValueError(f"norm_eps must be a finite number >= 0, got {norm_eps!r}")
+        if rope_theta is not None and not (isinstance(rope_theta, numbers.Real) and 0 < rope_theta < math.inf):
+            raise ValueError(f"rope_theta must be None or a finite number > 0, got {rope_theta!r}")
         ek, hk, bk = jax.random.split(key, 3)
         hidden_size = 4 * d_model if hidden_size is None else hidden_size
 
@@ -327,8 +410,6 @@ class RingTransformer(eqx.Module):
     def __check_init__(self):
         if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be None or one of {REMAT_POLICIES}, got {self.remat_policy!r}")
-        if self.num_layers < 1:
-            raise ValueError(f"num_layers must be positive, got {self.num_layers}")
 
     @property
     def head_weight(self) -> Float[Array, "{self.vocab_size} {self.d_model}"]:
@@ -365,9 +446,19 @@ class RingTransformer(eqx.Module):
         The final (normalised) hidden states, `[seq, d_model]`, in layout order. Not logits: see
         [`logits`][eqx_ring.RingTransformer.logits] and
         [`chunked_cross_entropy`][eqx_ring.chunked_cross_entropy].
+
+        **Raises:**
+
+        `TypeError` if `tokens`, `positions` or `segment_ids` are not integers; `ValueError` if
+        `tokens` is not one-dimensional or `positions`/`segment_ids` are not shaped like it, or if
+        a token id is outside `[0, vocab_size)` (the message names the first one and its index).
+        Traced tokens (inside `jit`) are checked by one `eqx.error_if`, a single reduction over the
+        ids, which raises an `equinox.EquinoxRuntimeError` when the computation runs; set
+        `EQX_ON_ERROR=off` to remove it.
         """
         del key, inference
         with jax.named_scope("eqx_ring.RingTransformer"):
+            tokens = self._check_inputs(tokens, positions, segment_ids)
             return self._layers(tokens, positions, segment_ids, with_cache=False)[0]
 
     def prefill(
@@ -399,21 +490,44 @@ class RingTransformer(eqx.Module):
         [`KVCache`][eqx_ring.KVCache] whose next token has index `length`, the position after the
         prompt's last token and its segment.
 
+        Inside a caller's `jax.shard_map` over `seq_axis`, `tokens` (and `positions`, `segment_ids`)
+        are the local shard, as for `__call__`; the cache then holds this device's slots and its
+        size is the whole sequence's.
+
         **Raises:**
 
-        `ValueError` unless the attention is causal with `causal_block_size=1`.
+        `ValueError` unless the attention is causal with `causal_block_size=1`, or if `length` is
+        not in `[1, cache size]`; `TypeError`/`ValueError` for bad `tokens`, `positions` or
+        `segment_ids`, as for `__call__`. A traced `length` or traced tokens are checked by
+        `eqx.error_if`, like the tokens of `__call__`.
         """
         self._check_decodable()
-        seq = tokens.shape[0]
         with jax.named_scope("eqx_ring.RingTransformer.prefill"):
+            tokens = self._check_inputs(tokens, positions, segment_ids)
+            seq, layout = tokens.shape[0], self._attention_setting("layout")
+            seq_axis = self._attention_setting("seq_axis")
+            # Inside a caller's shard_map (its manual axes) `tokens` is this device's shard of the sequence.
+            inside = seq_axis in jax.sharding.get_abstract_mesh().manual_axes
+            ring = lax.axis_size(seq_axis) if inside else self._ring_size()
+            size = seq * ring if inside else seq
+            length = _check_length(length, size)
             if positions is None:
-                positions = jnp.asarray(layout_positions(seq, self._attention_setting("layout"), self._ring_size()))
+                positions = (shard_positions(lax.axis_index(seq_axis), seq, layout, ring) if inside
+                             else jnp.asarray(layout_positions(seq, layout, ring)))
             segment_ids = jnp.zeros(seq, jnp.int32) if segment_ids is None else segment_ids
             hidden, keys, values = self._layers(tokens, positions, segment_ids, with_cache=True)
-            last = layout_slot(jnp.asarray(length, jnp.int32) - 1, seq, self._attention_setting("layout"),
-                               self._ring_size())
-            cache = KVCache(keys, values, segment_ids.astype(jnp.int32), jnp.asarray(length, jnp.int32),
-                            positions[last].astype(jnp.int32) + 1, segment_ids[last].astype(jnp.int32))
+            last = layout_slot(length - 1, size, layout, ring)
+
+            def at_last(a):
+                a = a.astype(jnp.int32)
+                if not inside:
+                    return a[last]
+                # One device holds the prompt's last token: every device takes its value from there.
+                owner, slot = last // seq, last % seq
+                return lax.psum(jnp.where(lax.axis_index(seq_axis) == owner, a[slot], 0), seq_axis)
+
+            cache = KVCache(keys, values, segment_ids.astype(jnp.int32), length, at_last(positions) + 1,
+                            at_last(segment_ids))
             return hidden, cache
 
     def decode_step(self, token: Int[Array, ""], cache: KVCache) -> tuple[Float[Array, " {self.d_model}"], KVCache]:
@@ -438,13 +552,33 @@ class RingTransformer(eqx.Module):
 
         **Raises:**
 
-        `ValueError` unless the attention is causal with `causal_block_size=1`, or if it has a
-        `head_axis`.
+        `ValueError` unless the attention is causal with `causal_block_size=1`, if it has a
+        `head_axis`, if `token` is not a scalar id in `[0, vocab_size)` (`TypeError` if not an
+        integer), or if the cache is full (`cache.length` equals its size). Traced, the id and the
+        cache's length are checked together by one `eqx.branched_error_if`, which raises an
+        `equinox.EquinoxRuntimeError` when the computation runs (`EQX_ON_ERROR=off` removes it).
         """
         self._check_decodable()
         with jax.named_scope("eqx_ring.RingTransformer.decode_step"):
             size, layout, ring = cache.segment_ids.shape[0], self._attention_setting("layout"), self._ring_size()
-            index, position, segment = cache.length, cache.position, cache.segment
+            token = jnp.asarray(token) if isinstance(token, numbers.Number) else token
+            if jnp.ndim(token) != 0:
+                raise ValueError(f"token must be a scalar id (batch with jax.vmap), got shape {jnp.shape(token)}")
+            full = f"the cache is full: cache.length must be < {size} (its slots) to append a token"
+            if _on_host(token, cache.length):
+                token = check_ids(token, self.vocab_size, "token")
+                if int(cache.length) >= size:
+                    raise ValueError(f"{full}, got cache.length={int(cache.length)}")
+                index = cache.length
+            else:
+                if not jnp.issubdtype(token.dtype, jnp.integer):
+                    raise TypeError(f"token must be an integer id, got dtype {token.dtype}")
+                is_full = cache.length >= size
+                # One check for both, so that a decoding loop pays for one conditional per step.
+                token, index = eqx.branched_error_if(
+                    (token, cache.length), is_full | (token < 0) | (token >= self.vocab_size),
+                    is_full.astype(jnp.int32), [_ids_message("token", self.vocab_size), full])
+            position, segment = cache.position, cache.segment
             x = self.embedding.weight[token]
 
             def layer(x, block, keys, values):
@@ -471,6 +605,19 @@ class RingTransformer(eqx.Module):
             cache = KVCache(keys, values, jnp.where(mine, segment, cache.segment_ids), index + 1, position + 1,
                             segment)
             return self.norm(x[None])[0], cache
+
+    def _check_inputs(self, tokens, positions, segment_ids):
+        """`tokens` once checked (see `__call__`'s **Raises:**); shapes and dtypes cost nothing at run time."""
+        if jnp.ndim(tokens) != 1:
+            raise ValueError(f"tokens must be [seq] (one example: batch with jax.vmap), got shape {jnp.shape(tokens)}")
+        for name, a in (("positions", positions), ("segment_ids", segment_ids)):
+            if a is None:
+                continue
+            if not jnp.issubdtype(jnp.result_type(a), jnp.integer):
+                raise TypeError(f"{name} must be integers, got dtype {jnp.result_type(a)}")
+            if jnp.shape(a) != jnp.shape(tokens):
+                raise ValueError(f"{name} must be shaped like tokens, {jnp.shape(tokens)}, got {jnp.shape(a)}")
+        return check_ids(tokens, self.vocab_size, "tokens")
 
     def _attention_setting(self, name: str):
         blocks = self.blocks if self.scan_layers else self.blocks[0]
@@ -559,16 +706,30 @@ def chunked_cross_entropy(
 
     **Raises:**
 
-    `ValueError` if `reduction` is neither `"mean"` nor `"none"`.
+    `ValueError` if `reduction` is neither `"mean"` nor `"none"`, `vocab_chunk_size` is not a
+    positive int, the shapes disagree (`labels` and `mask` must be `hidden`'s without its last
+    axis, `head_weight`'s width `hidden`'s), or a label that counts (nonzero `mask`) is outside
+    `[0, vocab)` (the message names the first one and its index); `TypeError` if `labels` are not
+    integers. Traced labels (inside `jit`) are checked by one `eqx.error_if`, a single reduction
+    over them, which raises an `equinox.EquinoxRuntimeError` when the computation runs; set
+    `EQX_ON_ERROR=off` to remove it. Labels where `mask` is zero may be anything (e.g. padding
+    ids).
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    _positive_int(vocab_chunk_size, "vocab_chunk_size")
+    batch = hidden.shape[:-1]
+    if head_weight.ndim != 2 or head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"head_weight must be [vocab, d_model={hidden.shape[-1]}] (hidden's width), "
+                         f"got shape {head_weight.shape}")
     vocab, d = head_weight.shape
+    for name, a in (("labels", labels), ("mask", mask)):
+        if a is not None and jnp.shape(a) != batch:
+            raise ValueError(f"{name} must be shaped like hidden without its last axis, {batch}, got {jnp.shape(a)}")
+    labels = check_ids(labels, vocab, "labels", mask).astype(jnp.int32)
     chunk = min(vocab_chunk_size, vocab)
     num_chunks = -(-vocab // chunk)
     weight = jnp.pad(head_weight, ((0, num_chunks * chunk - vocab), (0, 0))).reshape(num_chunks, chunk, d)
-    batch = labels.shape
-    labels = labels.astype(jnp.int32)
 
     @jax.checkpoint
     def step(carry, inputs):

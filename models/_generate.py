@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -112,9 +113,14 @@ def generate(
     **Returns:** the new tokens, `[len(prompts), max_new_tokens]` int32 (the `[batch, steps]` of the
     signature).
 
-    **Raises:** `ValueError` if `temperature < 0`, `temperature > 0` without a `key`, `top_k < 1`,
-    `top_p` outside `(0, 1]`, `max_new_tokens < 1`, or the model's attention is not causal with
-    `causal_block_size=1`.
+    **Raises:** `ValueError`, before any work, if `max_new_tokens` is not a positive int,
+    `temperature < 0`, `temperature > 0` without a `key`, `top_k` is not a positive int, `top_p`
+    is outside `(0, 1]`, `prompts` is empty or holds an empty prompt or an id outside
+    `[0, vocab_size)` (the message names the prompt, the id and its position), `stop_tokens` holds
+    an id outside the vocabulary, `allowed` is not `[vocab]` or `[max_new_tokens, vocab]` or allows
+    no token at a step that chooses one, `forced` is not `[max_new_tokens]` or holds an id outside
+    `[-1, vocab_size)`, or the model's attention is not causal with `causal_block_size=1`;
+    `TypeError` if prompts, `forced` or `stop_tokens` are not integers or `allowed` is not bool.
 
     **Example:**
 
@@ -128,13 +134,39 @@ def generate(
     assert tokens.shape == (2, 4)  # [len(prompts), max_new_tokens]
     ```
     """
-    if temperature < 0 or (temperature > 0 and key is None):
-        raise ValueError(f"temperature must be >= 0 (> 0 needs a key), got {temperature} with key={key}")
-    if top_k is not None and top_k < 1 or top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_k must be >= 1 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and key is None:
+        raise ValueError(f"temperature={temperature} > 0 samples, which needs a key, got key=None")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
     config = model.config
+    vocab = config.vocab_size
+    prompts = [np.asarray(p) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt, got none")
+    for i, prompt in enumerate(prompts):
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise ValueError(f"prompts[{i}] must be a non-empty [_prompt] of token ids, got shape {prompt.shape}")
+        _token_ids(prompt, f"prompts[{i}]", vocab, "position")
+    stops = _token_ids(list(stop_tokens), "stop_tokens", vocab, "index")
+    allowed = _allowed(allowed, max_new_tokens, vocab)
+    if forced is None:
+        forced = np.full(max_new_tokens, -1)
+    else:
+        forced = np.asarray(forced)
+        if forced.shape != (max_new_tokens,):
+            raise ValueError(f"forced must be [max_new_tokens={max_new_tokens}] (-1 where the token is chosen), "
+                             f"got shape {forced.shape}")
+        _token_ids(forced, "forced", vocab, "step", lowest=-1)
+    empty = np.flatnonzero(~allowed.any(-1) & (forced < 0))
+    if empty.size:
+        raise ValueError(f"allowed must allow a token at every step that chooses one (forced -1), "
+                         f"got none at step {empty[0]}")
     attention = _attention_of(model)
     layout, ring = attention.layout, _ring(attention)
     data_axes = () if attention.mesh is None else tuple(a for a in BATCH_AXES if a in attention.mesh.axis_names)
@@ -156,11 +188,7 @@ def generate(
     laid = [to_layout(a, layout, ring, axis=1) for a in (tokens, positions.astype(np.int32), segments)]
     model = respec(model, query_chunk_size=chunk, key_chunk_size=chunk,
                    ffn_chunk_size=math.gcd(size, config.ffn_chunk_size))
-    vocab = model.config.vocab_size
-    allowed = np.ones(vocab, bool) if allowed is None else np.asarray(allowed, bool)
-    allowed = np.broadcast_to(allowed, (max_new_tokens, vocab))
-    forced = np.full(max_new_tokens, -1) if forced is None else np.asarray(forced)
-    stops = np.asarray(list(stop_tokens) or [-1], np.int32)
+    stops = stops.astype(np.int32) if stops.size else np.full(1, -1, np.int32)
     key = jax.random.key(0) if key is None else key
     last = int(layout_slot(width - 1, size, layout, ring))  # the slot of the prompts' last token
     out = _generate(model.transformer, *(jnp.asarray(a) for a in laid), width, last, jnp.asarray(allowed),
@@ -170,6 +198,39 @@ def generate(
         # Every process gets every row (rows were split over devices that may be other processes').
         out = jax.device_put(out, NamedSharding(attention.mesh, P()))
     return out[:rows]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _token_ids(ids, name: str, vocab: int, unit: str, *, lowest: int = 0) -> np.ndarray:
+    """`ids` as a NumPy array, once they are integers in `[lowest, vocab)`; `unit` names an index in the message."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return ids
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"{name} must be integer token ids, got dtype {ids.dtype}")
+    bad = np.argwhere((ids < lowest) | (ids >= vocab))
+    if bad.size:
+        at = tuple(int(i) for i in bad[0])
+        expected = f"-1 or token ids in [0, {vocab})" if lowest == -1 else f"token ids in [0, {vocab})"
+        raise ValueError(f"{name} must be {expected} (vocab_size={vocab}), got {ids[at]} at {unit} "
+                         f"{at[0] if len(at) == 1 else at}")
+    return ids
+
+
+def _allowed(allowed, steps: int, vocab: int) -> np.ndarray:
+    """`allowed` as a bool `[steps, vocab]` array (all true when `None`)."""
+    if allowed is None:
+        return np.ones((steps, vocab), bool)
+    allowed = np.asarray(allowed)
+    if allowed.dtype != bool:
+        raise TypeError(f"allowed must be bool, got dtype {allowed.dtype}")
+    if allowed.shape not in ((vocab,), (steps, vocab)):
+        raise ValueError(f"allowed must be [vocab_size={vocab}] or [max_new_tokens={steps}, vocab_size={vocab}], "
+                         f"got shape {allowed.shape}")
+    return np.broadcast_to(allowed, (steps, vocab))
 
 
 def _cache_size(need: int, layout: str, ring: int, chunk: int) -> tuple[int, int]:
