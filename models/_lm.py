@@ -1,15 +1,84 @@
 """`RingLM`: a LLaMA-style text language model on `RingTransformer`, with size presets."""
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from eqx_ring import RingTransformer, chunked_cross_entropy
+
+WHOLE_BATCH = "whole_batch"
+"""The key under which [`make_train_step`][models.make_train_step] hands each microbatch the whole batch."""
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+def require_int(config: Any, name: str, minimum: int = 1, *, optional: bool = False) -> None:
+    """Refuse `config.name` unless it is an int (not a bool) `>= minimum` (or `None` when `optional`)."""
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{type(config).__name__}.{name} must be {what}{' or None' if optional else ''}, "
+                         f"got {value!r}")
+
+
+def require_float(config: Any, name: str, *, low: float, high: float | None = None, open_low: bool = False,
+                  optional: bool = False) -> None:
+    """Refuse `config.name` unless it is a finite real in `[low, high]` (`(low, high]` when `open_low`)."""
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not real or value < low or (open_low and value == low) or (high is not None and value > high):
+        if high is not None:
+            what = f"a float in {'(' if open_low else '['}{low:g}, {high:g}]"
+        else:
+            what = f"a finite float {'>' if open_low else '>='} {low:g}"
+        raise ValueError(f"{type(config).__name__}.{name} must be {what}{' or None' if optional else ''}, "
+                         f"got {value!r}")
+
+
+def check_transformer_fields(config: Any) -> None:
+    """The checks shared by [`LMConfig`][models.LMConfig] and [`VideoTextConfig`][models.VideoTextConfig]:
+    the fields they pass to [`RingTransformer`][eqx_ring.RingTransformer]."""
+    owner = type(config).__name__
+    for name in ("d_model", "num_layers", "num_heads", "causal_block_size", "query_chunk_size", "key_chunk_size",
+                 "ffn_chunk_size"):
+        require_int(config, name)
+    require_int(config, "num_kv_heads", optional=True)
+    require_int(config, "hidden_size", optional=True)
+    require_float(config, "rope_theta", low=0.0, open_low=True)
+    if config.d_model % config.num_heads:
+        raise ValueError(f"{owner}.num_heads must divide d_model={config.d_model}, got {config.num_heads}")
+    if config.num_kv_heads is not None and config.num_heads % config.num_kv_heads:
+        raise ValueError(f"{owner}.num_kv_heads must divide num_heads={config.num_heads}, got {config.num_kv_heads}")
+    if config.layout not in LAYOUTS:
+        raise ValueError(f"{owner}.layout must be one of {LAYOUTS}, got {config.layout!r}")
+    policy = config.remat_policy
+    if policy is not None and not (isinstance(policy, str) and callable(getattr(jax.checkpoint_policies, policy,
+                                                                                   None))):
+        raise ValueError(f"{owner}.remat_policy must be None or a name in jax.checkpoint_policies (e.g. "
+                         f"'nothing_saveable', 'dots_saveable'), got {policy!r}")
+
+
+def token_count(batch: Mapping[str, Any], count: Callable[[Mapping[str, Any]], Array]) -> Array:
+    """What a token mean over `batch` divides by: `count(batch)`, or under gradient accumulation (a microbatch
+    holding [`WHOLE_BATCH`][models._lm.WHOLE_BATCH]) the whole batch's count times this microbatch's share of its
+    rows, so that the mean of the microbatches' values is the whole batch's token mean."""
+    whole = batch.get(WHOLE_BATCH)
+    if whole is None:
+        return count(batch)
+    return count(whole) * (batch["tokens"].shape[0] / whole["tokens"].shape[0])
 
 
 @dataclass(frozen=True)
@@ -40,6 +109,11 @@ class LMConfig:
     - `ffn_chunk_size`: tokens per chunk of the blockwise feed-forward layer.
     - `remat_policy`: a name in `jax.checkpoint_policies` each block is rematerialised with
       (e.g. `"nothing_saveable"`, `"dots_saveable"`), or `None` for no rematerialisation.
+
+    **Raises:** `ValueError`, naming the field and its value, for a size, head count or chunk size
+    that is not a positive int, `num_heads` not dividing `d_model`, `num_kv_heads` not dividing
+    `num_heads`, a `rope_theta` that is not a finite float > 0, an unknown `layout` or
+    `remat_policy`, or a `tie_embeddings` that is not a bool.
     """
 
     vocab_size: int = 263
@@ -57,6 +131,12 @@ class LMConfig:
     ffn_chunk_size: int = 2048
     remat_policy: str | None = "nothing_saveable"
 
+    def __post_init__(self):
+        require_int(self, "vocab_size")
+        check_transformer_fields(self)
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"LMConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "LMConfig":
         """A named size from [`PRESETS`][models.PRESETS], with some fields replaced.
@@ -71,7 +151,8 @@ class LMConfig:
 
         **Returns:** a new `LMConfig`.
 
-        **Raises:** `ValueError` if `name` is not a preset (and `TypeError` for an unknown field).
+        **Raises:** `ValueError` if `name` is not a preset or an override is a value `LMConfig` refuses
+        (and `TypeError` for an unknown field).
 
         **Example:**
 
@@ -83,7 +164,7 @@ class LMConfig:
         ```
         """
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
+            raise ValueError(f"unknown preset {name!r}: name must be one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
 
@@ -185,14 +266,18 @@ class RingLM(eqx.Module):
         """
         return self.transformer(tokens, positions=positions, segment_ids=segment_ids)
 
-    def loss(self, batch: dict[str, Array], *, spmd_axis_name: tuple[str, ...] | None = None) -> Float[Array, ""]:
+    def loss(self, batch: Mapping[str, Any], *, spmd_axis_name: tuple[str, ...] | None = None) -> Float[Array, ""]:
         """Mean next-token cross-entropy of a batch of packed rows, never building the `[seq, vocab]` logits.
 
         The targets were taken in natural order before any ring layout (as
         [`packed_batches`][data_pipelines.packed_batches] and
         [`global_packed_batches`][data_pipelines.global_packed_batches] make them), so no shift
         happens here. [`train`][models.train] wants `(loss, metrics)`: pass it
-        `lambda m, b: (m.loss(b, spmd_axis_name=BATCH_AXES), {})`.
+        `lambda m, b: (m.loss(b, spmd_axis_name=BATCH_AXES), {})`. Under gradient accumulation
+        [`make_train_step`][models.make_train_step] adds the whole batch to each microbatch (key
+        `"whole_batch"`); the sum over this microbatch's targets is then divided by the whole
+        batch's target count over the number of microbatches, so that the mean of the microbatches'
+        losses is the whole batch's token mean however the targets fall among them.
 
         **Arguments:**
 
@@ -203,15 +288,19 @@ class RingLM(eqx.Module):
           [`BATCH_AXES`][eqx_ring.sharding.BATCH_AXES]) when the model is on a mesh, so that each
           data shard keeps its own rows; `None` (the default) without a mesh.
 
-        **Returns:** the mean loss over the targets in `target_mask`, a float32 scalar.
+        **Returns:** the mean loss over the targets in `target_mask` (0 when there are none), a
+        float32 scalar.
         """
 
         hidden = batch_hidden(self.transformer, batch, spmd_axis_name)
-        return chunked_cross_entropy(hidden, self.transformer.head_weight, batch["targets"], batch["target_mask"])
+        per_token = chunked_cross_entropy(hidden, self.transformer.head_weight, batch["targets"],
+                                          batch["target_mask"], reduction="none")
+        count = token_count(batch, lambda b: b["target_mask"].sum(dtype=jnp.float32))
+        return per_token.sum() / jnp.where(count > 0, count, 1.0)
 
 
 def batch_hidden(
-    transformer: RingTransformer, batch: dict[str, Array], spmd_axis_name: tuple[str, ...] | None
+    transformer: RingTransformer, batch: Mapping[str, Any], spmd_axis_name: tuple[str, ...] | None
 ) -> Float[Array, "batch seq d_model"]:
     """The final hidden states of a batch of packed rows: `transformer` vmapped over `tokens`, `positions` and
     `segment_ids`, each data shard keeping its own rows when `spmd_axis_name` names the data axes."""

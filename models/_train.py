@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,11 +24,20 @@ from eqx_ring import RMSNorm
 from eqx_ring.sharding import batch_sharding, shard_params
 
 from ._generate import respec
+from ._lm import WHOLE_BATCH, require_float, require_int
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[eqx.Module, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
-"""`loss_fn(model, batch) -> (loss, metrics)`: a scalar to minimise and named scalars to log."""
+LossFn = Callable[[eqx.Module, dict[str, Any]], tuple[jax.Array, dict[str, jax.Array]]]
+"""`loss_fn(model, batch) -> (loss, metrics)`: a scalar to minimise and named scalars to log.
+
+With `grad_accum > 1` [`make_train_step`][models.make_train_step] calls it once per microbatch and
+averages the results; each microbatch then also holds the whole batch under the key
+`"whole_batch"`. A loss that is a mean over equal-sized examples needs nothing more. A mean over
+tokens whose number differs between microbatches (packed rows) divides the sum over the
+microbatch's tokens by the whole batch's count times the microbatch's share of its rows, so that
+the average is the whole batch's mean, as [`RingLM.loss`][models.RingLM.loss] and
+[`VideoTextLM.loss`][models.VideoTextLM.loss] do."""
 
 
 @dataclass(frozen=True)
@@ -45,11 +55,19 @@ class Stage:
     - `rope_theta`: when given, replaces the model's RoPE base from this stage on (by
       [`respec`][models.respec]; LWM raises it with the context length); `None` (the default)
       keeps the previous stage's.
+
+    **Raises:** `ValueError`, naming the field and its value, if `seq_len` or `steps` is not a
+    positive int, or `rope_theta` is neither `None` nor a finite float > 0.
     """
 
     seq_len: int
     steps: int
     rope_theta: float | None = None
+
+    def __post_init__(self):
+        require_int(self, "seq_len")
+        require_int(self, "steps")
+        require_float(self, "rope_theta", low=0.0, open_low=True, optional=True)
 
 
 @dataclass(frozen=True)
@@ -62,20 +80,26 @@ class TrainConfig:
       `seq_len=1024`.
     - `batch_size`: rows per (global) batch.
     - `grad_accum`: microbatches each batch is split into (must divide `batch_size`); their
-      losses and gradients are averaged.
-    - `learning_rate`: the peak learning rate of AdamW.
-    - `warmup_steps`: steps of linear warmup from 0 to `learning_rate`.
-    - `final_lr_fraction`: the cosine decay ends at `final_lr_fraction * learning_rate`.
-    - `weight_decay`: AdamW's decoupled weight decay, applied to arrays of 2 or more dimensions outside
-      normalisation layers.
-    - `grad_clip`: the maximum global norm of the gradients.
+      losses and gradients are averaged (see [`make_train_step`][models.make_train_step] for
+      token means).
+    - `learning_rate`: the peak learning rate of AdamW, > 0.
+    - `warmup_steps`: steps of linear warmup from 0 to `learning_rate`, >= 0.
+    - `final_lr_fraction`: the cosine decay ends at `final_lr_fraction * learning_rate`; in `[0, 1]`.
+    - `weight_decay`: AdamW's decoupled weight decay (>= 0), applied to arrays of 2 or more
+      dimensions outside normalisation layers.
+    - `grad_clip`: the maximum global norm of the gradients, > 0.
     - `compute_dtype`: `"float32"` or `"bfloat16"`: the dtype the model runs in (the master
       weights and the optimiser state stay float32).
-    - `checkpoint_every`: save a checkpoint every this many steps (and after the last).
-    - `max_checkpoints`: how many checkpoints to keep.
+    - `checkpoint_every`: save a checkpoint every this many steps (and after the last), >= 1.
+    - `max_checkpoints`: how many checkpoints to keep, >= 1.
 
-    **Raises:** `ValueError` for no stages or a stage with `steps < 1` or `seq_len < 1`, a
-    `batch_size` that `grad_accum` does not divide, or another `compute_dtype`.
+    **Raises:** `ValueError`, naming the field and its value: for `stages` that are empty or not
+    [`Stage`][models.Stage]s; a `batch_size`, `grad_accum`, `checkpoint_every` or
+    `max_checkpoints` that is not a positive int, or a `warmup_steps` that is not an int >= 0; a
+    `batch_size` that `grad_accum` does not divide; a `learning_rate` or `grad_clip` that is not a
+    finite float > 0, a `weight_decay` that is not a finite float >= 0, a `final_lr_fraction`
+    outside `[0, 1]`; another `compute_dtype`. (A learning rate of 0 is refused too: it trains
+    nothing.)
     """
 
     stages: tuple[Stage, ...] = (Stage(seq_len=1024, steps=1000),)
@@ -91,12 +115,20 @@ class TrainConfig:
     max_checkpoints: int = 2
 
     def __post_init__(self):
-        if not self.stages or any(s.steps < 1 or s.seq_len < 1 for s in self.stages):
-            raise ValueError(f"stages must be a non-empty sequence of positive (seq_len, steps), got {self.stages}")
+        if isinstance(self.stages, Stage) or not self.stages or not all(isinstance(s, Stage) for s in self.stages):
+            raise ValueError(f"TrainConfig.stages must be a non-empty tuple of Stage, got {self.stages!r}")
+        for name in ("batch_size", "grad_accum", "checkpoint_every", "max_checkpoints"):
+            require_int(self, name)
+        require_int(self, "warmup_steps", minimum=0)
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
+            raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be divisible by "
+                             f"grad_accum={self.grad_accum}")
+        require_float(self, "learning_rate", low=0.0, open_low=True)
+        require_float(self, "grad_clip", low=0.0, open_low=True)
+        require_float(self, "weight_decay", low=0.0)
+        require_float(self, "final_lr_fraction", low=0.0, high=1.0)
         if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+            raise ValueError(f"TrainConfig.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
 
     @property
     def total_steps(self) -> int:
@@ -171,21 +203,32 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
     With a mesh the batch is constrained to `P(("dp", "fsdp"), "sp")` and the parameters to their
     [`param_shardings`][eqx_ring.sharding.param_shardings]. With `grad_accum > 1` the batch is split
     into that many microbatches (strided, so each keeps its share of every data shard) whose
-    losses and gradients are averaged. `compute_dtype="bfloat16"` runs the model in bfloat16
-    from float32 master weights. The step donates the buffers of `opt_state` and `batch`: do not
-    use them after the call.
+    losses, metrics and gradients are averaged. Each microbatch given to `loss_fn` also holds the
+    whole batch under the key `"whole_batch"`, so that a loss can be normalised by whole-batch
+    counts: a token mean divides the sum over the microbatch's tokens by the whole batch's token
+    count times the microbatch's share of its rows (`1 / grad_accum`), and the average of the
+    microbatches' losses and gradients is then exactly the whole batch's, however the tokens fall
+    among them. [`RingLM.loss`][models.RingLM.loss] and [`VideoTextLM.loss`][models.VideoTextLM.loss]
+    do this; a loss that ignores the key gets the average of microbatch means (exact when they
+    weigh equally, as [`vq_loss`][models.vq_loss]'s equal-sized videos do).
+    `compute_dtype="bfloat16"` runs the model in bfloat16 from float32 master weights. The step
+    donates the buffers of `opt_state` and `batch`: do not use them after the call.
 
     **Arguments:**
 
     - `loss_fn`: `(model, batch) -> (loss, metrics)`: a scalar to minimise and a dict of named
-      arrays to report.
+      arrays to report (see above for the microbatches it sees).
     - `optimizer`: e.g. [`make_optimizer(config)`][models.make_optimizer].
     - `config`: the [`TrainConfig`][models.TrainConfig]; its `grad_accum` and `compute_dtype` are used.
     - `mesh`: the mesh the model and batches live on, or `None` (the default) for one device.
 
     **Returns:** the step function. Its `batch` is a dict of `[batch, seq]` (or any `[batch, ...]`)
-    arrays whose leading size `grad_accum` divides; its `metrics` holds `"loss"`, the loss
-    function's metrics and `"grad_norm"` (the global norm of the gradients before clipping).
+    arrays of one leading size, divisible by `grad_accum` and each microbatch by the mesh's data
+    axes `dp · fsdp`; its `metrics` holds `"loss"`, the loss function's metrics and `"grad_norm"`
+    (the global norm of the gradients before clipping).
+
+    **Raises:** (from the step, when it is traced) `ValueError` naming the sizes for a batch whose
+    arrays differ in leading size or whose leading size does not split so.
     """
     accum = config.grad_accum
     compute = jnp.dtype(config.compute_dtype)
@@ -198,6 +241,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
 
     @eqx.filter_jit(donate="all-except-first")
     def step(model, opt_state, batch):
+        _check_batch_rows(batch, config, mesh)
         if mesh is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
         if accum == 1:
@@ -206,9 +250,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def body(total, mb):
-                return jax.tree.map(jnp.add, total, value_and_grad(model, mb)), None
+                return jax.tree.map(jnp.add, total, value_and_grad(model, {**mb, WHOLE_BATCH: batch})), None
 
-            first = jax.tree.map(lambda x: x[0], micro)
+            first = {**jax.tree.map(lambda x: x[0], micro), WHOLE_BATCH: batch}
             zeros = jax.tree.map(jnp.zeros_like, eqx.filter_eval_shape(value_and_grad, model, first))
             total, _ = jax.lax.scan(body, zeros, micro)
             (loss, metrics), grads = jax.tree.map(lambda x: x / accum, total)
@@ -224,6 +268,26 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
     return step
 
 
+def _check_batch_rows(batch: Mapping[str, Any], config: TrainConfig, mesh: Mesh | None,
+                     expected: int | None = None) -> None:
+    """Refuse a batch whose rows do not split into `grad_accum` microbatches over the mesh's data axes (or are
+    not `expected` rows), naming the sizes, before JAX fails on a reshape or a sharding."""
+    rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
+    sizes = set(rows.values())
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"every array of a batch must have the same leading (row) size, got {rows}")
+    (size,) = sizes
+    if expected is not None and size != expected:
+        raise ValueError(f"the batch has {size} rows, but TrainConfig.batch_size={expected}")
+    if size % config.grad_accum:
+        raise ValueError(f"the batch has {size} rows, which grad_accum={config.grad_accum} does not divide")
+    data = 1 if mesh is None else mesh.shape["dp"] * mesh.shape["fsdp"]
+    if (size // config.grad_accum) % data:
+        raise ValueError(f"the batch has {size} rows: each of its grad_accum={config.grad_accum} microbatches "
+                         f"({size // config.grad_accum} rows) must split over the mesh's data axes dp * fsdp = "
+                         f"{data}; use a batch_size divisible by {config.grad_accum * data}")
+
+
 @dataclass
 class TrainResult:
     """What [`train`][models.train] returns: the trained model, its optimizer state and the logged records.
@@ -234,7 +298,9 @@ class TrainResult:
     - `opt_state`: the optimiser state after the last step.
     - `records`: one dict per step: `"step"`, `"stage"` (index), the step's metrics (`"loss"`, the
       loss function's metrics, `"grad_norm"`), `"tokens"`, `"tokens_per_s"`, `"seconds"` and
-      `"batch_digest"` (a hash of the host batch); the lines of `metrics.jsonl`.
+      `"batch_digest"` (a hash of the host batch); the lines of `metrics.jsonl`. A loss-function
+      metric that is NaN in a step (e.g. [`VideoTextLM.loss`][models.VideoTextLM.loss]'s
+      `"vision_loss"` of a batch without vision targets) is left out of that step's record.
     """
 
     model: eqx.Module
@@ -286,20 +352,34 @@ def train(
     - `tokens_per_batch`: counts the global batch's tokens for the tokens/s figure (default: size of `"tokens"`).
     - `after_step`: `(model, batch, metrics, step) -> model`, run outside `jit` after each step;
       `batch` is the step's global batch (on `mesh` when given), so every process sees the same.
-    - `progress`: show a tqdm progress bar (on process 0) with the loss and tokens/s; `False`:
-      log them instead (logger `models._train`, level INFO).
-    - `log_every`: with `progress=False`, log every this many steps (and the last).
-    - `description`: the progress bar's label and the log lines' prefix.
+    - `progress`: show a tqdm progress bar (on process 0) with the loss and tokens/s when stderr
+      is a terminal (or in a notebook); elsewhere (output redirected to a file or a pipe) write a
+      line instead, `"{description} step {step}/{total} loss {loss}, {n} tokens/s"`, to the logger
+      `models._train` at level INFO, or to stderr when that level is not enabled. `False`: no bar;
+      the same lines go to the logger only.
+    - `log_every`: without a bar, write a line after the first step of this run, every this many
+      steps, and after the last.
+    - `description`: the progress bar's label and the lines' prefix.
 
     **Returns:** a [`TrainResult`][models.TrainResult] with every step's record since the start of training
     (on processes other than 0: since this run's first step).
 
-    **Raises:** `ValueError` if several processes run without a `mesh`, or if a checkpoint's data
-    states were saved by another number of processes and cannot be merged.
+    **Raises:** `ValueError` if several processes run without a `mesh`, if `config.batch_size` is
+    not divisible by `grad_accum` times the mesh's data axes `dp · fsdp`, if a batch's arrays (on
+    one device: not `config.batch_size` rows; with a mesh: not this process's
+    [`process_rows`][data_pipelines.process_rows]) do not have the rows the step needs (checked at
+    every batch, before it reaches JAX), or if a checkpoint's data states were saved by another
+    number of processes and cannot be merged.
     """
     if mesh is None and jax.process_count() > 1:
         raise ValueError(f"train runs in {jax.process_count()} processes but was given no mesh: pass one (e.g. "
                          "eqx_ring.sharding.make_mesh(dp=-1)) so that the model and batches are global arrays")
+    if mesh is not None:
+        data = mesh.shape["dp"] * mesh.shape["fsdp"]
+        if config.batch_size % (config.grad_accum * data):
+            raise ValueError(f"TrainConfig.batch_size={config.batch_size} must be divisible by grad_accum="
+                             f"{config.grad_accum} times the mesh's data axes dp * fsdp = {data}, so that each "
+                             "microbatch splits over them")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(config)
@@ -333,6 +413,7 @@ def train(
         if primary:
             _write_records(metrics_path, records)
         bar = _progress_bar(progress, config.total_steps, done, description)
+        say = _line_writer(progress) if bar is None and primary else None
         with open(metrics_path if primary else os.devnull, "a", encoding="utf-8") as log:
             step = done
             while step < config.total_steps:
@@ -344,10 +425,15 @@ def train(
                     opt_state = _with_leaves(like, jax.tree.leaves(opt_state))
                     iterator = iter(batches(stage_index, config.stages[stage_index]))
                 host_batch = next(iterator)
+                if mesh is None:  # with a mesh, `global_batch` checks this process's rows
+                    _check_batch_rows(host_batch, config, None, expected=config.batch_size)
                 start = time.perf_counter()
                 batch = _device_batch(host_batch, mesh, config.batch_size)
                 model, opt_state, metrics = step_fn(model, opt_state, batch)
+                # A metric the loss function reports as NaN (a modality absent from the batch) is left out,
+                # so that logs and plots skip it; the loss and the gradient norm are always kept.
                 metrics = {k: float(v) for k, v in metrics.items()}
+                metrics = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") or not math.isnan(v)}
                 seconds = time.perf_counter() - start
                 step, stage_step = step + 1, stage_step + 1
                 tokens = count_tokens(batch)
@@ -367,9 +453,9 @@ def train(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-                elif (step % log_every == 0 or step == config.total_steps) and jax.process_index() == 0:
-                    logger.info("%s step %d/%d loss %.4f, %s tokens/s", description, step, config.total_steps,
-                                metrics["loss"], f"{record['tokens_per_s']:,.0f}")
+                elif say is not None and (step == done + 1 or step % log_every == 0 or step == config.total_steps):
+                    say(f"{description} step {step}/{config.total_steps} loss {metrics['loss']:.4f}, "
+                        f"{record['tokens_per_s']:,.0f} tokens/s")
         if bar is not None:
             bar.close()
     return TrainResult(model, opt_state, records)
@@ -456,8 +542,21 @@ def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
+def _interactive() -> bool:
+    """Whether a progress bar can redraw in place: stderr is a terminal, or a notebook shows it as a widget."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def _line_writer(progress: bool) -> Callable[[str], None]:
+    """Where the progress lines go when no bar is shown: the logger, or stderr when a bar was asked for but the
+    logger would drop them (redirected output stays informative without any logging set up)."""
+    if progress and not logger.isEnabledFor(logging.INFO):
+        return lambda line: print(line, file=sys.stderr, flush=True)
+    return logger.info
+
+
 def _progress_bar(enabled: bool, total: int, initial: int, description: str):
-    if not enabled or jax.process_index() != 0:
+    if not enabled or jax.process_index() != 0 or not _interactive():
         return None
     from tqdm.auto import tqdm
 
@@ -469,7 +568,8 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike, *, keys
     """Write a PNG of `keys` against the step from [`train`][models.train]'s records (matplotlib, no display
     needed).
 
-    The y axis is logarithmic and labelled "loss"; a record without a key is plotted as a gap.
+    The y axis is logarithmic and labelled "loss"; records without a key (or with NaN for it, e.g. a
+    modality absent from that step's batch) are skipped, the line joining the steps that have it.
 
     **Arguments:**
 
@@ -484,9 +584,9 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike, *, keys
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    steps = [r["step"] for r in records]
     for key in keys:
-        ax.plot(steps, [r.get(key, math.nan) for r in records], label=key, linewidth=1.2)
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and not math.isnan(r[key])]
+        ax.plot([step for step, _ in points], [value for _, value in points], label=key, linewidth=1.2)
     ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -1,8 +1,8 @@
 """`VideoTextLM`: a `RingTransformer` over the Large World Model's video-text token layout."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 from eqx_ring import RingTransformer, chunked_cross_entropy
 
 from ._generate import generate
-from ._lm import batch_hidden
+from ._lm import batch_hidden, check_transformer_fields, require_float, require_int, token_count
 
 
 @runtime_checkable
@@ -54,6 +54,11 @@ class VideoTextConfig:
       [`generate_video`][models.VideoTextLM.generate_video] need `causal_block_size=1`.
     - `text_loss_weight`: the weight of the text loss in [`loss`][models.VideoTextLM.loss], in
       `[0, 1]`; the vision loss gets `1 - text_loss_weight`.
+
+    **Raises:** `ValueError`, naming the field and its value, for a vocabulary, codebook, frame or
+    code count, size, head count or chunk size that is not a positive int, `num_heads` not dividing
+    `d_model`, `num_kv_heads` not dividing `num_heads`, a `rope_theta` that is not a finite
+    float > 0, an unknown `layout` or `remat_policy`, or a `text_loss_weight` outside `[0, 1]`.
     """
 
     text_vocab_size: int = 263
@@ -73,6 +78,12 @@ class VideoTextConfig:
     ffn_chunk_size: int = 2048
     remat_policy: str | None = "nothing_saveable"
     text_loss_weight: float = 0.5
+
+    def __post_init__(self):
+        for name in ("text_vocab_size", "codebook_size", "num_frames", "codes_per_frame"):
+            require_int(self, name)
+        check_transformer_fields(self)
+        require_float(self, "text_loss_weight", low=0.0, high=1.0)
 
     @property
     def vocab_size(self) -> int:
@@ -97,11 +108,13 @@ class VideoTextLM(eqx.Module):
     Text and vision share one token sequence (the LWM layout of `data_pipelines.lwm_sequence`):
     `<bos> <vision> frame codes... </vision> caption <eos>` to caption a video, and the caption
     first to generate one. The loss is LWM's: `text_loss_weight · text loss + (1 − text_loss_weight)
-    · vision loss`, each the mean over its own trained targets. With `causal_block_size` =
-    `codes_per_frame + 1` the attention is block-causal in blocks of that many tokens, counted from
-    the start of the row (so frames line up with blocks only where the rows are laid out to match);
-    KV-cached generation ([`caption`][models.VideoTextLM.caption],
-    [`generate_video`][models.VideoTextLM.generate_video]) needs `causal_block_size=1`.
+    · vision loss`, each the mean over its own trained targets, weighted over the modalities the
+    batch holds (see [`loss`][models.VideoTextLM.loss]). Attention is token-causal
+    (`causal_block_size=1`, the default), which KV-cached generation
+    ([`caption`][models.VideoTextLM.caption], [`generate_video`][models.VideoTextLM.generate_video])
+    requires. A `causal_block_size` `b > 1` makes every token see its whole block of `b` tokens,
+    counted from the start of the row: in packed LWM rows a video starts anywhere, so such blocks
+    do not follow its frames, and the model cannot caption or generate.
 
     Single-example like every Equinox module: `__call__` maps `[seq]` tokens to `[seq, d_model]`
     hidden states. Batches come from [`global_packed_batches`][data_pipelines.global_packed_batches]
@@ -124,11 +137,7 @@ class VideoTextLM(eqx.Module):
           [`shard_params`][eqx_ring.sharding.shard_params].
         - `head_axis`: a mesh axis to split the attention heads over (tensor parallelism), or `None`.
         - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only argument.)
-
-        **Raises:** `ValueError` if `config.text_loss_weight` is outside `[0, 1]`.
         """
-        if not 0.0 <= config.text_loss_weight <= 1.0:
-            raise ValueError(f"text_loss_weight must lie in [0, 1], got {config.text_loss_weight}")
         c = config
         self.transformer = RingTransformer(
             c.vocab_size, c.d_model, c.num_layers, c.num_heads, num_kv_heads=c.num_kv_heads,
@@ -165,7 +174,7 @@ class VideoTextLM(eqx.Module):
         return self.transformer(tokens, positions=positions, segment_ids=segment_ids)
 
     def loss(
-        self, batch: dict[str, Array], *, spmd_axis_name: tuple[str, ...] | None = None
+        self, batch: Mapping[str, Any], *, spmd_axis_name: tuple[str, ...] | None = None
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
         """LWM's per-modality loss of a batch of packed rows, never building the `[seq, vocab]` logits.
 
@@ -173,6 +182,14 @@ class VideoTextLM(eqx.Module):
         [`packed_batches`][data_pipelines.packed_batches] and
         [`global_packed_batches`][data_pipelines.global_packed_batches] make them), so nothing is
         shifted here. Its `(loss, metrics)` is what [`train`][models.train]'s `loss_fn` returns.
+
+        The weights are taken over the modalities the batch has trained targets of: a batch without
+        vision targets has `loss = text_loss` (not `text_loss_weight · text_loss`), one without text
+        targets `loss = vision_loss`, and one with neither 0. Under gradient accumulation
+        [`make_train_step`][models.make_train_step] adds the whole batch to each microbatch (key
+        `"whole_batch"`): the modalities present and both means are then the whole batch's (each
+        microbatch's sums are divided by the whole batch's counts over the number of microbatches),
+        so the mean of the microbatches' values equals the loss of the whole batch.
 
         **Arguments:**
 
@@ -184,21 +201,32 @@ class VideoTextLM(eqx.Module):
           data shard keeps its own rows; `None` (the default) without a mesh.
 
         **Returns:** `(loss, {"text_loss": ..., "vision_loss": ...})`, float32 scalars: the mean
-        cross-entropy over the trained text targets, over the trained vision targets (0 when there
-        are none), and `loss = text_loss_weight · text_loss + (1 − text_loss_weight) · vision_loss`.
+        cross-entropy over the trained text targets and over the trained vision targets (NaN for a
+        modality without any, so that logs and plots skip it), and
+        `loss = (w_text · text_loss + w_vision · vision_loss) / (w_text + w_vision)` over the
+        modalities present, with `w_text = text_loss_weight` and `w_vision = 1 − text_loss_weight`
+        (0 when their weights sum to 0).
         """
 
         hidden = batch_hidden(self.transformer, batch, spmd_axis_name)
         per_token = chunked_cross_entropy(hidden, self.transformer.head_weight, batch["targets"], reduction="none")
-        trained, vision = batch["target_mask"], batch["target_vision_mask"]
 
-        def mean_over(mask):
-            mask = mask.astype(jnp.float32)
-            return (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+        def text(b):
+            return b["target_mask"] & ~b["target_vision_mask"]
 
-        text_loss, vision_loss = mean_over(trained & ~vision), mean_over(trained & vision)
+        def vision(b):
+            return b["target_mask"] & b["target_vision_mask"]
+
         w = self.config.text_loss_weight
-        return w * text_loss + (1.0 - w) * vision_loss, {"text_loss": text_loss, "vision_loss": vision_loss}
+        total, weights, means = 0.0, 0.0, []
+        for select, weight in ((text, w), (vision, 1.0 - w)):
+            count = token_count(batch, lambda b, select=select: select(b).sum(dtype=jnp.float32))
+            present = count > 0
+            mean = jnp.where(select(batch), per_token, 0.0).sum() / jnp.where(present, count, 1.0)
+            total, weights = total + jnp.where(present, weight * mean, 0.0), weights + jnp.where(present, weight, 0.0)
+            means.append(jnp.where(present, mean, jnp.nan))
+        loss = total / jnp.where(weights > 0, weights, 1.0)
+        return loss, {"text_loss": means[0], "vision_loss": means[1]}
 
     def caption(
         self, codes: Int[ArrayLike, "batch frames codes"], tokenizer: SpecialIds, *, max_length: int = 48,

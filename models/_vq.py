@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 
+from ._lm import require_float, require_int
+
 
 @dataclass(frozen=True)
 class VQConfig:
@@ -20,6 +22,10 @@ class VQConfig:
     - `codebook_size`: how many codes there are.
     - `code_dim`: the width of each codebook vector.
     - `commitment`: β, the weight of the commitment loss in [`vq_loss`][models.vq_loss].
+
+    **Raises:** `ValueError`, naming the field and its value, for a size or count that is not a
+    positive int, a `patch` that does not divide `frame_size`, or a `commitment` that is not a
+    finite float >= 0.
     """
 
     frame_size: int = 32
@@ -28,6 +34,13 @@ class VQConfig:
     codebook_size: int = 64
     code_dim: int = 16
     commitment: float = 0.25
+
+    def __post_init__(self):
+        for name in ("frame_size", "patch", "hidden", "codebook_size", "code_dim"):
+            require_int(self, name)
+        if self.frame_size % self.patch:
+            raise ValueError(f"VQConfig.frame_size={self.frame_size} must be divisible by patch={self.patch}")
+        require_float(self, "commitment", low=0.0)
 
     @property
     def grid(self) -> int:
@@ -125,11 +138,7 @@ class VideoVQ(eqx.Module):
 
         - `config`: the [`VQConfig`][models.VQConfig].
         - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only argument.)
-
-        **Raises:** `ValueError` if `config.patch` does not divide `config.frame_size`.
         """
-        if config.frame_size % config.patch:
-            raise ValueError(f"frame_size={config.frame_size} must be divisible by patch={config.patch}")
         ek, dk, ck = jax.random.split(key, 3)
         cell = 3 * config.patch**2
         self.encoder = _Coder(cell, config.hidden, config.code_dim, ek)

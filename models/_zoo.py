@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,9 @@ from ._lm import LMConfig, RingLM
 from ._video_lm import VideoTextConfig, VideoTextLM
 from ._vq import VideoVQ, VQConfig
 
-FORMAT = "eqx-ring-zoo/1"
+FORMAT = "eqx-ring-zoo/2"
+# Format 1 hashed the weights only; its files still load, with a warning that the JSON is unchecked.
+_OLD_FORMATS = ("eqx-ring-zoo/1",)
 
 REGISTRY: dict[str, tuple[type, Callable[..., Any]]] = {
     "RingLM": (RingLM, LMConfig),
@@ -31,8 +34,9 @@ REGISTRY: dict[str, tuple[type, Callable[..., Any]]] = {
 
 
 class ZooIntegrityError(ValueError):
-    """Raised by [`load`][models.load] for a zoo weights file whose SHA-256 is not the one its JSON
-    records (tampered or corrupt); a subclass of `ValueError`."""
+    """Raised by [`load`][models.load] for a zoo file whose SHA-256 is not the one its JSON records
+    (tampered or corrupt): the weights file's, or the JSON's own fields' (class, config and the
+    weights' name and hash); a subclass of `ValueError`."""
 
 
 def _sha256(path: str) -> str:
@@ -43,8 +47,18 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _json_sha256(meta: dict[str, Any]) -> str:
+    """The SHA-256 of every field of a zoo JSON but this hash itself, in canonical JSON (sorted keys, no spaces)."""
+    fields = {k: v for k, v in meta.items() if k != "json_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def save(path: str | os.PathLike, model: eqx.Module) -> tuple[str, str]:
-    """Write `model` as `{path}.json` (class, config, SHA-256) and `{path}.eqx` (weights).
+    """Write `model` as `{path}.json` (class, config, SHA-256s) and `{path}.eqx` (weights).
+
+    The JSON records the weights file's SHA-256 (`"sha256"`) and the SHA-256 of its own other
+    fields in canonical JSON (`"json_sha256"`), so that [`load`][models.load] notices an edited
+    config as well as altered weights.
 
     The model must have a dataclass `config` from which `type(model)(config, key=...)` rebuilds it
     (the classes of [`REGISTRY`][models.REGISTRY]; [`load`][models.load] reads the files back).
@@ -96,16 +110,22 @@ def _write(base: str, weights: str, model: eqx.Module) -> None:
     meta = {
         "format": FORMAT,
         "class": type(model).__name__,
-        "config": dataclasses.asdict(model.config),
+        # Through JSON once, so that the hash is of exactly what `load` reads back (tuples become lists).
+        "config": json.loads(json.dumps(dataclasses.asdict(model.config))),
         "weights": os.path.basename(weights),
         "sha256": _sha256(weights),
     }
+    meta["json_sha256"] = _json_sha256(meta)
     with open(base + ".json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
 
 
 def load(path: str | os.PathLike, **build_kwargs: Any) -> eqx.Module:
-    """Load what [`save`][models.save] wrote: check the weights' SHA-256, then fill a shape-only skeleton.
+    """Load what [`save`][models.save] wrote: check the JSON's and the weights' SHA-256, then fill a shape-only
+    skeleton.
+
+    Files of the first zoo format (`"eqx-ring-zoo/1"`, whose hash covers the weights only) still
+    load, with a `UserWarning` that their config is unchecked: save them again to upgrade them.
 
     The class must be in [`REGISTRY`][models.REGISTRY]. The skeleton is built with
     `eqx.filter_eval_shape`, so no weights are initialised; the weights are read onto the default
@@ -120,14 +140,31 @@ def load(path: str | os.PathLike, **build_kwargs: Any) -> eqx.Module:
 
     **Returns:** the model, of the class the JSON names, with the saved config and weights.
 
-    **Raises:** [`ZooIntegrityError`][models.ZooIntegrityError] if the weights file's hash differs
-    from the JSON's; `ValueError` if the JSON is not a zoo file or names a class not in `REGISTRY`.
+    **Raises:** [`ZooIntegrityError`][models.ZooIntegrityError], naming the file, if the JSON's
+    fields (e.g. an edited `rope_theta`) or the weights file do not have the SHA-256 the JSON
+    records; `ValueError` if the JSON is not a zoo file or names a class not in `REGISTRY`, or
+    if its config holds values the config class refuses.
     """
     base = os.fspath(path).removesuffix(".json")
     with open(base + ".json", encoding="utf-8") as f:
         meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{base}.json is not an {FORMAT} file (format={meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, *_OLD_FORMATS):
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{base}.json is not an {FORMAT} file (format={found!r})")
+    missing = sorted({"class", "config", "weights", "sha256"} - set(meta))
+    if missing:
+        raise ValueError(f"{base}.json is not a complete zoo file: it lacks {missing}")
+    if meta["format"] == FORMAT:
+        actual = _json_sha256(meta)
+        if actual != meta.get("json_sha256"):
+            raise ZooIntegrityError(
+                f"{base}.json: its fields (class, config, weights) have SHA-256 {actual}, but it records "
+                f"json_sha256={meta.get('json_sha256')!r}: the JSON was edited or corrupted; refusing to load it"
+            )
+    else:
+        warnings.warn(f"{base}.json is a {meta['format']} file, whose SHA-256 covers the weights but not the "
+                      "config: an edit of its config would go unnoticed; save the model again to upgrade it",
+                      stacklevel=2)
     if meta["class"] not in REGISTRY:
         raise ValueError(f"{base}.json holds a {meta['class']!r}; known classes are {sorted(REGISTRY)}")
     weights = os.path.join(os.path.dirname(base + ".json"), meta["weights"])
