@@ -553,12 +553,19 @@ class RingTransformer(eqx.Module):
         **Raises:**
 
         `ValueError` unless the attention is causal with `causal_block_size=1`, if it has a
-        `head_axis`, if `token` is not a scalar id in `[0, vocab_size)` (`TypeError` if not an
-        integer), or if the cache is full (`cache.length` equals its size). Traced, the id and the
-        cache's length are checked together by one `eqx.branched_error_if`, which raises an
-        `equinox.EquinoxRuntimeError` when the computation runs (`EQX_ON_ERROR=off` removes it).
+        `head_axis`, if called inside a `shard_map` over `seq_axis` (a step runs in the global view:
+        the model's mesh keeps the cache split), if `token` is not a scalar id in `[0, vocab_size)`
+        (`TypeError` if not an integer), or if the cache is full (`cache.length` equals its size).
+        Traced, the id and the cache's length are checked together by one `eqx.branched_error_if`,
+        which raises an `equinox.EquinoxRuntimeError` when the computation runs (`EQX_ON_ERROR=off`
+        removes it).
         """
         self._check_decodable()
+        seq_axis = self._attention_setting("seq_axis")
+        if seq_axis in jax.sharding.get_abstract_mesh().manual_axes:
+            # The step computes which slot is the token's from the whole cache's layout, not a shard's.
+            raise ValueError(f"decode_step runs in the global view: call it outside a shard_map over "
+                             f"seq_axis={seq_axis!r} (with a mesh, the cache stays split over it)")
         with jax.named_scope("eqx_ring.RingTransformer.decode_step"):
             size, layout, ring = cache.segment_ids.shape[0], self._attention_setting("layout"), self._ring_size()
             token = jnp.asarray(token) if isinstance(token, numbers.Number) else token

@@ -175,6 +175,17 @@ def test_prefill_inside_a_callers_shard_map(layout):
     assert (int(inside.length), int(inside.position), int(inside.segment)) == (prompt, prompt, 1)
 
 
+def test_decode_step_inside_a_callers_shard_map():
+    mesh = make_mesh(dp=1, fsdp=1, tp=1, sp=4, devices=jax.devices()[:4])
+    _, cache = MODEL.prefill(TOKENS, length=8)
+    cache_split = jax.tree.unflatten(jax.tree.structure(cache), [P(None, "sp")] * 2 + [P("sp")] + [P()] * 3)
+    step = jax.shard_map(lambda c: MODEL.decode_step(TOKENS[8], c)[1], mesh=mesh, in_specs=(cache_split,),
+                         out_specs=cache_split)
+    with pytest.raises(ValueError, match="decode_step runs in the global view: call it outside a shard_map over "
+                                         "seq_axis='sp'"):
+        step(cache)
+
+
 LM = models.RingLM(models.LMConfig.preset("tiny", vocab_size=97, query_chunk_size=8, key_chunk_size=8,
                                           ffn_chunk_size=16), key=jax.random.key(4))
 PROMPTS = [np.arange(5) + 3, np.arange(7) % 5 + 1]
