@@ -30,7 +30,13 @@ def test_help(command):
 
 
 def test_demo_runs_end_to_end_at_toy_size(tmp_path):
-    out = run("demo", "--workdir", str(tmp_path), "--stages", "128:6", *TOY)
+    # Output to a pipe: the demo's lines come as they happen, not at exit.
+    process = subprocess.Popen([*CLI, "demo", "--workdir", str(tmp_path), "--stages", "128:6", *TOY],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first = process.stdout.readline()
+    assert process.poll() is None, "the first line came only when the demo ended"
+    out = first + process.stdout.read()
+    assert process.wait(timeout=300) == 0
     assert "mesh {'dp': 2, 'fsdp': 1, 'tp': 1, 'sp': 4} on 8 cpu devices" in out
     for attribute in ("color", "shape", "motion", "exact"):
         assert any(line.startswith(attribute) for line in out.splitlines())
@@ -39,12 +45,19 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["examples"]) == 6 and set(results["accuracy"]) == {"shape", "color", "motion", "exact"}
     assert [r["step"] for r in records(tmp_path)] == list(range(1, 7))
-    scores = json.loads(run("eval", "--workdir", str(tmp_path), *TOY))
+    # Later commands reuse the workdir's settings (6 held-out videos, 2,1,1,4 mesh) without the flags.
+    assert json.loads((tmp_path / "config.json").read_text())["eval_videos"] == 6
+    scores = json.loads(run("eval", "--workdir", str(tmp_path)))
     assert scores["accuracy"] == results["accuracy"] and scores["chance"] == results["chance"]
-    caption = run("caption", "--workdir", str(tmp_path), "--index", "0", "1", *TOY)
-    assert caption.count("held-out #") == 2
-    generate = run("generate", "--workdir", str(tmp_path), "a red circle moves up", *TOY)
-    assert "generate.png" in generate and (tmp_path / "generate.png").stat().st_size > 0
+    # On one device the saved 2,1,1,4 mesh does not fit: inference decodes on one that does.
+    caption = subprocess.run([*CLI, "--cpu-devices", "1", "caption", "--workdir", str(tmp_path), "--index", "0", "5"],
+                             capture_output=True, text=True, timeout=300)
+    assert caption.returncode == 0, caption.stderr[-3000:]
+    assert caption.stdout.count("held-out #") == 2 and "decodes on -1,1,1,1" in caption.stderr
+    out = tmp_path / "new" / "folder" / "grid.png"
+    generate = run("--cpu-devices", "1", "generate", "--workdir", str(tmp_path), "a red circle moves up", "--out",
+                   str(out))
+    assert f"wrote {out}" in generate and out.stat().st_size > 0
 
 
 def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
