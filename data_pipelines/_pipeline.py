@@ -4,6 +4,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import absl.flags
 import grain
 import jax
 import numpy as np
@@ -596,6 +597,10 @@ def _batch_rows(
         rows = rows.map(ToRingLayout(layout, ring_size))
     batches = rows.batch(batch_size, drop_remainder=True)
     if num_workers:
+        # grain's workers read absl flags, which are unparsed outside `absl.app.run` (an
+        # UnparsedFlagAccessError at the first batch); their defaults are what we want.
+        if not absl.flags.FLAGS.is_parsed():
+            absl.flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
         # Workers hand over batches in shared memory, unlinked when the array is garbage collected.
         # A batch still referenced at interpreter exit is collected after the modules are torn down,

@@ -208,7 +208,7 @@ def train_video_text(config: DemoConfig, records: list[dict[str, Any]], workdir:
                                        seed=config.seed + index, num_epochs=None, process_index=0, process_count=1)
         return global_packed_batches(examples, seq_len=stage.seq_len, batch_size=batch_size,
                                      pad_id=ByteTokenizer.pad_id, rows=process_rows(mesh, batch_size),
-                                     layout=config.lm.layout, ring_size=ring)
+                                     layout=config.lm.layout, ring_size=ring, vocab_size=config.lm.vocab_size)
 
     result = train(lm, lambda m, b: m.loss(b, spmd_axis_name=BATCH_AXES), batches, config.lm_train,
                    workdir=workdir / "lm", mesh=mesh, progress=progress, after_step=after_step,

@@ -7,6 +7,7 @@ Conventions (docs/contributing is this docstring):
 - The ```python blocks of one page run in order, in one fresh interpreter, sharing one namespace, with the
   working directory set to a scratch folder. A page that needs several devices says so in its own code
   (`jax.config.update("jax_num_cpu_devices", 8)`), as a reader would have to.
+- The README's ```python blocks each run alone, in an interpreter of their own: each must stand on its own.
 - A ```text block whose opening line has `title="Output"` and that directly follows a ```python block holds
   what that block prints; it is compared with doctest's ELLIPSIS and NORMALIZE_WHITESPACE rules, so `...`
   stands for anything.
@@ -117,11 +118,17 @@ def run_blocks(blocks: list[tuple[str, str]], *, fresh: bool, env: dict[str, str
         return json.loads((tmp_path / "results.json").read_text())
 
 
-def check_page(path: Path) -> list[str]:
-    """Runs a page's python blocks; returns the failures (empty when every block ran and printed as shown)."""
+def check_page(path: Path, *, separate: bool = False) -> list[str]:
+    """Runs a page's python blocks; returns the failures (empty when every block ran and printed as shown).
+
+    `separate=True` runs each block in an interpreter of its own, as a reader who copies one block would
+    (the README's); by default they share one, in order, as a guide's do.
+    """
     blocks, _ = extract(path.read_text())
     rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    results = run_blocks([(f"{rel}:{b.line}", b.source) for b in blocks], fresh=False)
+    sources = [(f"{rel}:{b.line}", b.source) for b in blocks]
+    results = ([run_blocks([s], fresh=False)[0] for s in sources] if separate
+               else run_blocks(sources, fresh=False))
     failures = []
     checker = doctest.OutputChecker()
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -129,7 +136,9 @@ def check_page(path: Path) -> list[str]:
         where = f"{rel}:{block.line}"
         if result["error"]:
             failures.append(f"{where} raised:\n{result['error']}")
-            break
+            if not separate:
+                break
+            continue
         if block.expected is not None and not checker.check_output(block.expected, result["stdout"], flags):
             failures.append(f"{where} printed:\n{result['stdout']}\nbut the page shows:\n{block.expected}")
     return failures
@@ -144,7 +153,7 @@ if __name__ == "__main__":
     bad = 0
     for arg in sys.argv[1:] or [str(p) for p in guide_pages()]:
         page = Path(arg).resolve()
-        failures = check_page(page)
+        failures = check_page(page, separate=page.name == "README.md")
         print(f"{page.relative_to(ROOT)}: {'ok' if not failures else 'FAILED'}")
         for f in failures:
             print(f)

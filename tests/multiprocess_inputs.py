@@ -11,7 +11,7 @@ def attention_inputs(t: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def tiny_video_text():
     """The demo recipe at toy size: 32 videos as patch codes, a 1-layer LM, 5 steps of 4 x 128 tokens, (dp=2, sp=4)."""
     from data_pipelines import MovingShapes, PatchQuantizer
-    from models import Stage, TrainConfig, VideoTextConfig
+    from models import Stage, TrainConfig, VideoTextConfig, VQConfig
     from models._demo import DemoConfig
 
     quantizer = PatchQuantizer(patch=8, levels=4)
@@ -22,4 +22,5 @@ def tiny_video_text():
                          query_chunk_size=16, key_chunk_size=16, remat_policy=None)
     train = TrainConfig(stages=(Stage(seq_len=128, steps=5),), batch_size=4, learning_rate=3e-3, warmup_steps=2,
                         checkpoint_every=3)
-    return DemoConfig(mesh="2,1,1,4", lm=lm, lm_train=train), records
+    vq = VQConfig(frame_size=32, patch=8, codebook_size=quantizer.codebook_size)  # the codes' shape and range
+    return DemoConfig(mesh="2,1,1,4", vq=vq, lm=lm, lm_train=train), records

@@ -156,6 +156,11 @@ def test_guide_code_runs(page):
     assert check_page(DOCS / page) == []
 
 
+def test_readme_code_runs_block_by_block():
+    """Every python block of the README runs as written, each alone in a new interpreter (as a reader copies one)."""
+    assert check_page(ROOT / "README.md", separate=True) == []
+
+
 def _docstring_examples() -> list[tuple[str, str]]:
     examples = []
     for path in ALL_PUBLIC:
