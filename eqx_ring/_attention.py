@@ -7,6 +7,7 @@ from functools import partial
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray
@@ -191,7 +192,7 @@ class RingAttention(eqx.Module):
             check_positive_int(name, getattr(self, name))
         if self.sliding_window is not None and not is_positive_int(self.sliding_window):
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
-        if not isinstance(self.causal, bool):
+        if not isinstance(self.causal, bool | np.bool_):
             raise TypeError(f"causal must be a bool, got {self.causal!r}")
         if self.causal_block_size != 1 and not self.causal:
             raise ValueError(f"causal_block_size={self.causal_block_size} sets the block of the causal mask, so it "

@@ -135,6 +135,11 @@ def test_bad_layer_settings_are_named(build, error, message):
         build()
 
 
+def test_ring_attention_causal_must_be_a_bool(hook):
+    with named(hook, "causal", TypeError, "causal must be a bool, got 'yes'"):
+        eqx_ring.RingAttention(32, 4, causal="yes", key=KEY)
+
+
 # ---- Kernel arguments -----------------------------------------------------------------------------
 
 q3, kv3 = jnp.ones((64, 4, 8)), jnp.ones((64, 2, 8))
