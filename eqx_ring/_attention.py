@@ -411,6 +411,11 @@ class RingAttention(eqx.Module):
         for name, scalar in (("index", index), ("position", position), ("segment", segment)):
             check_array(name, scalar, (), (), kind="int")
         index = self._check_index(index, size)
+        return self._decode_step(x, keys, values, segment_ids, index=index, position=position, segment=segment)
+
+    def _decode_step(self, x, keys, values, segment_ids, *, index, position, segment):
+        """`decode_step` on checked arguments ([`RingTransformer`][eqx_ring.RingTransformer] checks the index once
+        per token, not once per layer)."""
         q, k, v = self._project(x[None], position[None])
         if self.mesh is None:
             o, keys, values = self._decode_local(q, k, v, keys, values, segment_ids, index, segment, sharded=False)

@@ -206,8 +206,13 @@ class RingTransformerBlock(eqx.Module):
         `(output, keys, values)`: the block's output `[d_model]` and the updated cache,
         `[cache, kv_heads, head_dim]` each.
         """
-        attended, keys, values = self.attention.decode_step(self.attention_norm(x), keys, values, segment_ids,
-                                                            index=index, position=position, segment=segment)
+        return self._decode_step(self.attention.decode_step, x, keys, values, segment_ids, index=index,
+                                 position=position, segment=segment)
+
+    def _decode_step(self, attend, x, keys, values, segment_ids, *, index, position, segment):
+        """`decode_step` with `attend` as the attention's step (its checked or unchecked one)."""
+        attended, keys, values = attend(self.attention_norm(x), keys, values, segment_ids, index=index,
+                                        position=position, segment=segment)
         x = x + attended
         return x + self.ffn(self.ffn_norm(x[None]))[0], keys, values
 
@@ -589,8 +594,9 @@ class RingTransformer(eqx.Module):
             x = self.embedding.weight[token]
 
             def layer(x, block, keys, values):
-                return block.decode_step(x, keys, values, cache.segment_ids, index=index, position=position,
-                                         segment=segment)
+                # The index was checked once above, so each layer takes the attention's unchecked step.
+                return block._decode_step(block.attention._decode_step, x, keys, values, cache.segment_ids,
+                                          index=index, position=position, segment=segment)
 
             if self.scan_layers:
                 params, static = eqx.partition(self.blocks, eqx.is_array)

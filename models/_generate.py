@@ -46,7 +46,8 @@ def respec(model: eqx.Module, *, mesh: Mesh | None = _KEEP, head_axis: str | Non
     - `model`: the model whose weights to keep.
     - `mesh`: the mesh the rebuilt model runs its ring on, or `None` for one device; defaults to
       the model's own.
-    - `head_axis`: the mesh axis to split the heads over, or `None`; defaults to the model's own.
+    - `head_axis`: the mesh axis to split the heads over, or `None`; defaults to the model's own, or to
+      `None` when `mesh=None` is given (one device has no axis to split over).
     - `**changes`: fields of `model.config` to replace (`dataclasses.replace`).
 
     **Returns:** a model of the same class with the new config and settings and the same arrays.
@@ -55,7 +56,8 @@ def respec(model: eqx.Module, *, mesh: Mesh | None = _KEEP, head_axis: str | Non
     """
     attention = _attention_of(model)
     mesh = attention.mesh if mesh is _KEEP else mesh
-    head_axis = attention.head_axis if head_axis is _KEEP else head_axis
+    if head_axis is _KEEP:
+        head_axis = None if mesh is None else attention.head_axis
     config = dataclasses.replace(model.config, **changes)
     skeleton = eqx.filter_eval_shape(lambda: type(model)(config, mesh=mesh, head_axis=head_axis,
                                                           key=jax.random.key(0)))

@@ -105,3 +105,13 @@ def test_lm_config_round_trip_through_respec():
     model = models.RingLM(LM, key=jax.random.key(5))
     moved = models.respec(model, layout="striped")
     assert moved.config == dataclasses.replace(LM, layout="striped")
+
+
+def test_respec_to_one_device_drops_the_head_axis():
+    # A tensor-parallel model copied to one device for decoding: no mesh, so no axis to split heads over.
+    mesh = make_mesh(dp=1, fsdp=1, tp=2, sp=4)
+    model = models.RingLM(LM, mesh=mesh, head_axis="tp", key=jax.random.key(5))
+    single = models.respec(model, mesh=None)
+    prompt = [np.arange(5) % LM.vocab_size]
+    np.testing.assert_array_equal(models.generate(single, prompt, 3), models.generate(
+        models.respec(models.RingLM(LM, key=jax.random.key(5)), mesh=None), prompt, 3))
