@@ -26,11 +26,13 @@ def _on_host(*arrays) -> bool:
 
 
 def check_ids(ids, limit: int, name: str, mask=None):
-    """`ids` unchanged, once every id (where `mask` is nonzero) is known to lie in `[0, limit)`.
+    """Where `ids` (where `mask` is nonzero) fall outside `[0, limit)`: `None` if nowhere, else a traced bool array.
 
-    A value this process can read is checked in NumPy, and the message names the first bad id and
-    its index. A traced one gets one `eqx.error_if`: a single reduction over the ids, raising an
-    `equinox.EquinoxRuntimeError` when the computation runs (`EQX_ON_ERROR=off` removes it).
+    A value this process can read is checked in NumPy: a bad id raises, naming the first one and its
+    index, and the result is `None`. For a traced one the result marks the bad ids, for the caller to
+    turn what they touch into NaN. A run-time raise (`eqx.error_if`) is not used: its callback runs on
+    one device, and on a mesh the others then wait forever in their next collective (measured on the
+    8-device CPU mesh: a 40 s rendezvous time-out, then the process aborts without the message).
     """
     ids = jnp.asarray(ids) if isinstance(ids, numbers.Number) else ids
     if not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -44,22 +46,29 @@ def check_ids(ids, limit: int, name: str, mask=None):
             at = tuple(int(i) for i in np.argwhere(bad)[0])
             where = f" at index {at[0] if len(at) == 1 else at}" if at else ""
             raise ValueError(f"{_ids_message(name, limit)}, got {host[at]}{where}")
-        return ids
+        return None
     bad = (ids < 0) | (ids >= limit)
     if mask is not None:
         bad &= jnp.asarray(mask).astype(bool)
-    return _error_if(ids, bad, _ids_message(name, limit))
+    return bad
 
 
 def _error_if(x, pred, message: str):
-    """`eqx.error_if(x, pred, message)`, also for values that vary over a caller's `shard_map` axes."""
+    """`x`, raising `message` at run time where `pred` holds: `eqx.error_if` on one scalar flag tied to `x`.
+
+    `x` itself does not pass through the check's conditional: its result lives on one device, so a sharded
+    `x` threaded through it would be gathered there and split again (XLA's "involuntary full
+    rematerialization"). Inside a caller's `shard_map` the flag is decided on every device at once, as
+    error_if's callback must return the same value on each.
+    """
+    flag = pred.any().astype(jnp.int32)
     varying = tuple(jax.typeof(pred).manual_axis_type.varying)
-    if not varying:
-        return eqx.error_if(x, pred, message)
-    # error_if's callback returns a value that is the same on every device: so decide on every device at once.
-    flag = lax.psum(pred.any().astype(jnp.int32), varying)
+    if varying:
+        flag = lax.psum(flag, varying)
     flag = eqx.error_if(flag, flag > 0, message)
-    return lax.optimization_barrier((x, flag))[0]  # ties the check to `x`, so that using `x` runs it
+    # Makes `x` depend on the checked flag, so that using `x` runs the check (an optimization barrier over
+    # both does not: XLA drops the unused flag, tested). Taken only with EQX_ON_ERROR=off: then zeros.
+    return jnp.where(flag > 0, jnp.zeros_like(x), x)
 
 
 def _ids_message(name: str, limit: int) -> str:
@@ -457,14 +466,14 @@ class RingTransformer(eqx.Module):
         `TypeError` if `tokens`, `positions` or `segment_ids` are not integers; `ValueError` if
         `tokens` is not one-dimensional or `positions`/`segment_ids` are not shaped like it, or if
         a token id is outside `[0, vocab_size)` (the message names the first one and its index).
-        Traced tokens (inside `jit`) are checked by one `eqx.error_if`, a single reduction over the
-        ids, which raises an `equinox.EquinoxRuntimeError` when the computation runs; set
-        `EQX_ON_ERROR=off` to remove it.
+        Traced tokens (inside `jit`) cannot raise: a bad id's embedding is NaN, so the outputs it
+        reaches and any loss over them are NaN ([`models.train`][models.train] stops on a NaN loss
+        and says so).
         """
         del key, inference
         with jax.named_scope("eqx_ring.RingTransformer"):
-            tokens = self._check_inputs(tokens, positions, segment_ids)
-            return self._layers(tokens, positions, segment_ids, with_cache=False)[0]
+            bad = self._check_inputs(tokens, positions, segment_ids)
+            return self._layers(tokens, positions, segment_ids, with_cache=False, bad=bad)[0]
 
     def prefill(
         self,
@@ -503,12 +512,12 @@ class RingTransformer(eqx.Module):
 
         `ValueError` unless the attention is causal with `causal_block_size=1`, or if `length` is
         not in `[1, cache size]`; `TypeError`/`ValueError` for bad `tokens`, `positions` or
-        `segment_ids`, as for `__call__`. A traced `length` or traced tokens are checked by
-        `eqx.error_if`, like the tokens of `__call__`.
+        `segment_ids`, as for `__call__` (traced bad tokens give NaN, as there). A traced `length` is
+        checked by `eqx.error_if`, raising `equinox.EquinoxRuntimeError` when the computation runs.
         """
         self._check_decodable()
         with jax.named_scope("eqx_ring.RingTransformer.prefill"):
-            tokens = self._check_inputs(tokens, positions, segment_ids)
+            bad = self._check_inputs(tokens, positions, segment_ids)
             seq, layout = tokens.shape[0], self._attention_setting("layout")
             seq_axis = self._attention_setting("seq_axis")
             # Inside a caller's shard_map (its manual axes) `tokens` is this device's shard of the sequence.
@@ -520,7 +529,7 @@ class RingTransformer(eqx.Module):
                 positions = (shard_positions(lax.axis_index(seq_axis), seq, layout, ring) if inside
                              else jnp.asarray(layout_positions(seq, layout, ring)))
             segment_ids = jnp.zeros(seq, jnp.int32) if segment_ids is None else segment_ids
-            hidden, keys, values = self._layers(tokens, positions, segment_ids, with_cache=True)
+            hidden, keys, values = self._layers(tokens, positions, segment_ids, with_cache=True, bad=bad)
             last = layout_slot(length - 1, size, layout, ring)
 
             def at_last(a):
@@ -578,7 +587,7 @@ class RingTransformer(eqx.Module):
                 raise ValueError(f"token must be a scalar id (batch with jax.vmap), got shape {jnp.shape(token)}")
             full = f"the cache is full: cache.length must be < {size} (its slots) to append a token"
             if _on_host(token, cache.length):
-                token = check_ids(token, self.vocab_size, "token")
+                check_ids(token, self.vocab_size, "token")
                 if int(cache.length) >= size:
                     raise ValueError(f"{full}, got cache.length={int(cache.length)}")
                 index = cache.length
@@ -620,7 +629,8 @@ class RingTransformer(eqx.Module):
             return self.norm(x[None])[0], cache
 
     def _check_inputs(self, tokens, positions, segment_ids):
-        """`tokens` once checked (see `__call__`'s **Raises:**); shapes and dtypes cost nothing at run time."""
+        """Checks (see `__call__`'s **Raises:**); shapes and dtypes cost nothing at run time. Returns
+        [`check_ids`][]'s marks of traced bad tokens (`None` when known to be good)."""
         if jnp.ndim(tokens) != 1:
             raise ValueError(f"tokens must be [seq] (one example: batch with jax.vmap), got shape {jnp.shape(tokens)}")
         for name, a in (("positions", positions), ("segment_ids", segment_ids)):
@@ -647,9 +657,13 @@ class RingTransformer(eqx.Module):
             raise ValueError(f"KV-cache decoding needs causal attention with causal_block_size=1, got causal={causal}, "
                              f"causal_block_size={block}")
 
-    def _layers(self, tokens, positions, segment_ids, *, with_cache: bool):
-        """The embedding, every block and the final norm; with the blocks' keys and values if `with_cache`."""
-        x = jnp.take(self.embedding.weight, tokens, axis=0)
+    def _layers(self, tokens, positions, segment_ids, *, with_cache: bool, bad=None):
+        """The embedding, every block and the final norm; with the blocks' keys and values if `with_cache`.
+
+        `bad` marks token ids outside the vocabulary: their embeddings are NaN (see `check_ids`)."""
+        x = jnp.take(self.embedding.weight, tokens, axis=0, mode="clip")
+        if bad is not None:
+            x = jnp.where(bad[:, None], jnp.nan, x)
 
         def layer(x, block):
             y, keys, values = block.prefill(x, positions=positions, segment_ids=segment_ids)
@@ -723,10 +737,8 @@ def chunked_cross_entropy(
     positive int, the shapes disagree (`labels` and `mask` must be `hidden`'s without its last
     axis, `head_weight`'s width `hidden`'s), or a label that counts (nonzero `mask`) is outside
     `[0, vocab)` (the message names the first one and its index); `TypeError` if `labels` are not
-    integers. Traced labels (inside `jit`) are checked by one `eqx.error_if`, a single reduction
-    over them, which raises an `equinox.EquinoxRuntimeError` when the computation runs; set
-    `EQX_ON_ERROR=off` to remove it. Labels where `mask` is zero may be anything (e.g. padding
-    ids).
+    integers. Traced labels (inside `jit`) cannot raise: the loss of a bad label that counts is
+    NaN, and so is the mean. Labels where `mask` is zero may be anything (e.g. padding ids).
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
@@ -739,7 +751,8 @@ def chunked_cross_entropy(
     for name, a in (("labels", labels), ("mask", mask)):
         if a is not None and jnp.shape(a) != batch:
             raise ValueError(f"{name} must be shaped like hidden without its last axis, {batch}, got {jnp.shape(a)}")
-    labels = check_ids(labels, vocab, "labels", mask).astype(jnp.int32)
+    bad = check_ids(labels, vocab, "labels", mask)
+    labels = labels.astype(jnp.int32)
     chunk = min(vocab_chunk_size, vocab)
     num_chunks = -(-vocab // chunk)
     weight = jnp.pad(head_weight, ((0, num_chunks * chunk - vocab), (0, 0))).reshape(num_chunks, chunk, d)
@@ -761,6 +774,8 @@ def chunked_cross_entropy(
     init = (jnp.full(batch, -jnp.inf, jnp.float32), jnp.zeros(batch, jnp.float32), jnp.zeros(batch, jnp.float32))
     (m, l, picked), _ = lax.scan(step, init, (weight, jnp.arange(num_chunks) * chunk))
     loss = m + jnp.log(l) - picked
+    if bad is not None:
+        loss = jnp.where(bad, jnp.nan, loss)
     weights = jnp.ones(batch, jnp.float32) if mask is None else mask.astype(jnp.float32)
     if reduction == "none":
         return loss * weights

@@ -369,7 +369,8 @@ def train(
     one device: not `config.batch_size` rows; with a mesh: not this process's
     [`process_rows`][data_pipelines.process_rows]) do not have the rows the step needs (checked at
     every batch, before it reaches JAX), or if a checkpoint's data states were saved by another
-    number of processes and cannot be merged.
+    number of processes and cannot be merged; `FloatingPointError` if a step's loss is not finite
+    (token or target ids outside the vocabulary give NaN inside the jitted step, as does divergence).
     """
     if mesh is None and jax.process_count() > 1:
         raise ValueError(f"train runs in {jax.process_count()} processes but was given no mesh: pass one (e.g. "
@@ -434,6 +435,12 @@ def train(
                 # so that logs and plots skip it; the loss and the gradient norm are always kept.
                 metrics = {k: float(v) for k, v in metrics.items()}
                 metrics = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") or not math.isnan(v)}
+                if not math.isfinite(metrics["loss"]):
+                    # Inside the jitted step bad ids cannot raise (see eqx_ring.RingTransformer): they give NaN.
+                    raise FloatingPointError(
+                        f"the loss of step {step + 1} is {metrics['loss']}: a token or target id outside the model's "
+                        f"vocabulary gives NaN (data_pipelines' vocab_size= checks ids where they enter), and so "
+                        f"does a diverged run; the step's update was not saved")
                 seconds = time.perf_counter() - start
                 step, stage_step = step + 1, stage_step + 1
                 tokens = count_tokens(batch)

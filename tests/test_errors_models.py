@@ -366,6 +366,18 @@ def test_progress_off_logs_lines(tmp_path, caplog, capsys):
     assert "tiny step" not in capsys.readouterr().err
 
 
+def test_train_stops_on_a_nan_loss_from_ids_outside_the_vocabulary(tmp_path):
+    # Inside the jitted step a bad id cannot raise: it gives NaN, and train stops there, saying why.
+    model = models.RingLM(LM, key=jax.random.key(0))
+    host = {k: np.array(v) for k, v in lm_batch().items()}
+    host["tokens"][1, 3] = LM.vocab_size
+    config = models.TrainConfig(stages=(models.Stage(16, 2),), batch_size=4)
+    with pytest.raises(FloatingPointError, match=r"the loss of step 1 is nan: a token or target id outside the "
+                                                 r"model's vocabulary gives NaN"):
+        models.train(model, lambda m, b: (m.loss(b), {}), lambda i, s: iter([host] * 2), config,
+                     workdir=tmp_path, progress=False)
+
+
 # Batch sizes that the step cannot split: refused before JAX sees them, naming the sizes.
 
 
