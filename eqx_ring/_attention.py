@@ -3,6 +3,7 @@
 import math
 import numbers
 from functools import partial
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -63,6 +64,15 @@ class RingAttention(eqx.Module):
     assert jnp.allclose(eqx_ring.from_layout(y_ring, "zigzag", 8, axis=0), y, atol=1e-5)
     ```
     """
+
+    # Logical axes for eqx_ring.sharding (see DEFAULT_RULES): weights are [out, in].
+    param_axes: ClassVar[dict[str, tuple[str | None, ...]]] = {
+        "query_proj.weight": ("heads", "embed"), "query_proj.bias": ("heads",),
+        "key_proj.weight": ("kv_heads", "embed"), "key_proj.bias": ("kv_heads",),
+        "value_proj.weight": ("kv_heads", "embed"), "value_proj.bias": ("kv_heads",),
+        # The d_model-wide bias is added to an output whose d_model is whole: it stays whole.
+        "output_proj.weight": ("embed", "heads"), "output_proj.bias": (None,),
+    }
 
     query_proj: eqx.nn.Linear
     key_proj: eqx.nn.Linear

@@ -2,6 +2,7 @@
 
 import math
 import numbers
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -41,6 +42,14 @@ class BlockwiseFFN(eqx.Module):
     assert jnp.allclose(ffn(x), ffn.dense(x), atol=1e-5)
     ```
     """
+
+    # Logical axes for eqx_ring.sharding (see DEFAULT_RULES): weights are [out, in].
+    param_axes: ClassVar[dict[str, tuple[str | None, ...]]] = {
+        "gate_proj.weight": ("mlp", "embed"), "gate_proj.bias": ("mlp",),
+        "up_proj.weight": ("mlp", "embed"), "up_proj.bias": ("mlp",),
+        # The d_model-wide bias is added to an output whose d_model is whole: it stays whole.
+        "down_proj.weight": ("embed", "mlp"), "down_proj.bias": (None,),
+    }
 
     gate_proj: eqx.nn.Linear | None
     up_proj: eqx.nn.Linear
@@ -167,6 +176,8 @@ class RMSNorm(eqx.Module):
 
     Unlike most Equinox layers it accepts any leading axes: `[*batch, dim]`.
     """
+
+    param_axes: ClassVar[dict[str, tuple[str | None, ...]]] = {"weight": ("norm",)}
 
     weight: Float[Array, " dim"]
     dim: int = eqx.field(static=True)

@@ -2,7 +2,8 @@
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import equinox as eqx
 import jax
@@ -24,11 +25,50 @@ Pass it as `jax.vmap(model, spmd_axis_name=BATCH_AXES)` so that each data shard'
 their devices.
 """
 
-# Linear layers by the attribute they are stored under. A column-parallel layer's outputs are
-# heads/hidden units (split over tp); a row-parallel layer's inputs are.
-_COLUMN = frozenset({"query_proj", "key_proj", "value_proj", "gate_proj", "up_proj"})
-_ROW = frozenset({"output_proj", "down_proj"})
-_VOCAB = frozenset({"embedding", "lm_head"})
+# Where a logical axis goes: a mesh axis, a tuple of mesh axes (split over their product), or None (kept whole).
+_Rule = str | tuple[str, ...] | None
+
+DEFAULT_RULES: Mapping[str, _Rule] = MappingProxyType({
+    "layers": None,
+    "vocab": None,
+    "embed": "fsdp",
+    "heads": "tp",
+    "kv_heads": "tp",
+    "mlp": "tp",
+    "norm": None,
+    "vq_embed": "fsdp",
+    "vq_hidden": "tp",
+    "vq_hidden_in": "fsdp",
+    "vq_window": None,
+    "vq_codes": None,
+})
+"""The default rules of [`param_shardings`][eqx_ring.sharding.param_shardings]: the mesh axes that split each
+logical axis a module names in its `param_axes` (see [`logical_axes`][eqx_ring.sharding.logical_axes]).
+
+| logical axis | what it counts | mesh axis |
+|---|---|---|
+| `"layers"` | the leading layer axis of stacked (scanned) blocks, named automatically | whole |
+| `"vocab"` | the rows of the embedding and of the LM head | whole |
+| `"embed"` | `d_model`, the width of the residual stream | `"fsdp"` |
+| `"heads"` | query heads × `head_dim`: `query_proj`'s outputs, `output_proj`'s inputs | `"tp"` |
+| `"kv_heads"` | key/value heads × `head_dim`: `key_proj`'s and `value_proj`'s outputs | `"tp"` |
+| `"mlp"` | the FFN's hidden units | `"tp"` |
+| `"norm"` | the width of a normalisation scale | whole |
+| `"vq_embed"` | a `VideoVQ` cell's pixels or code vector: its coders' ends and the codebook's width | `"fsdp"` |
+| `"vq_hidden"` | the hidden channels of a `VideoVQ` coder (the outputs of `into` and `mix`) | `"tp"` |
+| `"vq_hidden_in"` | the input channels of a coder's 3 × 3 convolution `mix` | `"fsdp"` |
+| `"vq_window"` | that convolution's kernel height and width (and its bias's broadcast axes) | whole |
+| `"vq_codes"` | the codebook's entries | whole |
+
+Weights split over `fsdp` on their `d_model` side and over `tp` on their heads or hidden side (Megatron's
+column- and row-parallel layers). The vocabulary stays whole, so that the vocabulary chunks of
+[`chunked_cross_entropy`][eqx_ring.chunked_cross_entropy] slice an unsplit axis. The `VideoVQ` names follow the
+same scheme (its coders are FFNs with a convolution in the middle, and its codebook an embedding table), with names of
+their own so that the tokenizer can be placed apart from the language model; a convolution's two channel axes need
+two names, since one mesh axis splits at most one dimension of an array.
+
+It is read-only; derive other rules from it, e.g. `{**DEFAULT_RULES, "embed": None}` for tensor parallelism alone.
+"""
 
 
 def make_mesh(
@@ -123,57 +163,203 @@ def make_mesh(
     return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
 
 
-def _spec(path, leaf, mesh: Mesh) -> P | None:
-    if not eqx.is_array(leaf):
+def _dotted(keys: tuple) -> str:
+    """A key path as a `param_axes` key: attribute names and sequence indices joined by dots."""
+    parts = []
+    for k in keys:
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(getattr(k, "key", k)))
+    return ".".join(parts)
+
+
+def _declared_axes(path: tuple, leaf: object, scopes: tuple) -> tuple[str | None, ...] | None:
+    """The logical axes of the array at `path`; `scopes` are its enclosing modules, nearest first."""
+    if not eqx.is_array(leaf) or not scopes:
         return None
-    names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
-    owner, kind = (names[-2], names[-1]) if len(names) >= 2 else ("", "")
-    rule: tuple[str | None, ...] = ()
-    if kind == "weight" and owner in _COLUMN:
-        rule = ("tp", "fsdp")  # [out, in]
-    elif kind == "weight" and owner in _ROW:
-        rule = ("fsdp", "tp")
-    elif kind == "bias" and owner in _COLUMN:
-        rule = ("tp",)
-    elif kind == "weight" and owner in _VOCAB:
-        rule = (None, "fsdp")  # [vocab, d_model]: split d_model, so vocab chunks slice an unsplit axis
-    # Trailing dims follow the rule; leading ones (stacked layers) stay whole. An axis that does not
-    # divide its dim is dropped rather than padding the parameter.
-    rule = (None,) * (leaf.ndim - len(rule)) + rule[-leaf.ndim :] if rule else (None,) * leaf.ndim
-    axes = zip(rule, leaf.shape, strict=True)
-    return P(*(a if a is not None and dim % mesh.shape[a] == 0 else None for a, dim in axes))
+    for module, depth in scopes:
+        names = getattr(type(module), "param_axes", {}).get(_dotted(path[depth:]))
+        if names is not None:
+            break
+    else:
+        inner, depth = scopes[0]
+        searched = ", ".join(type(m).__qualname__ for m, _ in scopes)
+        raise ValueError(
+            f"the array at {jax.tree_util.keystr(path)} (shape {leaf.shape}) in a {type(inner).__qualname__} has "
+            f"no declared logical axes: no enclosing module ({searched}) has its path in its param_axes, e.g. "
+            f"{_dotted(path[depth:])!r} in {type(inner).__qualname__}.param_axes")
+    if len(names) > leaf.ndim:
+        raise ValueError(f"param_axes declares {len(names)} axes {names} for the array at "
+                         f"{jax.tree_util.keystr(path)}, which has {leaf.ndim} (shape {leaf.shape})")
+    return ("layers",) * (leaf.ndim - len(names)) + tuple(names)
 
 
-def param_shardings(params: PyTree, mesh: Mesh) -> PyTree:
+def _walk(tree: PyTree) -> tuple[list[tuple[tuple, object, tuple[str | None, ...] | None]], jax.tree_util.PyTreeDef]:
+    """`(path, leaf, logical axes)` for every leaf of `tree` in flattening order, and its treedef."""
+    entries = []
+
+    def visit(node, path, scopes):
+        if isinstance(node, eqx.Module):
+            scopes = ((node, len(path)), *scopes)
+        # One level of modules at a time, so that every array knows the modules around it.
+        children = jax.tree_util.tree_flatten_with_path(
+            node, is_leaf=lambda x: x is not node and isinstance(x, eqx.Module))[0]
+        for keys, child in children:
+            if isinstance(child, eqx.Module):
+                visit(child, path + keys, scopes)
+            else:
+                entries.append((path + keys, child, _declared_axes(path + keys, child, scopes)))
+
+    visit(tree, (), ())
+    return entries, jax.tree_util.tree_structure(tree)
+
+
+def logical_axes(tree: PyTree) -> PyTree:
+    """The logical axis names of every array in `tree`, as its modules declare them in `param_axes`.
+
+    A module class that holds arrays, directly or inside layers of other libraries (`eqx.nn.Linear`, ...),
+    declares a class variable `param_axes: ClassVar[dict[str, tuple[str | None, ...]]]`: for each array,
+    its path relative to the module (attribute names and sequence indices joined by dots:
+    `"query_proj.weight"`, `"codebook"`, `"layers.0.weight"`) and one logical name per dimension (see
+    [`DEFAULT_RULES`][eqx_ring.sharding.DEFAULT_RULES] for the names the library uses), or `None` for a
+    dimension that no rule splits. An array's names come from the nearest enclosing module that declares
+    its path. Dimensions in front of the declared ones (the layer axis of stacked, scanned blocks) are
+    named `"layers"`. A subclass that adds arrays extends its parent's table:
+    `param_axes = {**Parent.param_axes, "extra": ("embed",)}`.
+
+    An optimizer state that mirrors the model (optax's `adamw` moments hold the model's modules) gets
+    the model's names; arrays outside every module (optax's step `count`) are not parameters and get
+    `None`.
+
+    **Arguments:**
+
+    - `tree`: a PyTree, e.g. a [`RingTransformer`][eqx_ring.RingTransformer] or its optimizer state.
+
+    **Returns:**
+
+    A PyTree like `tree`: a tuple of logical names (one per dimension) in place of every array inside a
+    module, `None` in place of every other leaf. The tuples are subtrees, so map over it with `tree` as
+    the first tree (`jax.tree.map(f, tree, logical_axes(tree))`).
+
+    **Raises:**
+
+    `ValueError`, naming the array's path and module class, if an array inside a module has no
+    declaration, or if a declaration names more dimensions than its array has.
+
+    **Example:**
+
+    ```python
+    import jax
+    import eqx_ring
+    from eqx_ring.sharding import logical_axes
+
+    model = eqx_ring.RingTransformer(64, 32, 2, 4, hidden_size=64, key=jax.random.key(0))
+    axes = logical_axes(model)
+    assert axes.blocks.attention.query_proj.weight == ("layers", "heads", "embed")  # [layers, out, in]
+    assert axes.embedding.weight == ("vocab", "embed")
+    assert axes.norm.weight == ("norm",)
+    ```
+    """
+    entries, treedef = _walk(tree)
+    return jax.tree_util.tree_unflatten(treedef, [names for _, _, names in entries])
+
+
+def _mesh_axes(name: str | None, path: tuple, mesh: Mesh, rules: Mapping[str, _Rule]) -> tuple[str, ...]:
+    """The mesh axes that `rules` split the logical axis `name` over (none for a `None` name)."""
+    if name is None:
+        return ()
+    if name not in rules:
+        raise ValueError(f"rules have no entry for the logical axis {name!r} of the array at "
+                         f"{jax.tree_util.keystr(path)}; they cover {sorted(rules)}")
+    rule = rules[name]
+    axes = () if rule is None else (rule,) if isinstance(rule, str) else rule
+    if not isinstance(axes, tuple) or not all(isinstance(a, str) for a in axes):
+        raise TypeError(f"rules[{name!r}] must be a mesh axis name, a tuple of them or None, got {rule!r}")
+    missing = [a for a in axes if a not in mesh.shape]
+    if missing:
+        raise ValueError(f"rules[{name!r}]={rule!r} names mesh axes {missing} that the mesh lacks; it has "
+                         f"{tuple(mesh.axis_names)}")
+    return axes
+
+
+def _spec(path: tuple, leaf: jax.Array, names: tuple[str | None, ...] | None, mesh: Mesh,
+          rules: Mapping[str, _Rule]) -> P:
+    if names is None:
+        return P(*(None,) * leaf.ndim)
+    spec, used = [], set()
+    for name, dim in zip(names, leaf.shape, strict=True):
+        axes = _mesh_axes(name, path, mesh, rules)
+        # A mesh axis splits one dimension at most (the first that asks, as in MaxText), and an axis
+        # that does not divide its dimension leaves it whole rather than padding the parameter.
+        if not axes or used.intersection(axes) or dim % math.prod(mesh.shape[a] for a in axes):
+            spec.append(None)
+        else:
+            used.update(axes)
+            spec.append(rules[name])
+    return P(*spec)
+
+
+def param_shardings(params: PyTree, mesh: Mesh, *, rules: Mapping[str, _Rule] = DEFAULT_RULES) -> PyTree:
     """A `NamedSharding` for every array in `params` (a model, or its optimizer state): `None` elsewhere.
 
-    Linear layers stored as `query_proj`, `key_proj`, `value_proj`, `gate_proj`, `up_proj` split
-    their output features over `tp` and input features over `fsdp`; `output_proj` and `down_proj`
-    the reverse; `embedding` / `lm_head` matrices split `d_model` over `fsdp`. Column-parallel biases
-    split over `tp`. Everything else (norm scales, unknown layers) is replicated. Layers are
-    recognised by the attribute names in the path to each array, so an optimizer state that mirrors
-    the model gets the same shardings. Stacked (scanned) layers keep their layer axis whole, and
-    an axis whose size does not divide a dimension leaves that dimension whole.
+    Every array inside a module is placed by its logical axes ([`logical_axes`][eqx_ring.sharding.logical_axes])
+    and `rules`, which map each logical axis to the mesh axes that split it. With the default
+    [`DEFAULT_RULES`][eqx_ring.sharding.DEFAULT_RULES], linear layers split their heads or hidden
+    side over `tp` and their `d_model` side over `fsdp`, embedding and LM head matrices split `d_model`
+    over `fsdp`, and norm scales and the layer axis of stacked (scanned) blocks stay whole. An array
+    inside a module that declares no axes for it is an error, not silently replicated.
+
+    An optimizer state that mirrors the model gets the model's shardings. Arrays outside every module
+    (optax's step `count`) are not parameters: they are replicated. A mesh axis splits at most one
+    dimension of an array (the first whose rule names it), and an axis whose size does not divide a
+    dimension leaves that dimension whole.
 
     **Arguments:**
 
     - `params`: a PyTree of arrays, e.g. a [`RingTransformer`][eqx_ring.RingTransformer] or its
       optimizer state.
-    - `mesh`: a mesh with the axes `"fsdp"` and `"tp"`, e.g. from
-      [`make_mesh`][eqx_ring.sharding.make_mesh].
+    - `mesh`: a mesh with the axes the rules name, e.g. from [`make_mesh`][eqx_ring.sharding.make_mesh].
+    - `rules`: logical axis name → a mesh axis, a tuple of mesh axes, or `None` (keyword only);
+      default [`DEFAULT_RULES`][eqx_ring.sharding.DEFAULT_RULES].
 
     **Returns:**
 
     A PyTree with the structure of `params`: a `jax.sharding.NamedSharding` on `mesh` for every
     array leaf, `None` for every other leaf.
+
+    **Raises:**
+
+    `ValueError`, naming the array's path, if an array inside a module has no declared logical axes
+    (see [`logical_axes`][eqx_ring.sharding.logical_axes]), if `rules` lack one of its logical axes,
+    or if a rule names an axis the mesh lacks; `TypeError` if a rule is not a mesh axis name, a tuple
+    of them or `None`.
+
+    **Example:**
+
+    ```python
+    import jax
+    from jax.sharding import PartitionSpec as P
+    import eqx_ring
+    from eqx_ring.sharding import DEFAULT_RULES, make_mesh, param_shardings
+
+    mesh = make_mesh(fsdp=2, tp=2, sp=2)
+    ffn = eqx_ring.BlockwiseFFN(32, 64, key=jax.random.key(0))
+    assert param_shardings(ffn, mesh).up_proj.weight.spec == P("tp", "fsdp")  # [hidden, d_model]
+    tp_only = param_shardings(ffn, mesh, rules={**DEFAULT_RULES, "embed": None})
+    assert tp_only.up_proj.weight.spec == P("tp", None)
+    ```
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: None if not eqx.is_array(leaf) else NamedSharding(mesh, _spec(path, leaf, mesh)),
-        params,
-    )
+    entries, treedef = _walk(params)
+    return jax.tree_util.tree_unflatten(treedef, [
+        NamedSharding(mesh, _spec(path, leaf, names, mesh, rules)) if eqx.is_array(leaf) else None
+        for path, leaf, names in entries
+    ])
 
 
-def shard_params(params: PyTree, mesh: Mesh) -> PyTree:
+def shard_params(params: PyTree, mesh: Mesh, *, rules: Mapping[str, _Rule] = DEFAULT_RULES) -> PyTree:
     """Place `params` by [`param_shardings`][eqx_ring.sharding.param_shardings].
 
     This is `eqx.filter_shard`: a `jax.device_put` outside `jit`, a sharding constraint inside it
@@ -183,12 +369,17 @@ def shard_params(params: PyTree, mesh: Mesh) -> PyTree:
 
     - `params`: a PyTree of arrays, e.g. a [`RingTransformer`][eqx_ring.RingTransformer] or its
       optimizer state.
-    - `mesh`: a mesh with the axes `"fsdp"` and `"tp"`, e.g. from
-      [`make_mesh`][eqx_ring.sharding.make_mesh].
+    - `mesh`: a mesh with the axes the rules name, e.g. from [`make_mesh`][eqx_ring.sharding.make_mesh].
+    - `rules`: logical axis name → mesh axes (keyword only); default
+      [`DEFAULT_RULES`][eqx_ring.sharding.DEFAULT_RULES].
 
     **Returns:**
 
     `params` with every array placed (or constrained) by its sharding.
+
+    **Raises:**
+
+    What [`param_shardings`][eqx_ring.sharding.param_shardings] raises.
 
     **Example:**
 
@@ -199,13 +390,13 @@ def shard_params(params: PyTree, mesh: Mesh) -> PyTree:
     from eqx_ring.sharding import make_mesh, shard_params
 
     mesh = make_mesh(tp=2, sp=2)  # dp=1, fsdp=2, tp=2, sp=2 on 8 devices
-    attn = shard_params(eqx_ring.RingAttention(32, 4, mesh=mesh, key=jax.random.key(0)), mesh)
+    attn = shard_params(eqx_ring.RingAttention(32, 4, key=jax.random.key(0)), mesh)
     # Weights are [out, in]: heads split over tp and d_model over fsdp, in both projections.
     assert attn.query_proj.weight.sharding.spec == P("tp", "fsdp")
     assert attn.output_proj.weight.sharding.spec == P("fsdp", "tp")
     ```
     """
-    return eqx.filter_shard(params, param_shardings(params, mesh))
+    return eqx.filter_shard(params, param_shardings(params, mesh, rules=rules))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

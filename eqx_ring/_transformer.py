@@ -2,6 +2,7 @@
 
 import math
 import numbers
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -297,6 +298,11 @@ class RingTransformer(eqx.Module):
     assert jnp.allclose(loss, ref, atol=1e-5)
     ```
     """
+
+    # Logical axes for eqx_ring.sharding (see DEFAULT_RULES); the blocks' layers declare their own.
+    param_axes: ClassVar[dict[str, tuple[str | None, ...]]] = {
+        "embedding.weight": ("vocab", "embed"), "lm_head.weight": ("vocab", "embed"),
+    }
 
     embedding: eqx.nn.Embedding
     blocks: RingTransformerBlock | tuple[RingTransformerBlock, ...]

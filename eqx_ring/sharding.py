@@ -33,8 +33,10 @@ Batches are `[batch, seq]`, already in the model's layout (`eqx_ring.to_layout`)
 from ._sharding import (
     AXES as AXES,
     BATCH_AXES as BATCH_AXES,
+    DEFAULT_RULES as DEFAULT_RULES,
     batch_sharding as batch_sharding,
     initialize_distributed as initialize_distributed,
+    logical_axes as logical_axes,
     make_mesh as make_mesh,
     param_shardings as param_shardings,
     shard_params as shard_params,

@@ -1,6 +1,7 @@
 """`VideoVQ`: a VQ-VAE that turns each video frame into a grid of discrete codes and back."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -74,6 +75,17 @@ class VQOutput(eqx.Module):
 class _Coder(eqx.Module):
     """Per-cell linear in, a residual 3 x 3 convolution over the code grid, ReLU, per-cell linear out."""
 
+    # Logical axes for eqx_ring.sharding (see its DEFAULT_RULES): an FFN with a convolution in the
+    # middle, placed like BlockwiseFFN (hidden channels over tp, the other side over fsdp). Weights
+    # are [out, in] (the convolution's [out, in, height, width]); `out`'s bias, added where the
+    # features are whole, stays whole like the row-parallel biases of the transformer.
+    param_axes: ClassVar[dict[str, tuple[str | None, ...]]] = {
+        "into.weight": ("vq_hidden", "vq_embed"), "into.bias": ("vq_hidden",),
+        "mix.weight": ("vq_hidden", "vq_hidden_in", "vq_window", "vq_window"),
+        "mix.bias": ("vq_hidden", "vq_window", "vq_window"),
+        "out.weight": ("vq_embed", "vq_hidden"), "out.bias": (None,),
+    }
+
     into: eqx.nn.Linear
     mix: eqx.nn.Conv2d
     out: eqx.nn.Linear
@@ -125,6 +137,9 @@ class VideoVQ(eqx.Module):
     assert decoded.shape == video.shape and decoded.dtype == jnp.uint8  # [frames, size, size, 3]
     ```
     """
+
+    # The codebook is an embedding table of codes (for eqx_ring.sharding); the coders declare their own.
+    param_axes: ClassVar[dict[str, tuple[str | None, ...]]] = {"codebook": ("vq_codes", "vq_embed")}
 
     encoder: _Coder
     decoder: _Coder
