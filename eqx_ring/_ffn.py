@@ -11,7 +11,6 @@ from jax import lax
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._attention import linear
 from ._checks import check_array, check_positive_int
 
 ACTIVATIONS = ("swiglu", "gelu")
@@ -37,9 +36,9 @@ class BlockwiseFFN(eqx.Module):
     import jax.numpy as jnp
     import eqx_ring
 
-    ffn = eqx_ring.BlockwiseFFN(16, 64, chunk_size=8, key=jax.random.key(0))
+    ffn = eqx_ring.BlockwiseFFN(16, 64, key=jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (32, 16))  # [seq, d_model]: 4 chunks of 8 tokens
-    assert jnp.allclose(ffn(x), ffn.dense(x), atol=1e-5)
+    assert jnp.allclose(ffn(x, chunk_size=8), ffn.dense(x), atol=1e-5)
     ```
     """
 
@@ -57,7 +56,6 @@ class BlockwiseFFN(eqx.Module):
     d_model: int = eqx.field(static=True)
     hidden_size: int = eqx.field(static=True)
     activation: str = eqx.field(static=True)
-    chunk_size: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -65,7 +63,6 @@ class BlockwiseFFN(eqx.Module):
         hidden_size: int,
         *,
         activation: str = "swiglu",
-        chunk_size: int = 2048,
         use_bias: bool = False,
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
@@ -75,17 +72,13 @@ class BlockwiseFFN(eqx.Module):
         - `d_model`: width of the input and output.
         - `hidden_size`: width of the hidden layer.
         - `activation`: `"swiglu"` or `"gelu"`.
-        - `chunk_size`: tokens per chunk; must divide the sequence length (a longer chunk is
-          shortened to the sequence). Over a mesh each chunk is spread evenly across the
-          sequence's devices, so a device holds `chunk_size / devices` tokens' activations.
         - `use_bias`: whether the projections have biases.
         - `dtype`: parameter dtype; defaults to float32.
         - `key`: a `jax.random.PRNGKey` for the initialisation.
 
         **Raises:**
 
-        `ValueError` if `d_model`, `hidden_size` or `chunk_size` is not a positive int, or if
-        `activation` is unknown.
+        `ValueError` if `d_model` or `hidden_size` is not a positive int, or if `activation` is unknown.
         """
         # Sizes are checked before they size the projections (0 or less fails inside JAX otherwise).
         check_positive_int("d_model", d_model)
@@ -101,12 +94,10 @@ class BlockwiseFFN(eqx.Module):
         self.d_model = d_model
         self.hidden_size = hidden_size
         self.activation = activation
-        self.chunk_size = chunk_size
 
     def __check_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        check_positive_int("chunk_size", self.chunk_size)
 
     def dense(self, x: Float[Array, "tokens {self.d_model}"]) -> Float[Array, "tokens {self.d_model}"]:
         """The plain (unchunked) FFN: what `__call__` computes, with every activation at once.
@@ -124,17 +115,18 @@ class BlockwiseFFN(eqx.Module):
         `ValueError` if `x` is not `[tokens, d_model]`; `TypeError` if it is not floating.
         """
         check_array("x", x, (None, self.d_model), ("tokens", "d_model"))
-        up = linear(self.up_proj, x)
+        up = jax.vmap(self.up_proj)(x)
         if self.gate_proj is None:
             hidden = jax.nn.gelu(up, approximate=False)
         else:
-            hidden = jax.nn.silu(linear(self.gate_proj, x)) * up
-        return linear(self.down_proj, hidden)
+            hidden = jax.nn.silu(jax.vmap(self.gate_proj)(x)) * up
+        return jax.vmap(self.down_proj)(hidden)
 
     def __call__(
         self,
         x: Float[Array, "seq {self.d_model}"],
         *,
+        chunk_size: int = 2048,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
     ) -> Float[Array, "seq {self.d_model}"]:
@@ -143,6 +135,11 @@ class BlockwiseFFN(eqx.Module):
         - `x`: the sequence, `[seq, d_model]`; `seq` must be a multiple of `chunk_size` (or at most
           `chunk_size`). Chunk `i` holds the tokens `i, i + m, i + 2m, ...` where `m` is the number
           of chunks, so a sequence split over a mesh splits every chunk evenly with it.
+        - `chunk_size`: tokens per chunk (default 2048; a longer chunk is shortened to the
+          sequence). Tuning, not a parameter: a [`RingTransformer`][eqx_ring.RingTransformer]
+          passes its [`KernelTuning.ffn_chunk_size`][eqx_ring.KernelTuning]. Over a mesh each chunk
+          is spread evenly across the sequence's devices, so a device holds `chunk_size / devices`
+          tokens' activations.
         - `key`: unused (there is no dropout); accepted for Equinox compatibility.
         - `inference`: unused, likewise.
 
@@ -152,15 +149,16 @@ class BlockwiseFFN(eqx.Module):
 
         **Raises:**
 
-        `ValueError` if `x` is not `[seq, d_model]` (a batch needs `jax.vmap`) or if `chunk_size`
-        does not divide `seq`; `TypeError` if `x` is not floating. (With jaxtyping's import hook on,
+        `ValueError` if `x` is not `[seq, d_model]` (a batch needs `jax.vmap`), if `chunk_size` is
+        not a positive int or does not divide `seq`; `TypeError` if `x` is not floating. (With jaxtyping's import hook on,
         its `TypeCheckError` names a wrong shape or dtype first.)
         """
         del key, inference
         with jax.named_scope("eqx_ring.BlockwiseFFN"):
             check_array("x", x, (None, self.d_model), ("seq", "d_model"))
+            check_positive_int("chunk_size", chunk_size)
             seq, d = x.shape
-            chunk = min(self.chunk_size, seq)
+            chunk = min(chunk_size, seq)
             if seq % chunk:
                 raise ValueError(f"chunk_size={chunk} must divide the sequence length {seq}")
             # Chunk i takes tokens i, i + m, i + 2m, ... (m chunks): the loop runs over an axis that

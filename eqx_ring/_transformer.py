@@ -1,5 +1,6 @@
 """`RingTransformerBlock`, `RingTransformer` and the vocab-chunked cross-entropy."""
 
+import dataclasses
 import math
 import numbers
 from typing import ClassVar
@@ -9,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 
-from ._attention import RingAttention
+from ._attention import RingAttention, check_spec
 from ._ffn import BlockwiseFFN, RMSNorm
 from ._layout import layout_positions, layout_slot, shard_positions
+from ._spec import AttentionSpec, KernelTuning
 
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
@@ -99,8 +100,10 @@ def _positive_int(value, name: str) -> None:
 class RingTransformerBlock(eqx.Module):
     """A pre-norm decoder block: `x + attention(norm(x))`, then `x + ffn(norm(x))`.
 
-    Takes one example, `[seq, d_model]`, in the attention's layout, like
-    [`RingAttention`][eqx_ring.RingAttention]; [`RingTransformer`][eqx_ring.RingTransformer] stacks them.
+    Takes one example, `[seq, d_model]`, in the spec's layout, and the
+    [`AttentionSpec`][eqx_ring.AttentionSpec] to attend with, like
+    [`RingAttention`][eqx_ring.RingAttention]; [`RingTransformer`][eqx_ring.RingTransformer] stacks
+    them and hands each its spec.
     """
 
     attention_norm: RMSNorm
@@ -136,6 +139,7 @@ class RingTransformerBlock(eqx.Module):
         self,
         x: Float[Array, "seq {self.d_model}"],
         *,
+        spec: AttentionSpec | None = None,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
         key: PRNGKeyArray | None = None,
@@ -143,7 +147,9 @@ class RingTransformerBlock(eqx.Module):
     ) -> Float[Array, "seq {self.d_model}"]:
         """**Arguments:**
 
-        - `x`: the sequence, `[seq, d_model]`, in the attention's layout order.
+        - `x`: the sequence, `[seq, d_model]`, in the spec's layout order.
+        - `spec`: the [`AttentionSpec`][eqx_ring.AttentionSpec] (its tuning's `ffn_chunk_size`
+          chunks the FFN); default `None`: `AttentionSpec()`.
         - `positions`: `[seq]` RoPE positions; default `None`: the true position of each slot. See
           [`RingAttention.__call__`][eqx_ring.RingAttention.__call__].
         - `segment_ids`: `[seq]` packed-sequence ids; default `None`: one segment.
@@ -155,12 +161,13 @@ class RingTransformerBlock(eqx.Module):
         The block's output, `[seq, d_model]`, like `x`.
         """
         with jax.named_scope("eqx_ring.RingTransformerBlock"):
-            return self.prefill(x, positions=positions, segment_ids=segment_ids)[0]
+            return self.prefill(x, spec=spec, positions=positions, segment_ids=segment_ids)[0]
 
     def prefill(
         self,
         x: Float[Array, "seq {self.d_model}"],
         *,
+        spec: AttentionSpec | None = None,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq {self.d_model}"], Float[Array, "seq kv_heads head_dim"],
@@ -171,7 +178,8 @@ class RingTransformerBlock(eqx.Module):
 
         **Arguments:**
 
-        - `x`: the sequence, `[seq, d_model]`, in the attention's layout order.
+        - `x`: the sequence, `[seq, d_model]`, in the spec's layout order.
+        - `spec`: the [`AttentionSpec`][eqx_ring.AttentionSpec]; default `None`: `AttentionSpec()`.
         - `positions`: `[seq]` RoPE positions; default `None`: the true position of each slot.
         - `segment_ids`: `[seq]` packed-sequence ids; default `None`: one segment.
 
@@ -180,10 +188,11 @@ class RingTransformerBlock(eqx.Module):
         `(output, keys, values)`: the block's output `[seq, d_model]` and its attention's keys
         (after RoPE) and values, `[seq, kv_heads, head_dim]` each.
         """
-        attended, keys, values = self.attention.prefill(self.attention_norm(x), positions=positions,
+        spec = AttentionSpec() if spec is None else spec
+        attended, keys, values = self.attention.prefill(self.attention_norm(x), spec=spec, positions=positions,
                                                         segment_ids=segment_ids)
         x = x + attended
-        return x + self.ffn(self.ffn_norm(x)), keys, values
+        return x + self.ffn(self.ffn_norm(x), chunk_size=spec.tuning.ffn_chunk_size), keys, values
 
     def decode_step(
         self,
@@ -195,6 +204,7 @@ class RingTransformerBlock(eqx.Module):
         index: Int[Array, ""],
         position: Int[Array, ""],
         segment: Int[Array, ""],
+        spec: AttentionSpec | None = None,
     ) -> tuple[Float[Array, " {self.d_model}"], Float[Array, "cache kv_heads head_dim"],
                Float[Array, "cache kv_heads head_dim"]]:
         """One new token through the block over a KV cache.
@@ -207,22 +217,25 @@ class RingTransformerBlock(eqx.Module):
         - `keys`: this block's cached keys, `[cache, kv_heads, head_dim]`, in layout order.
         - `values`: this block's cached values, `[cache, kv_heads, head_dim]`.
         - `segment_ids`: `[cache]`, the cached tokens' segments.
-        - `index`: scalar int, the token's natural-order index (keyword only, like the two below).
+        - `index`: scalar int, the token's natural-order index (keyword only, like the three below).
         - `position`: scalar int, its RoPE position.
         - `segment`: scalar int, its segment id.
+        - `spec`: the [`AttentionSpec`][eqx_ring.AttentionSpec] the cache was prefilled with;
+          default `None`: `AttentionSpec()`.
 
         **Returns:**
 
         `(output, keys, values)`: the block's output `[d_model]` and the updated cache,
         `[cache, kv_heads, head_dim]` each.
         """
+        spec = check_spec(spec, self.attention.num_heads, self.attention.num_kv_heads, self.attention.head_dim)
         return self._decode_step(self.attention.decode_step, x, keys, values, segment_ids, index=index,
-                                 position=position, segment=segment)
+                                 position=position, segment=segment, spec=spec)
 
-    def _decode_step(self, attend, x, keys, values, segment_ids, *, index, position, segment):
+    def _decode_step(self, attend, x, keys, values, segment_ids, *, index, position, segment, spec):
         """`decode_step` with `attend` as the attention's step (its checked or unchecked one)."""
         attended, keys, values = attend(self.attention_norm(x), keys, values, segment_ids, index=index,
-                                        position=position, segment=segment)
+                                        position=position, segment=segment, spec=spec)
         x = x + attended
         return x + self.ffn(self.ffn_norm(x[None]))[0], keys, values
 
@@ -308,6 +321,7 @@ class RingTransformer(eqx.Module):
     blocks: RingTransformerBlock | tuple[RingTransformerBlock, ...]
     norm: RMSNorm
     lm_head: eqx.nn.Linear | None
+    spec: AttentionSpec = eqx.field(static=True)
     vocab_size: int = eqx.field(static=True)
     d_model: int = eqx.field(static=True)
     num_layers: int = eqx.field(static=True)
@@ -321,23 +335,12 @@ class RingTransformer(eqx.Module):
         num_layers: int,
         num_heads: int,
         *,
+        spec: AttentionSpec | None = None,
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         hidden_size: int | None = None,
         activation: str = "swiglu",
         tie_embeddings: bool = False,
-        causal: bool = True,
-        causal_block_size: int = 1,
-        sliding_window: int | None = None,
-        rope_theta: float | None = 10_000.0,
-        layout: str = "contiguous",
-        query_chunk_size: int = 512,
-        key_chunk_size: int = 512,
-        implementation: str | None = None,
-        ffn_chunk_size: int = 2048,
-        mesh: Mesh | None = None,
-        seq_axis: str = "sp",
-        head_axis: str | None = None,
         scan_layers: bool = True,
         remat_policy: str | None = "nothing_saveable",
         norm_eps: float = 1e-6,
@@ -346,32 +349,22 @@ class RingTransformer(eqx.Module):
     ):
         """**Arguments:**
 
-        Arguments marked "attention" are passed to every [`RingAttention`][eqx_ring.RingAttention]
-        and have its defaults and meaning; those marked "FFN" go to every
-        [`BlockwiseFFN`][eqx_ring.BlockwiseFFN].
+        The model takes its settings once, as `spec`, and its dimensions; the blocks hold only
+        parameters and dimensions, and receive the spec at every call.
 
         - `vocab_size`: number of token ids.
         - `d_model`: width of the residual stream.
         - `num_layers`: number of blocks.
         - `num_heads`: query heads per block.
-        - `num_kv_heads`: attention: key/value heads (GQA); defaults to `num_heads`.
-        - `head_dim`: attention: width of each head; defaults to `d_model // num_heads`.
-        - `hidden_size`: FFN: hidden width; defaults to `4 * d_model`.
-        - `activation`: FFN: `"swiglu"` (default) or `"gelu"`.
+        - `spec`: the [`AttentionSpec`][eqx_ring.AttentionSpec] every block attends with (masks,
+          RoPE, layout, mesh, kernel tuning); default `None`: `AttentionSpec()` (causal, RoPE, one
+          device). Replace it later with [`with_spec`][eqx_ring.RingTransformer.with_spec], or the
+          tuning alone per call (`tuning=`).
+        - `num_kv_heads`: key/value heads (GQA); defaults to `num_heads`.
+        - `head_dim`: width of each head; defaults to `d_model // num_heads`.
+        - `hidden_size`: the FFN's hidden width; defaults to `4 * d_model`.
+        - `activation`: the FFN's activation, `"swiglu"` (default) or `"gelu"`.
         - `tie_embeddings`: use the embedding matrix as the LM head (default `False`).
-        - `causal`: attention: causal mask (default `True`).
-        - `causal_block_size`: attention: tokens per causal block (default 1).
-        - `sliding_window`: attention: window length, or `None` (default) for none.
-        - `rope_theta`: attention: RoPE base (default `10_000.0`), or `None` for no RoPE.
-        - `layout`: attention: the sequence's order on the ring (default `"contiguous"`); inputs
-          must be in it (see [`to_layout`][eqx_ring.to_layout]).
-        - `query_chunk_size`: attention: query block size (default 512).
-        - `key_chunk_size`: attention: key block size (default 512).
-        - `implementation`: attention: the kernel, `"xla"`, `"pallas"` or `None` (default: by backend).
-        - `ffn_chunk_size`: FFN: tokens per chunk (its `chunk_size`, default 2048).
-        - `mesh`: attention: a mesh to run the ring over, or `None` (default) for one device.
-        - `seq_axis`: attention: the mesh axis the sequence is split over (default `"sp"`).
-        - `head_axis`: attention: a mesh axis to split the heads over, or `None` (default).
         - `scan_layers`: stack the blocks and `lax.scan` over them (default `True`).
         - `remat_policy`: a name in `jax.checkpoint_policies` (one of
           `"nothing_saveable"`, `"dots_saveable"`, `"dots_with_no_batch_dims_saveable"`,
@@ -384,10 +377,11 @@ class RingTransformer(eqx.Module):
         **Raises:**
 
         `ValueError` if `vocab_size`, `d_model`, `num_layers`, `num_heads` or `hidden_size` is not
-        a positive int, `norm_eps` is negative or not finite, `rope_theta` is neither `None` nor a
-        finite positive number, `remat_policy` is unknown, or the attention or FFN arguments are
-        invalid (see [`RingAttention`][eqx_ring.RingAttention] and
-        [`BlockwiseFFN`][eqx_ring.BlockwiseFFN]).
+        a positive int, `norm_eps` is negative or not finite, `remat_policy` is unknown, the head
+        sizes are invalid (see [`RingAttention`][eqx_ring.RingAttention]) or do not suit `spec`
+        (RoPE needs an even `head_dim`; `spec.head_axis` must divide `num_kv_heads`), or the FFN
+        arguments are invalid (see [`BlockwiseFFN`][eqx_ring.BlockwiseFFN]); `TypeError` if
+        `spec` is not an `AttentionSpec`.
         """
         # Checked before anything is built: a bad size otherwise fails deep inside the initialisation.
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("num_layers", num_layers),
@@ -397,22 +391,14 @@ class RingTransformer(eqx.Module):
             _positive_int(hidden_size, "hidden_size")
         if not (isinstance(norm_eps, numbers.Real) and 0 <= norm_eps < math.inf):
             raise ValueError(f"norm_eps must be a finite number >= 0, got {norm_eps!r}")
-        if rope_theta is not None and not (isinstance(rope_theta, numbers.Real) and 0 < rope_theta < math.inf):
-            raise ValueError(f"rope_theta must be None or a finite number > 0, got {rope_theta!r}")
         ek, hk, bk = jax.random.split(key, 3)
         hidden_size = 4 * d_model if hidden_size is None else hidden_size
 
         def block(k):
             ak, fk = jax.random.split(k)
-            attention = RingAttention(
-                d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal,
-                causal_block_size=causal_block_size, sliding_window=sliding_window, rope_theta=rope_theta,
-                layout=layout, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
-                implementation=implementation, mesh=mesh, seq_axis=seq_axis, head_axis=head_axis, dtype=dtype,
-                key=ak,
-            )
-            ffn = BlockwiseFFN(d_model, hidden_size, activation=activation, chunk_size=ffn_chunk_size, dtype=dtype,
-                               key=fk)
+            attention = RingAttention(d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+                                      key=ak)
+            ffn = BlockwiseFFN(d_model, hidden_size, activation=activation, dtype=dtype, key=fk)
             return RingTransformerBlock(attention, ffn, norm_eps=norm_eps)
 
         keys = jax.random.split(bk, num_layers)
@@ -421,6 +407,7 @@ class RingTransformer(eqx.Module):
         self.norm = RMSNorm(d_model, eps=norm_eps)
         self.lm_head = None if tie_embeddings else eqx.nn.Linear(d_model, vocab_size, use_bias=False, dtype=dtype,
                                                                  key=hk)
+        self.spec = AttentionSpec() if spec is None else spec
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.num_layers = num_layers
@@ -430,6 +417,39 @@ class RingTransformer(eqx.Module):
     def __check_init__(self):
         if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be None or one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        attention = (self.blocks if self.scan_layers else self.blocks[0]).attention
+        check_spec(self.spec, attention.num_heads, attention.num_kv_heads, attention.head_dim)
+
+    def with_spec(self, spec: AttentionSpec) -> "RingTransformer":
+        """The same model (the same arrays, nothing copied or moved) run with another spec.
+
+        E.g. `model.with_spec(model.spec.replace(mesh=None))` for a one-device copy, or another
+        `layout` or `rope_theta`. A spec changes no parameter, so any spec the head sizes suit works.
+
+        **Arguments:**
+
+        - `spec`: the new [`AttentionSpec`][eqx_ring.AttentionSpec].
+
+        **Returns:** a `RingTransformer` with `spec` and this model's parameters.
+
+        **Raises:** `TypeError` / `ValueError` as the constructor, if `spec` is not an
+        `AttentionSpec` or does not suit the head sizes.
+        """
+        # `spec` is a static field, which eqx.tree_at cannot replace: rebuild the node from its fields, as
+        # Equinox's own unflattening does.
+        new = object.__new__(type(self))
+        for field in dataclasses.fields(self):
+            object.__setattr__(new, field.name, spec if field.name == "spec" else getattr(self, field.name))
+        new.__check_init__()
+        return new
+
+    def _spec(self, tuning: KernelTuning | None) -> AttentionSpec:
+        """The model's spec, with `tuning` in place of its own when one is given."""
+        if tuning is None:
+            return self.spec
+        if not isinstance(tuning, KernelTuning):
+            raise TypeError(f"tuning must be an eqx_ring.KernelTuning or None, got {type(tuning).__name__}")
+        return self.spec.replace(tuning=tuning)
 
     @property
     def head_weight(self) -> Float[Array, "{self.vocab_size} {self.d_model}"]:
@@ -447,17 +467,20 @@ class RingTransformer(eqx.Module):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        tuning: KernelTuning | None = None,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
     ) -> Float[Array, "seq {self.d_model}"]:
         """**Arguments:**
 
-        - `tokens`: `[seq]` token ids, in the attention layout's order (see
+        - `tokens`: `[seq]` token ids, in the spec's layout order (see
           [`to_layout`][eqx_ring.to_layout]). With a mesh, `seq` must split over `seq_axis`.
         - `positions`: `[seq]` RoPE positions, in the same order; default `None`: the true position
           of each slot. See [`RingAttention.__call__`][eqx_ring.RingAttention.__call__].
         - `segment_ids`: `[seq]` packed-sequence ids; tokens attend only within their own id.
           Default `None`: one segment.
+        - `tuning`: a [`KernelTuning`][eqx_ring.KernelTuning] to run this call with instead of
+          `spec.tuning` (chunk sizes, kernel); default `None`: the spec's.
         - `key`: unused (there is no dropout).
         - `inference`: unused, likewise.
 
@@ -479,7 +502,7 @@ class RingTransformer(eqx.Module):
         del key, inference
         with jax.named_scope("eqx_ring.RingTransformer"):
             bad = self._check_inputs(tokens, positions, segment_ids)
-            return self._layers(tokens, positions, segment_ids, with_cache=False, bad=bad)[0]
+            return self._layers(tokens, positions, segment_ids, self._spec(tuning), with_cache=False, bad=bad)[0]
 
     def prefill(
         self,
@@ -488,6 +511,7 @@ class RingTransformer(eqx.Module):
         length: int | Int[Array, ""],
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        tuning: KernelTuning | None = None,
     ) -> tuple[Float[Array, "seq {self.d_model}"], KVCache]:
         """Run a prompt through the model (the ring, on a mesh) and keep every layer's keys and values.
 
@@ -502,6 +526,7 @@ class RingTransformer(eqx.Module):
           of each slot.
         - `segment_ids`: `[seq]` segment ids, as for `__call__`; default `None`: all zeros. Give the
           room after the prompt a segment id of its own, so that the ring skips it.
+        - `tuning`: a [`KernelTuning`][eqx_ring.KernelTuning] for this call, as for `__call__`.
 
         **Returns:**
 
@@ -524,18 +549,18 @@ class RingTransformer(eqx.Module):
         self._check_decodable()
         with jax.named_scope("eqx_ring.RingTransformer.prefill"):
             bad = self._check_inputs(tokens, positions, segment_ids)
-            seq, layout = tokens.shape[0], self._attention_setting("layout")
-            seq_axis = self._attention_setting("seq_axis")
+            spec = self._spec(tuning)
+            seq, layout, seq_axis = tokens.shape[0], spec.layout, spec.seq_axis
             # Inside a caller's shard_map (its manual axes) `tokens` is this device's shard of the sequence.
             inside = seq_axis in jax.sharding.get_abstract_mesh().manual_axes
-            ring = lax.axis_size(seq_axis) if inside else self._ring_size()
+            ring = lax.axis_size(seq_axis) if inside else spec.ring_size
             size = seq * ring if inside else seq
             length = _check_length(length, size)
             if positions is None:
                 positions = (shard_positions(lax.axis_index(seq_axis), seq, layout, ring) if inside
                              else jnp.asarray(layout_positions(seq, layout, ring)))
             segment_ids = jnp.zeros(seq, jnp.int32) if segment_ids is None else segment_ids
-            hidden, keys, values = self._layers(tokens, positions, segment_ids, with_cache=True, bad=bad)
+            hidden, keys, values = self._layers(tokens, positions, segment_ids, spec, with_cache=True, bad=bad)
             last = layout_slot(length - 1, size, layout, ring)
 
             def at_last(a):
@@ -581,13 +606,13 @@ class RingTransformer(eqx.Module):
         removes it).
         """
         self._check_decodable()
-        seq_axis = self._attention_setting("seq_axis")
+        seq_axis = self.spec.seq_axis
         if seq_axis in jax.sharding.get_abstract_mesh().manual_axes:
             # The step computes which slot is the token's from the whole cache's layout, not a shard's.
             raise ValueError(f"decode_step runs in the global view: call it outside a shard_map over "
                              f"seq_axis={seq_axis!r} (with a mesh, the cache stays split over it)")
         with jax.named_scope("eqx_ring.RingTransformer.decode_step"):
-            size, layout, ring = cache.segment_ids.shape[0], self._attention_setting("layout"), self._ring_size()
+            size, layout, ring = cache.segment_ids.shape[0], self.spec.layout, self.spec.ring_size
             token = jnp.asarray(token) if isinstance(token, numbers.Number) else token
             if jnp.ndim(token) != 0:
                 raise ValueError(f"token must be a scalar id (batch with jax.vmap), got shape {jnp.shape(token)}")
@@ -611,7 +636,7 @@ class RingTransformer(eqx.Module):
             def layer(x, block, keys, values):
                 # The index was checked once above, so each layer takes the attention's unchecked step.
                 return block._decode_step(block.attention._decode_step, x, keys, values, cache.segment_ids,
-                                          index=index, position=position, segment=segment)
+                                          index=index, position=position, segment=segment, spec=self.spec)
 
             if self.scan_layers:
                 params, static = eqx.partition(self.blocks, eqx.is_array)
@@ -648,22 +673,14 @@ class RingTransformer(eqx.Module):
                 raise ValueError(f"{name} must be shaped like tokens, {jnp.shape(tokens)}, got {jnp.shape(a)}")
         return check_ids(tokens, self.vocab_size, "tokens")
 
-    def _attention_setting(self, name: str):
-        blocks = self.blocks if self.scan_layers else self.blocks[0]
-        return getattr(blocks.attention, name)
-
-    def _ring_size(self) -> int:
-        mesh = self._attention_setting("mesh")
-        return 1 if mesh is None else mesh.shape[self._attention_setting("seq_axis")]
-
     def _check_decodable(self) -> None:
-        causal, block = self._attention_setting("causal"), self._attention_setting("causal_block_size")
+        causal, block = self.spec.causal, self.spec.causal_block_size
         if not causal or block != 1:
             # With blocks, earlier tokens of a block see later ones: a new token would change them.
             raise ValueError(f"KV-cache decoding needs causal attention with causal_block_size=1, got causal={causal}, "
                              f"causal_block_size={block}")
 
-    def _layers(self, tokens, positions, segment_ids, *, with_cache: bool, bad=None):
+    def _layers(self, tokens, positions, segment_ids, spec: AttentionSpec, *, with_cache: bool, bad=None):
         """The embedding, every block and the final norm; with the blocks' keys and values if `with_cache`.
 
         `bad` marks token ids outside the vocabulary: their embeddings are NaN (see `check_ids`)."""
@@ -672,7 +689,7 @@ class RingTransformer(eqx.Module):
             x = jnp.where(bad[:, None], jnp.nan, x)
 
         def layer(x, block):
-            y, keys, values = block.prefill(x, positions=positions, segment_ids=segment_ids)
+            y, keys, values = block.prefill(x, spec=spec, positions=positions, segment_ids=segment_ids)
             return y, ((keys, values) if with_cache else None)
 
         if self.remat_policy is not None and not with_cache:

@@ -2,6 +2,7 @@
 
 from ._generate import generate as generate, respec as respec
 from ._lm import PRESETS as PRESETS, LMConfig as LMConfig, RingLM as RingLM
+from ._protocol import RingModel as RingModel, ZooModel as ZooModel
 from ._train import (
     Stage as Stage,
     TrainConfig as TrainConfig,

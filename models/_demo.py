@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqx_ring import AttentionSpec, KernelTuning
+
 from ._train import Stage, TrainConfig, plot_metrics, train
 from ._video_lm import VideoTextConfig, VideoTextLM
 from ._vq import VideoVQ, VQConfig, vq_loss
@@ -56,8 +58,8 @@ class DemoConfig:
     restart_every: int = 50
     lm: VideoTextConfig = VideoTextConfig(
         codebook_size=256, num_frames=2, codes_per_frame=64, d_model=128, num_layers=4, num_heads=4,
-        num_kv_heads=2, hidden_size=384, layout="zigzag", query_chunk_size=256, key_chunk_size=256,
-        remat_policy=None,
+        num_kv_heads=2, hidden_size=384, remat_policy=None,
+        attention=AttentionSpec(layout="zigzag", tuning=KernelTuning(query_chunk_size=256, key_chunk_size=256)),
     )
     lm_train: TrainConfig = TrainConfig(stages=(Stage(seq_len=1024, steps=750),), batch_size=8,
                                         learning_rate=3e-3, warmup_steps=50, checkpoint_every=250)
@@ -208,7 +210,7 @@ def train_video_text(config: DemoConfig, records: list[dict[str, Any]], workdir:
                                        seed=config.seed + index, num_epochs=None, process_index=0, process_count=1)
         return global_packed_batches(examples, seq_len=stage.seq_len, batch_size=batch_size,
                                      pad_id=ByteTokenizer.pad_id, rows=process_rows(mesh, batch_size),
-                                     layout=config.lm.layout, ring_size=ring, vocab_size=config.lm.vocab_size)
+                                     layout=config.lm.attention.layout, ring_size=ring, vocab_size=config.lm.vocab_size)
 
     result = train(lm, lambda m, b: m.loss(b, spmd_axis_name=BATCH_AXES), batches, config.lm_train,
                    workdir=workdir / "lm", mesh=mesh, progress=progress, after_step=after_step,

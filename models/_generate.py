@@ -1,6 +1,5 @@
 """Generation for the zoo's models (ring prefill, KV-cached decoding), and `respec` to move weights between builds."""
 
-import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -14,61 +13,46 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, ArrayLike, Bool, Int, PRNGKeyArray
 
-from eqx_ring import RingAttention, layout_slot, to_layout
+from eqx_ring import KernelTuning, layout_slot, to_layout
 from eqx_ring.sharding import BATCH_AXES
 
-_KEEP: Any = object()
+from ._protocol import _KEEP, RingModel
 
 
-def _attention_of(model: eqx.Module) -> RingAttention:
-    """The model's first `RingAttention`: where its mesh, layout and ring live."""
-    return next(x for x in jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, RingAttention))
-                if isinstance(x, RingAttention))
-
-
-def _ring(attention: RingAttention) -> int:
-    return 1 if attention.mesh is None else attention.mesh.shape[attention.seq_axis]
-
-
-def respec(model: eqx.Module, *, mesh: Mesh | None = _KEEP, head_axis: str | None = _KEEP, **changes: Any):
+def respec(model: RingModel, *, mesh: Mesh | None = _KEEP, head_axis: str | None = _KEEP, **changes: Any):
     """The same weights in a model rebuilt with another `mesh`, `head_axis` or config `changes`.
 
-    For settings that live in static fields and change no array shape: e.g. a single-device copy
-    for decoding (`respec(model, mesh=None)`), another `layout`, or a new `rope_theta` for a
-    context-extension stage (as [`train`][models.train] does). The model must have a dataclass
-    `config` and a `(config, *, mesh, head_axis, key)` constructor, as [`RingLM`][models.RingLM]
-    and [`VideoTextLM`][models.VideoTextLM] do. The new model is built shape-only
+    For settings that change no array shape: e.g. a single-device copy for decoding
+    (`respec(model, mesh=None)`), another `layout`, or a new `rope_theta` for a context-extension
+    stage (as [`train`][models.train] does). This is
+    [`RingModel.respec`][models.RingModel.respec]: the new model is built shape-only
     (`eqx.filter_eval_shape`) and takes the old model's arrays as they are: nothing is copied,
-    initialised or moved between devices.
+    initialised or moved between devices. (To change only the kernel tuning, pass `tuning=` to the
+    call instead: no rebuild.)
 
     **Arguments:**
 
-    - `model`: the model whose weights to keep.
+    - `model`: a [`RingModel`][models.RingModel] ([`RingLM`][models.RingLM],
+      [`VideoTextLM`][models.VideoTextLM]) whose weights to keep.
     - `mesh`: the mesh the rebuilt model runs its ring on, or `None` for one device; defaults to
       the model's own.
     - `head_axis`: the mesh axis to split the heads over, or `None`; defaults to the model's own, or to
       `None` when `mesh=None` is given (one device has no axis to split over).
-    - `**changes`: fields of `model.config` to replace (`dataclasses.replace`).
+    - `**changes`: fields of `model.config` or of its `attention` spec to replace (e.g. `layout=`,
+      `rope_theta=`, `num_layers=`).
 
     **Returns:** a model of the same class with the new config and settings and the same arrays.
 
-    **Raises:** `ValueError` if the changes alter the shapes (or dtypes) of the weights.
+    **Raises:** `ValueError` if the changes alter the shapes (or dtypes) of the weights; `TypeError`
+    if `model` is not a `RingModel` or a change names no field.
     """
-    attention = _attention_of(model)
-    mesh = attention.mesh if mesh is _KEEP else mesh
-    if head_axis is _KEEP:
-        head_axis = None if mesh is None else attention.head_axis
-    config = dataclasses.replace(model.config, **changes)
-    skeleton = eqx.filter_eval_shape(lambda: type(model)(config, mesh=mesh, head_axis=head_axis,
-                                                          key=jax.random.key(0)))
-    new, old = jax.tree.leaves(skeleton), jax.tree.leaves(model)
-    if [(x.shape, x.dtype) for x in new] != [(x.shape, x.dtype) for x in old]:
-        raise ValueError(f"config changes {changes} change the shapes of the weights; respec only moves them")
-    return jax.tree.unflatten(jax.tree.structure(skeleton), old)
+    if not isinstance(model, RingModel):
+        raise TypeError(f"model must be a models.RingModel (e.g. RingLM, VideoTextLM), got {type(model).__name__}")
+    return model.respec(mesh=mesh, head_axis=head_axis, **changes)
 
 
 def generate(
-    model: eqx.Module,
+    model: RingModel,
     prompts: Sequence[Int[ArrayLike, " _prompt"]],
     max_new_tokens: int,
     *,
@@ -92,7 +76,7 @@ def generate(
 
     **Arguments:**
 
-    - `model`: a zoo model with a `config` and a `transformer` ([`RingLM`][models.RingLM],
+    - `model`: a [`RingModel`][models.RingModel] ([`RingLM`][models.RingLM],
       [`VideoTextLM`][models.VideoTextLM]); its attention must be causal with `causal_block_size=1`.
     - `prompts`: token ids, each `[_prompt]` in natural order; they may differ in length (each is
       left-padded in a segment of its own that it never attends to, and its positions start at 0
@@ -146,8 +130,9 @@ def generate(
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-    config = model.config
-    vocab = config.vocab_size
+    if not isinstance(model, RingModel):
+        raise TypeError(f"model must be a models.RingModel (e.g. RingLM, VideoTextLM), got {type(model).__name__}")
+    vocab = model.config.vocab_size
     prompts = [np.asarray(p) for p in prompts]
     if not prompts:
         raise ValueError("prompts must hold at least one prompt, got none")
@@ -169,16 +154,17 @@ def generate(
     if empty.size:
         raise ValueError(f"allowed must allow a token at every step that chooses one (forced -1), "
                          f"got none at step {empty[0]}")
-    attention = _attention_of(model)
-    layout, ring = attention.layout, _ring(attention)
-    data_axes = () if attention.mesh is None else tuple(a for a in BATCH_AXES if a in attention.mesh.axis_names)
+    spec = model.spec
+    layout, ring, mesh = spec.layout, spec.ring_size, spec.mesh
+    data_axes = () if mesh is None else tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     # Rows are split over the data axes (each shard decodes its own); pad the batch to divide them.
-    shards = 1 if attention.mesh is None else math.prod(attention.mesh.shape[a] for a in data_axes)
+    shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in data_axes)
     rows = len(prompts)
     prompts = list(prompts) + [prompts[-1]] * (-rows % shards)
     width = max(len(p) for p in prompts)
-    size, chunk = _cache_size(width + max_new_tokens, layout, ring, min(config.query_chunk_size,
-                                                                        config.key_chunk_size))
+    tuning = spec.tuning
+    size, chunk = _cache_size(width + max_new_tokens, layout, ring, min(tuning.query_chunk_size,
+                                                                        tuning.key_chunk_size))
     # Natural order: left padding (segment 0), the prompt (1), room for the new tokens (2).
     tokens = np.zeros((len(prompts), size), np.int32)
     segments = np.full((len(prompts), size), 2, np.int32)
@@ -188,17 +174,17 @@ def generate(
         segments[row, width - len(prompt) : width] = 1
     positions = np.arange(size)[None] - (segments == 0).sum(1, keepdims=True)
     laid = [to_layout(a, layout, ring, axis=1) for a in (tokens, positions.astype(np.int32), segments)]
-    model = respec(model, query_chunk_size=chunk, key_chunk_size=chunk,
-                   ffn_chunk_size=math.gcd(size, config.ffn_chunk_size))
+    tuning = KernelTuning(query_chunk_size=chunk, key_chunk_size=chunk,
+                          ffn_chunk_size=math.gcd(size, tuning.ffn_chunk_size), implementation=tuning.implementation)
     stops = stops.astype(np.int32) if stops.size else np.full(1, -1, np.int32)
     key = jax.random.key(0) if key is None else key
     last = int(layout_slot(width - 1, size, layout, ring))  # the slot of the prompts' last token
     out = _generate(model.transformer, *(jnp.asarray(a) for a in laid), width, last, jnp.asarray(allowed),
                     jnp.asarray(forced, jnp.int32), jnp.asarray(stops), temperature, top_k, top_p, key,
-                    data_axes if shards > 1 else None)
-    if attention.mesh is not None:
+                    data_axes if shards > 1 else None, tuning)
+    if mesh is not None:
         # Every process gets every row (rows were split over devices that may be other processes').
-        out = jax.device_put(out, NamedSharding(attention.mesh, P()))
+        out = jax.device_put(out, NamedSharding(mesh, P()))
     return out[:rows]
 
 
@@ -246,10 +232,12 @@ def _cache_size(need: int, layout: str, ring: int, chunk: int) -> tuple[int, int
 
 @eqx.filter_jit
 def _generate(transformer, tokens, positions, segments, width: int, last_slot: int, allowed, forced, stops,
-              temperature: float, top_k: int | None, top_p: float | None, key, data_axes: tuple[str, ...] | None):
+              temperature: float, top_k: int | None, top_p: float | None, key, data_axes: tuple[str, ...] | None,
+              tuning: KernelTuning):
     steps = forced.shape[0]
     vmap = partial(jax.vmap, spmd_axis_name=data_axes) if data_axes else jax.vmap
-    hidden, cache = vmap(lambda t, p, s: transformer.prefill(t, length=width, positions=p, segment_ids=s))(
+    hidden, cache = vmap(lambda t, p, s: transformer.prefill(t, length=width, positions=p, segment_ids=s,
+                                                         tuning=tuning))(
         tokens, positions, segments)
     last = hidden[:, last_slot]
     step = vmap(transformer.decode_step)

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from eqx_ring import RingTransformer, chunked_cross_entropy
+from eqx_ring import AttentionSpec, RingTransformer, chunked_cross_entropy
+
+from ._protocol import RingModel
 
 WHOLE_BATCH = "whole_batch"
 """The key under which [`make_train_step`][models.make_train_step] hands each microbatch the whole batch."""
-
-LAYOUTS = ("contiguous", "zigzag", "striped")
 
 
 def require_int(config: Any, name: str, minimum: int = 1, *, optional: bool = False) -> None:
@@ -50,25 +50,48 @@ def require_float(config: Any, name: str, *, low: float, high: float | None = No
 
 def check_transformer_fields(config: Any) -> None:
     """The checks shared by [`LMConfig`][models.LMConfig] and [`VideoTextConfig`][models.VideoTextConfig]:
-    the fields they pass to [`RingTransformer`][eqx_ring.RingTransformer]."""
+    the dimensions they give [`RingTransformer`][eqx_ring.RingTransformer], and their `attention` spec (a
+    mapping of its fields, as JSON gives it back, becomes an `AttentionSpec`)."""
     owner = type(config).__name__
-    for name in ("d_model", "num_layers", "num_heads", "causal_block_size", "query_chunk_size", "key_chunk_size",
-                 "ffn_chunk_size"):
+    for name in ("d_model", "num_layers", "num_heads"):
         require_int(config, name)
     require_int(config, "num_kv_heads", optional=True)
     require_int(config, "hidden_size", optional=True)
-    require_float(config, "rope_theta", low=0.0, open_low=True)
     if config.d_model % config.num_heads:
         raise ValueError(f"{owner}.num_heads must divide d_model={config.d_model}, got {config.num_heads}")
     if config.num_kv_heads is not None and config.num_heads % config.num_kv_heads:
         raise ValueError(f"{owner}.num_kv_heads must divide num_heads={config.num_heads}, got {config.num_kv_heads}")
-    if config.layout not in LAYOUTS:
-        raise ValueError(f"{owner}.layout must be one of {LAYOUTS}, got {config.layout!r}")
     policy = config.remat_policy
     if policy is not None and not (isinstance(policy, str) and callable(getattr(jax.checkpoint_policies, policy,
                                                                                    None))):
         raise ValueError(f"{owner}.remat_policy must be None or a name in jax.checkpoint_policies (e.g. "
                          f"'nothing_saveable', 'dots_saveable'), got {policy!r}")
+    attention = config.attention
+    if isinstance(attention, Mapping):
+        try:
+            attention = AttentionSpec(**attention)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{owner}.attention: {error}") from None
+        object.__setattr__(config, "attention", attention)
+    if not isinstance(attention, AttentionSpec):
+        raise ValueError(f"{owner}.attention must be an eqx_ring.AttentionSpec, got {type(attention).__name__}")
+    if attention.mesh is not None or attention.head_axis is not None:
+        raise ValueError(f"{owner}.attention must not hold a placement (mesh={attention.mesh}, head_axis="
+                         f"{attention.head_axis!r}): a config is what is saved; pass mesh= and head_axis= to the model")
+    if attention.rope_theta is not None and (config.d_model // config.num_heads) % 2:
+        raise ValueError(f"{owner}.attention.rope_theta={attention.rope_theta} needs an even head size, got "
+                         f"d_model // num_heads = {config.d_model // config.num_heads}")
+
+
+def build_transformer(config: Any, *, mesh: Mesh | None, head_axis: str | None, tie_embeddings: bool,
+                      key: PRNGKeyArray) -> RingTransformer:
+    """The [`RingTransformer`][eqx_ring.RingTransformer] of a config checked by `check_transformer_fields`, its
+    spec the config's `attention` placed on `mesh` (heads over `head_axis`)."""
+    c = config
+    spec = c.attention.replace(mesh=mesh, head_axis=head_axis)
+    return RingTransformer(c.vocab_size, c.d_model, c.num_layers, c.num_heads, spec=spec, num_kv_heads=c.num_kv_heads,
+                           hidden_size=c.hidden_size, tie_embeddings=tie_embeddings, remat_policy=c.remat_policy,
+                           key=key)
 
 
 def token_count(batch: Mapping[str, Any], count: Callable[[Mapping[str, Any]], Array]) -> Array:
@@ -85,10 +108,10 @@ def token_count(batch: Mapping[str, Any], count: Callable[[Mapping[str, Any]], A
 class LMConfig:
     """Hyperparameters of a [`RingLM`][models.RingLM]; JSON-serialisable (`dataclasses.asdict`).
 
-    Every field is passed to the [`RingTransformer`][eqx_ring.RingTransformer] the model builds (its
-    other settings keep their defaults: e.g. stacked, scanned layers, SwiGLU, causal attention over
-    the mesh axis `"sp"`). Named sizes are in [`PRESETS`][models.PRESETS]; get one with
-    [`preset`][models.LMConfig.preset].
+    The dimensions are passed to the [`RingTransformer`][eqx_ring.RingTransformer] the model builds
+    (its other settings keep their defaults: stacked, scanned layers, SwiGLU), and `attention` is its
+    [`AttentionSpec`][eqx_ring.AttentionSpec] once the model adds its mesh. Named sizes are in
+    [`PRESETS`][models.PRESETS]; get one with [`preset`][models.LMConfig.preset].
 
     **Arguments:**
 
@@ -99,21 +122,19 @@ class LMConfig:
     - `num_heads`: query heads; must divide `d_model`.
     - `num_kv_heads`: key/value heads (GQA/MQA); must divide `num_heads`. `None`: `num_heads`.
     - `hidden_size`: width of the SwiGLU feed-forward layer. `None`: `4 * d_model`.
-    - `rope_theta`: the RoPE base.
-    - `causal_block_size`: 1 for token-causal attention; `b > 1` lets every token see its whole
-      block of `b` tokens (block-causal). KV-cached decoding ([`generate`][models.generate]) needs 1.
     - `tie_embeddings`: use the embedding matrix as the LM head.
-    - `layout`: the order of the sequence on the ring: `"contiguous"`, `"zigzag"` or `"striped"`
-      (see [`to_layout`][eqx_ring.to_layout]); batches must be laid out to match.
-    - `query_chunk_size`, `key_chunk_size`: the attention kernel's block sizes.
-    - `ffn_chunk_size`: tokens per chunk of the blockwise feed-forward layer.
     - `remat_policy`: a name in `jax.checkpoint_policies` each block is rematerialised with
       (e.g. `"nothing_saveable"`, `"dots_saveable"`), or `None` for no rematerialisation.
+    - `attention`: the [`AttentionSpec`][eqx_ring.AttentionSpec] without placement (no mesh or
+      head axis: the model's constructor adds those): masks (KV-cached decoding with
+      [`generate`][models.generate] needs `causal_block_size=1`), `rope_theta`, the ring `layout`
+      (batches must be laid out to match) and the kernel `tuning`. A mapping of its fields (as
+      JSON gives it back) is converted. Default: `AttentionSpec()`.
 
-    **Raises:** `ValueError`, naming the field and its value, for a size, head count or chunk size
-    that is not a positive int, `num_heads` not dividing `d_model`, `num_kv_heads` not dividing
-    `num_heads`, a `rope_theta` that is not a finite float > 0, an unknown `layout` or
-    `remat_policy`, or a `tie_embeddings` that is not a bool.
+    **Raises:** `ValueError`, naming the field and its value, for a size or head count that is not a
+    positive int, `num_heads` not dividing `d_model`, `num_kv_heads` not dividing `num_heads`, an
+    unknown `remat_policy`, a `tie_embeddings` that is not a bool, or an `attention` that is not a
+    valid spec, holds a mesh or head axis, or has RoPE over an odd head size.
     """
 
     vocab_size: int = 263
@@ -122,14 +143,9 @@ class LMConfig:
     num_heads: int = 4
     num_kv_heads: int | None = None
     hidden_size: int | None = None
-    rope_theta: float = 10_000.0
-    causal_block_size: int = 1
     tie_embeddings: bool = False
-    layout: str = "contiguous"
-    query_chunk_size: int = 512
-    key_chunk_size: int = 512
-    ffn_chunk_size: int = 2048
     remat_policy: str | None = "nothing_saveable"
+    attention: AttentionSpec = AttentionSpec()
 
     def __post_init__(self):
         require_int(self, "vocab_size")
@@ -147,7 +163,8 @@ class LMConfig:
         **Arguments:**
 
         - `name`: a key of [`PRESETS`][models.PRESETS]: `"tiny"`, `"small"`, `"1b"` or `"7b"`.
-        - `**overrides`: fields to replace, e.g. `vocab_size=32_000` or `layout="zigzag"`.
+        - `**overrides`: fields to replace, e.g. `vocab_size=32_000` or
+          `attention=AttentionSpec(layout="zigzag")`.
 
         **Returns:** a new `LMConfig`.
 
@@ -189,7 +206,7 @@ the real tokenizer's.
 """
 
 
-class RingLM(eqx.Module):
+class RingLM(RingModel):
     """A LLaMA-style decoder-only language model: a [`RingTransformer`][eqx_ring.RingTransformer] built
     from an [`LMConfig`][models.LMConfig].
 
@@ -198,7 +215,7 @@ class RingLM(eqx.Module):
     `loss` is the mean next-token cross-entropy of a batch, never building the logits. Generate
     text with [`generate`][models.generate]; save and load with [`save`][models.save] /
     [`load`][models.load]. On a mesh, the sequence is split over its `"sp"` axis and must be in
-    the config's `layout` order.
+    the config's `attention.layout` order.
 
     **Example:**
 
@@ -226,19 +243,13 @@ class RingLM(eqx.Module):
 
         - `config`: the [`LMConfig`][models.LMConfig].
         - `mesh`: a mesh with an `"sp"` axis to run the ring attention over, or `None` (the default)
-          for one device. The weights are not placed on it: use
+          for one device: the model's spec is `config.attention.replace(mesh=mesh, head_axis=head_axis)`. The weights are not placed on it: use
           [`shard_params`][eqx_ring.sharding.shard_params].
         - `head_axis`: a mesh axis to split the attention heads over (tensor parallelism), or `None`.
         - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only argument.)
         """
-        c = config
-        self.transformer = RingTransformer(
-            c.vocab_size, c.d_model, c.num_layers, c.num_heads, num_kv_heads=c.num_kv_heads,
-            hidden_size=c.hidden_size, rope_theta=c.rope_theta, causal_block_size=c.causal_block_size,
-            tie_embeddings=c.tie_embeddings, layout=c.layout, query_chunk_size=c.query_chunk_size,
-            key_chunk_size=c.key_chunk_size, ffn_chunk_size=c.ffn_chunk_size, remat_policy=c.remat_policy,
-            mesh=mesh, head_axis=head_axis, key=key,
-        )
+        self.transformer = build_transformer(config, mesh=mesh, head_axis=head_axis,
+                                             tie_embeddings=config.tie_embeddings, key=key)
         self.config = config
 
     def __call__(

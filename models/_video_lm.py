@@ -10,10 +10,11 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from eqx_ring import RingTransformer, chunked_cross_entropy
+from eqx_ring import AttentionSpec, RingTransformer, chunked_cross_entropy
 
 from ._generate import generate
-from ._lm import batch_hidden, check_transformer_fields, require_float, require_int, token_count
+from ._lm import batch_hidden, build_transformer, check_transformer_fields, require_float, require_int, token_count
+from ._protocol import RingModel
 
 
 @runtime_checkable
@@ -46,19 +47,19 @@ class VideoTextConfig:
       [`VideoVQ`][models.VideoVQ]'s).
     - `num_frames`: frames per video.
     - `codes_per_frame`: codes per frame (a `VideoVQ`'s `grid ** 2`).
-    - `d_model`, `num_layers`, `num_heads`, `num_kv_heads`, `hidden_size`, `rope_theta`,
-      `causal_block_size`, `layout`, `query_chunk_size`, `key_chunk_size`, `ffn_chunk_size`,
-      `remat_policy`: the [`RingTransformer`][eqx_ring.RingTransformer], as in
+    - `d_model`, `num_layers`, `num_heads`, `num_kv_heads`, `hidden_size`, `remat_policy`,
+      `attention`: the [`RingTransformer`][eqx_ring.RingTransformer], as in
       [`LMConfig`][models.LMConfig] (`num_kv_heads=None`: `num_heads`; `hidden_size=None`:
-      `4 * d_model`). [`caption`][models.VideoTextLM.caption] and
-      [`generate_video`][models.VideoTextLM.generate_video] need `causal_block_size=1`.
+      `4 * d_model`; `attention`: an [`AttentionSpec`][eqx_ring.AttentionSpec] without placement).
+      [`caption`][models.VideoTextLM.caption] and
+      [`generate_video`][models.VideoTextLM.generate_video] need `attention.causal_block_size=1`.
     - `text_loss_weight`: the weight of the text loss in [`loss`][models.VideoTextLM.loss], in
       `[0, 1]`; the vision loss gets `1 - text_loss_weight`.
 
     **Raises:** `ValueError`, naming the field and its value, for a vocabulary, codebook, frame or
-    code count, size, head count or chunk size that is not a positive int, `num_heads` not dividing
-    `d_model`, `num_kv_heads` not dividing `num_heads`, a `rope_theta` that is not a finite
-    float > 0, an unknown `layout` or `remat_policy`, or a `text_loss_weight` outside `[0, 1]`.
+    code count, size or head count that is not a positive int, `num_heads` not dividing `d_model`,
+    `num_kv_heads` not dividing `num_heads`, an unknown `remat_policy`, an `attention` that is not a
+    valid spec or holds a placement, or a `text_loss_weight` outside `[0, 1]`.
     """
 
     text_vocab_size: int = 263
@@ -70,13 +71,8 @@ class VideoTextConfig:
     num_heads: int = 4
     num_kv_heads: int | None = 2
     hidden_size: int | None = 384
-    rope_theta: float = 10_000.0
-    causal_block_size: int = 1
-    layout: str = "contiguous"
-    query_chunk_size: int = 512
-    key_chunk_size: int = 512
-    ffn_chunk_size: int = 2048
     remat_policy: str | None = "nothing_saveable"
+    attention: AttentionSpec = AttentionSpec()
     text_loss_weight: float = 0.5
 
     def __post_init__(self):
@@ -102,7 +98,7 @@ class VideoTextConfig:
         return self.num_frames * (self.codes_per_frame + 1) + 2
 
 
-class VideoTextLM(eqx.Module):
+class VideoTextLM(RingModel):
     """A video-language model in the Large World Model recipe, on [`RingTransformer`][eqx_ring.RingTransformer].
 
     Text and vision share one token sequence (the LWM layout of `data_pipelines.lwm_sequence`):
@@ -138,13 +134,7 @@ class VideoTextLM(eqx.Module):
         - `head_axis`: a mesh axis to split the attention heads over (tensor parallelism), or `None`.
         - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only argument.)
         """
-        c = config
-        self.transformer = RingTransformer(
-            c.vocab_size, c.d_model, c.num_layers, c.num_heads, num_kv_heads=c.num_kv_heads,
-            hidden_size=c.hidden_size, rope_theta=c.rope_theta, causal_block_size=c.causal_block_size,
-            layout=c.layout, query_chunk_size=c.query_chunk_size, key_chunk_size=c.key_chunk_size,
-            ffn_chunk_size=c.ffn_chunk_size, remat_policy=c.remat_policy, mesh=mesh, head_axis=head_axis, key=key,
-        )
+        self.transformer = build_transformer(config, mesh=mesh, head_axis=head_axis, tie_embeddings=False, key=key)
         self.config = config
 
     def __call__(

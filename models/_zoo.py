@@ -11,13 +11,18 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from eqx_ring import AttentionSpec
+
 from ._lm import LMConfig, RingLM
 from ._video_lm import VideoTextConfig, VideoTextLM
 from ._vq import VideoVQ, VQConfig
 
-FORMAT = "eqx-ring-zoo/2"
+FORMAT = "eqx-ring-zoo/3"
 # Format 1 hashed the weights only; its files still load, with a warning that the JSON is unchecked.
-_OLD_FORMATS = ("eqx-ring-zoo/1",)
+_OLD_FORMATS = ("eqx-ring-zoo/1", "eqx-ring-zoo/2")
+# Formats 1 and 2 kept the attention settings as flat config fields; format 3 nests them in `attention`.
+_FLAT_ATTENTION = {"rope_theta": (), "causal_block_size": (), "layout": (), "query_chunk_size": ("tuning",),
+                   "key_chunk_size": ("tuning",), "ffn_chunk_size": ("tuning",)}
 
 REGISTRY: dict[str, tuple[type, Callable[..., Any]]] = {
     "RingLM": (RingLM, LMConfig),
@@ -111,7 +116,7 @@ def _write(base: str, weights: str, model: eqx.Module) -> None:
         "format": FORMAT,
         "class": type(model).__name__,
         # Through JSON once, so that the hash is of exactly what `load` reads back (tuples become lists).
-        "config": json.loads(json.dumps(dataclasses.asdict(model.config))),
+        "config": json.loads(json.dumps(_config_fields(model.config))),
         "weights": os.path.basename(weights),
         "sha256": _sha256(weights),
     }
@@ -154,7 +159,7 @@ def load(path: str | os.PathLike, **build_kwargs: Any) -> eqx.Module:
     missing = sorted({"class", "config", "weights", "sha256"} - set(meta))
     if missing:
         raise ValueError(f"{base}.json is not a complete zoo file: it lacks {missing}")
-    if meta["format"] == FORMAT:
+    if meta["format"] != "eqx-ring-zoo/1":  # from format 2 on, hash the JSON too
         actual = _json_sha256(meta)
         if actual != meta.get("json_sha256"):
             raise ZooIntegrityError(
@@ -175,6 +180,26 @@ def load(path: str | os.PathLike, **build_kwargs: Any) -> eqx.Module:
             "corrupted; refusing to load it"
         )
     cls, config_cls = REGISTRY[meta["class"]]
-    config = config_cls(**meta["config"])
+    fields = meta["config"] if meta["format"] == FORMAT else _nest_attention(meta["config"])
+    config = config_cls(**fields)
     skeleton = eqx.filter_eval_shape(lambda: cls(config, key=jax.random.key(0), **build_kwargs))
     return eqx.tree_deserialise_leaves(weights, skeleton)
+
+
+def _nest_attention(config: dict[str, Any]) -> dict[str, Any]:
+    """A format-1/2 config's flat attention fields moved into its `attention` spec (format 3)."""
+    flat = {k: config[k] for k in _FLAT_ATTENTION if k in config}
+    if not flat:
+        return config
+    attention: dict[str, Any] = {"tuning": {}}
+    for name, value in flat.items():
+        (attention["tuning"] if _FLAT_ATTENTION[name] else attention)[name] = value
+    return {**{k: v for k, v in config.items() if k not in flat}, "attention": attention}
+
+
+def _config_fields(config: Any) -> dict[str, Any]:
+    """`config` as a dict of its fields, an attention spec's without its placement (which is not saved)."""
+    fields = dataclasses.asdict(config)
+    if isinstance(getattr(config, "attention", None), AttentionSpec):
+        fields["attention"] = config.attention.to_dict()
+    return fields

@@ -1,0 +1,188 @@
+"""`AttentionSpec` and `KernelTuning`: the settings a model owns once and hands to every layer."""
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+from ._checks import check_positive_int, is_positive_int
+from ._layout import LAYOUTS
+from ._ring import IMPLEMENTATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTuning:
+    """How the kernels tile the work: block sizes and which attention kernel runs.
+
+    None of it changes a result beyond float rounding, nor any parameter, so it can be chosen per
+    call ([`RingTransformer.__call__`][eqx_ring.RingTransformer.__call__]'s `tuning=`) without
+    rebuilding the model: under `jit` it is static, so a new tuning compiles a new program.
+
+    **Arguments:**
+
+    - `query_chunk_size`: the attention kernel's query block size (default 512).
+    - `key_chunk_size`: the attention kernel's key block size (default 512).
+    - `ffn_chunk_size`: tokens per chunk of the [`BlockwiseFFN`][eqx_ring.BlockwiseFFN] (default 2048).
+    - `implementation`: the attention kernel: `"xla"`, `"pallas"` (fused, for GPUs) or `None`
+      (default: the fused kernel on a GPU when the shapes suit it); see
+      [`blockwise_attention`][eqx_ring.blockwise_attention].
+
+    **Raises:** `ValueError` if a chunk size is not a positive int or `implementation` is unknown.
+    """
+
+    query_chunk_size: int = 512
+    key_chunk_size: int = 512
+    ffn_chunk_size: int = 2048
+    implementation: str | None = None
+
+    def __post_init__(self):
+        for name in ("query_chunk_size", "key_chunk_size", "ffn_chunk_size"):
+            check_positive_int(name, getattr(self, name))
+        if self.implementation not in (None, *IMPLEMENTATIONS):
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {self.implementation!r}")
+
+
+# Placement: where a model runs, not what it is; zoo files and configs do not save it.
+_PLACEMENT = ("mesh", "head_axis")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Everything every attention layer of a model shares: masks, RoPE, the ring's layout and mesh, kernel tuning.
+
+    Frozen and hashable, so it is a static part of a model under `jit`. A
+    [`RingTransformer`][eqx_ring.RingTransformer] owns one and hands it to each of its layers at
+    call time; the layers hold only their parameters and dimensions. Change it with
+    [`replace`][eqx_ring.AttentionSpec.replace] and
+    [`RingTransformer.with_spec`][eqx_ring.RingTransformer.with_spec].
+
+    **Arguments:**
+
+    - `causal`: causal mask (default `True`), as in
+      [`dot_product_attention`][eqx_ring.dot_product_attention].
+    - `causal_block_size`: tokens per causal block (default 1: ordinary causal attention); needs `causal`.
+    - `sliding_window`: attend only to the last `sliding_window` tokens (itself included); default
+      `None`: no window.
+    - `rope_theta`: RoPE base (default `10_000.0`), or `None` for no rotary embedding.
+    - `layout`: the order of the sequence on the ring: `"contiguous"` (default), `"zigzag"` or
+      `"striped"`; inputs must be in it (see [`to_layout`][eqx_ring.to_layout]).
+    - `mesh`: a mesh to run the ring over, or `None` (default) for one device.
+    - `seq_axis`: the mesh axis the sequence is split over (default `"sp"`).
+    - `head_axis`: a mesh axis to split the heads over (tensor parallelism), or `None` (default);
+      needs a `mesh`.
+    - `tuning`: the [`KernelTuning`][eqx_ring.KernelTuning] (default: its defaults); a mapping of
+      its fields is converted.
+
+    **Raises:** `ValueError` if `causal_block_size` or `sliding_window` is not a positive int (or
+    `None` for the window), if `causal_block_size != 1` without `causal`, if `rope_theta` is not a
+    positive finite number or `None`, if `layout` is unknown, if `head_axis` is given without a
+    `mesh`, or if `seq_axis` / `head_axis` is not an axis of `mesh`; `TypeError` if `causal` is
+    not a bool, `mesh` not a `jax.sharding.Mesh` or `tuning` not a `KernelTuning`.
+
+    **Example:**
+
+    ```python
+    import eqx_ring
+    from eqx_ring.sharding import make_mesh
+
+    spec = eqx_ring.AttentionSpec(layout="zigzag", mesh=make_mesh(sp=4))
+    assert spec.ring_size == 4 and eqx_ring.AttentionSpec().ring_size == 1
+    assert spec.replace(mesh=None).to_dict() == spec.to_dict()  # placement is not saved
+    assert eqx_ring.AttentionSpec.from_dict(spec.to_dict()) == spec.replace(mesh=None)
+    ```
+    """
+
+    causal: bool = True
+    causal_block_size: int = 1
+    sliding_window: int | None = None
+    rope_theta: float | None = 10_000.0
+    layout: str = "contiguous"
+    mesh: Mesh | None = None
+    seq_axis: str = "sp"
+    head_axis: str | None = None
+    tuning: KernelTuning = KernelTuning()
+
+    def __post_init__(self):
+        if isinstance(self.tuning, Mapping):
+            object.__setattr__(self, "tuning", KernelTuning(**self.tuning))
+        if not isinstance(self.tuning, KernelTuning):
+            raise TypeError(f"tuning must be a KernelTuning, got {type(self.tuning).__name__}")
+        if not isinstance(self.causal, bool | np.bool_):
+            raise TypeError(f"causal must be a bool, got {self.causal!r}")
+        check_positive_int("causal_block_size", self.causal_block_size)
+        if self.causal_block_size != 1 and not self.causal:
+            raise ValueError(f"causal_block_size={self.causal_block_size} sets the block of the causal mask, so it "
+                             "needs causal=True; got causal=False")
+        if self.sliding_window is not None and not is_positive_int(self.sliding_window):
+            raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        theta = self.rope_theta
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, numbers.Real)
+                                  or not math.isfinite(theta) or theta <= 0):
+            raise ValueError(f"rope_theta must be a positive finite number or None, got {theta!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.mesh is not None and not isinstance(self.mesh, Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(self.mesh).__name__}")
+        if self.head_axis is not None and self.mesh is None:
+            raise ValueError(f"head_axis={self.head_axis!r} splits the heads over a mesh axis, so it needs a mesh; "
+                             "got mesh=None (inside your own shard_map, split the heads there and pass head_axis=None)")
+        for name, axis in (("seq_axis", self.seq_axis), ("head_axis", self.head_axis)):
+            if self.mesh is not None and axis is not None and axis not in self.mesh.axis_names:
+                raise ValueError(f"{name}={axis!r} is not an axis of the mesh, whose axes are {self.mesh.axis_names}")
+
+    @property
+    def ring_size(self) -> int:
+        """Devices on the sequence ring: the size of `seq_axis` in `mesh`, 1 without a mesh.
+
+        **Returns:** an `int`.
+        """
+        return 1 if self.mesh is None else int(self.mesh.shape[self.seq_axis])
+
+    @property
+    def head_shards(self) -> int:
+        """How many ways the heads are split: the size of `head_axis` in `mesh`, 1 without one.
+
+        **Returns:** an `int`.
+        """
+        return 1 if self.head_axis is None else int(self.mesh.shape[self.head_axis])
+
+    def replace(self, **changes: Any) -> "AttentionSpec":
+        """A copy with some fields replaced (`dataclasses.replace`; the copy is checked again).
+
+        **Arguments:**
+
+        - `**changes`: fields and their new values, e.g. `mesh=None` or `layout="zigzag"`.
+
+        **Returns:** a new `AttentionSpec`.
+        """
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON-ready values, without its placement (`mesh`, `head_axis`): what a config saves.
+
+        **Returns:** a `dict` of the other fields, `tuning` as a nested `dict`.
+        """
+        return {f.name: (dataclasses.asdict(self.tuning) if f.name == "tuning" else getattr(self, f.name))
+                for f in dataclasses.fields(self) if f.name not in _PLACEMENT}
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> "AttentionSpec":
+        """The spec [`to_dict`][eqx_ring.AttentionSpec.to_dict] wrote (without placement).
+
+        **Arguments:**
+
+        - `fields`: a mapping of field names to values, as `to_dict` returns.
+
+        **Returns:** a new `AttentionSpec` with `mesh=None` and `head_axis=None`.
+
+        **Raises:** `ValueError` if `fields` holds `mesh`, `head_axis` or unknown names, and as the constructor.
+        """
+        known = {f.name for f in dataclasses.fields(cls)} - set(_PLACEMENT)
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"fields {unknown} are not saved AttentionSpec fields; expected some of {sorted(known)}")
+        return cls(**fields)
