@@ -17,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from eqx_ring import RMSNorm
 from eqx_ring.sharding import batch_sharding, shard_params
 
-from ._generate import respec
+from ._checkpoint import open_checkpoints, restore_checkpoint, save_checkpoint
 from ._lm import WHOLE_BATCH, require_float, require_int
+from ._protocol import RingModel
 
 logger = logging.getLogger(__name__)
 
@@ -340,9 +340,11 @@ def train(
       iterator state and position saved together, each step's directory finalised atomically), one
       JSON line of metrics per step to `workdir/metrics.jsonl`. If checkpoints exist, training
       resumes from the latest: same model, optimizer and data position, so the remaining steps
-      are those of an uninterrupted run. With several processes (`jax.distributed`) `workdir`
-      must be one shared directory; every process's data state is saved, and a run resumes on
-      another process count when the states merge (as those of
+      are those of an uninterrupted run. Arrays are saved and restored by their tree paths
+      (`transformer.blocks.attention.query_proj.weight`), never by their order among the leaves,
+      and a checkpoint of other paths or shapes than the model's is refused. With several
+      processes (`jax.distributed`) `workdir` must be one shared directory; every process's data
+      state is saved, and a run resumes on another process count when the states merge (as those of
       [`global_packed_batches`][data_pipelines.global_packed_batches] do). Metrics are written
       by process 0.
     - `mesh`: required when several processes take part. Batches become global arrays sharded
@@ -368,8 +370,9 @@ def train(
     not divisible by `grad_accum` times the mesh's data axes `dp · fsdp`, if a batch's arrays (on
     one device: not `config.batch_size` rows; with a mesh: not this process's
     [`process_rows`][data_pipelines.process_rows]) do not have the rows the step needs (checked at
-    every batch, before it reaches JAX), or if a checkpoint's data states were saved by another
-    number of processes and cannot be merged; `FloatingPointError` if a step's loss is not finite
+    every batch, before it reaches JAX), if the checkpoint resumed from holds other array paths or
+    shapes than `model` and its optimizer state (naming them), or if its data states were saved by
+    another number of processes and cannot be merged; `FloatingPointError` if a step's loss is not finite
     (token or target ids outside the vocabulary give NaN inside the jitted step, as does divergence).
     """
     if mesh is None and jax.process_count() > 1:
@@ -386,10 +389,8 @@ def train(
     optimizer = make_optimizer(config)
     step_fn = make_train_step(loss_fn, optimizer, config, mesh)
     count_tokens = tokens_per_batch or (lambda b: int(b["tokens"].size))
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, enable_async_checkpointing=False,
-                                           create=True)
     metrics_path = workdir / "metrics.jsonl"
-    with ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options) as manager:
+    with open_checkpoints(workdir / "checkpoints", max_to_keep=config.max_checkpoints) as manager:
         done = 0 if manager.latest_step() is None else manager.latest_step()
         stage_index, stage_step = _position(config.stages, done)
         model = _stage_model(model, config.stages, stage_index)
@@ -401,14 +402,8 @@ def train(
         iterator = iter(batches(stage_index, config.stages[stage_index]))
         if done:
             logger.info("resuming %s from step %d of %d", description, done, config.total_steps)
-            restored = manager.restore(done, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(model)),
-                opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-                data=ocp.args.JsonRestore(),
-            ))
-            model = _with_leaves(model, restored["params"])
-            opt_state = _with_leaves(opt_state, restored["opt_state"])
-            _restore_data(iterator, restored["data"])
+            model, opt_state, data_state = restore_checkpoint(manager, done, model, opt_state)
+            iterator.set_state(data_state)
         primary = jax.process_index() == 0
         records = _read_records(metrics_path, upto=done) if primary else []
         if primary:
@@ -452,11 +447,7 @@ def train(
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if step % config.checkpoint_every == 0 or step == config.total_steps:
-                    manager.save(step, args=ocp.args.Composite(
-                        params=ocp.args.StandardSave(jax.tree.leaves(model)),
-                        opt_state=ocp.args.StandardSave(jax.tree.leaves(opt_state)),
-                        data=ocp.args.JsonSave({"states": _all_processes(iterator.get_state())}),
-                    ))
+                    save_checkpoint(manager, step, model, opt_state, iterator.get_state())
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
@@ -479,46 +470,16 @@ def _position(stages, done: int) -> tuple[int, int]:
 
 def _stage_model(model, stages, index: int):
     theta = next((s.rope_theta for s in reversed(stages[: index + 1]) if s.rope_theta is not None), None)
-    if theta is None or theta == model.config.rope_theta:
+    if theta is None:
         return model
-    return respec(model, rope_theta=theta)
-
-
-def _abstract(tree):
-    return [ocp.utils.to_shape_dtype_struct(x) for x in jax.tree.leaves(tree)]
+    if not isinstance(model, RingModel):
+        raise TypeError(f"a stage's rope_theta={theta} respecifies the model, which must be a models.RingModel; got "
+                        f"{type(model).__name__}")
+    return model if theta == model.spec.rope_theta else model.respec(rope_theta=theta)
 
 
 def _with_leaves(tree, leaves):
     return jax.tree.unflatten(jax.tree.structure(tree), leaves)
-
-
-def _all_processes(state: Any) -> list[Any]:
-    """Every process's JSON-serialisable `state`, in process order (on every process)."""
-    if jax.process_count() == 1:
-        return [state]
-    from jax.experimental.multihost_utils import process_allgather
-
-    data = np.frombuffer(json.dumps(state).encode(), np.uint8)
-    sizes = process_allgather(np.array([data.size])).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: data.size] = data
-    gathered = process_allgather(padded)
-    return [json.loads(bytes(row[:size])) for row, size in zip(gathered, sizes, strict=True)]
-
-
-def _restore_data(iterator, saved: dict[str, Any]) -> None:
-    """Set this process's data position from the states every process saved."""
-    states = saved["states"]
-    if all(isinstance(s, dict) and "rows" in s for s in states):  # per-row states: any process count
-        iterator.set_state({"rows": {r: s for state in states for r, s in state["rows"].items()}})
-    elif len(states) == jax.process_count():
-        iterator.set_state(states[jax.process_index()])
-    else:
-        raise ValueError(
-            f"the checkpoint's data state was saved by {len(states)} processes and this run has "
-            f"{jax.process_count()}; per-process pipelines cannot be regrouped: use "
-            "data_pipelines.global_packed_batches, whose position does not depend on the process count"
-        )
 
 
 def _device_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, batch_size: int) -> dict[str, jax.Array]:
