@@ -74,8 +74,7 @@ class AttentionSpec:
     - `seq_axis`: the mesh axis the sequence is split over (default `"sp"`).
     - `head_axis`: a mesh axis to split the heads over (tensor parallelism), or `None` (default);
       needs a `mesh`.
-    - `tuning`: the [`KernelTuning`][eqx_ring.KernelTuning] (default: its defaults); a mapping of
-      its fields is converted.
+    - `tuning`: the [`KernelTuning`][eqx_ring.KernelTuning] (default: its defaults).
 
     **Raises:** `ValueError` if `causal_block_size` or `sliding_window` is not a positive int (or
     `None` for the window), if `causal_block_size != 1` without `causal`, if `rope_theta` is not a
@@ -107,8 +106,6 @@ class AttentionSpec:
     tuning: KernelTuning = KernelTuning()
 
     def __post_init__(self):
-        if isinstance(self.tuning, Mapping):
-            object.__setattr__(self, "tuning", KernelTuning(**self.tuning))
         if not isinstance(self.tuning, KernelTuning):
             raise TypeError(f"tuning must be a KernelTuning, got {type(self.tuning).__name__}")
         if not isinstance(self.causal, bool | np.bool_):
@@ -175,14 +172,23 @@ class AttentionSpec:
 
         **Arguments:**
 
-        - `fields`: a mapping of field names to values, as `to_dict` returns.
+        - `fields`: a mapping of field names to values, as `to_dict` returns (`tuning` a mapping of
+          its fields); `mesh` and `head_axis` may appear only as `None`.
 
         **Returns:** a new `AttentionSpec` with `mesh=None` and `head_axis=None`.
 
-        **Raises:** `ValueError` if `fields` holds `mesh`, `head_axis` or unknown names, and as the constructor.
+        **Raises:** `ValueError` if `fields` holds a placement that is not `None` or unknown names, and
+        as the constructor.
         """
-        known = {f.name for f in dataclasses.fields(cls)} - set(_PLACEMENT)
+        fields = dict(fields)
+        placed = sorted(name for name in _PLACEMENT if fields.pop(name, None) is not None)
+        if placed:
+            raise ValueError(f"fields {placed} are a placement, which a saved spec does not hold; give them to the "
+                             "model instead")
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise ValueError(f"fields {unknown} are not saved AttentionSpec fields; expected some of {sorted(known)}")
+            raise ValueError(f"fields {unknown} are not AttentionSpec fields; expected some of {sorted(known)}")
+        if isinstance(fields.get("tuning"), Mapping):
+            fields["tuning"] = KernelTuning(**fields["tuning"])
         return cls(**fields)

@@ -69,7 +69,7 @@ def check_transformer_fields(config: Any) -> None:
     attention = config.attention
     if isinstance(attention, Mapping):
         try:
-            attention = AttentionSpec(**attention)
+            attention = AttentionSpec.from_dict(attention)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{owner}.attention: {error}") from None
         object.__setattr__(config, "attention", attention)

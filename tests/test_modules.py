@@ -11,9 +11,11 @@ from helpers import rel_err
 from jax.sharding import PartitionSpec as P
 
 import eqx_ring
+from eqx_ring import AttentionSpec, KernelTuning
 from eqx_ring.sharding import make_mesh
 
 D_MODEL, T = 32, 64
+CHUNK8 = KernelTuning(query_chunk_size=8, key_chunk_size=8)
 
 
 def jit_call(module, *args, **kwargs):
@@ -42,8 +44,9 @@ def rope_reference(x, positions, theta):
     return np.concatenate([z.real, z.imag], -1)
 
 
-def attention_reference(attn: eqx_ring.RingAttention, x, *, positions=None, segment_ids=None):
-    """float64 NumPy self-attention with attn's weights: projections, RoPE, GQA, causal/segment masks."""
+def attention_reference(attn: eqx_ring.RingAttention, x, *, spec=AttentionSpec(), positions=None, segment_ids=None):
+    """float64 NumPy self-attention with attn's weights and spec's settings: projections, RoPE, GQA, causal/segment
+    masks."""
     x = np.asarray(x, np.float64)
     seq = x.shape[0]
     positions = np.arange(seq) if positions is None else np.asarray(positions)
@@ -55,15 +58,15 @@ def attention_reference(attn: eqx_ring.RingAttention, x, *, positions=None, segm
 
     q, k, v = proj(attn.query_proj, attn.num_heads), proj(attn.key_proj, attn.num_kv_heads), proj(
         attn.value_proj, attn.num_kv_heads)
-    if attn.rope_theta is not None:
-        q, k = rope_reference(q, positions, attn.rope_theta), rope_reference(k, positions, attn.rope_theta)
+    if spec.rope_theta is not None:
+        q, k = rope_reference(q, positions, spec.rope_theta), rope_reference(k, positions, spec.rope_theta)
     groups = attn.num_heads // attn.num_kv_heads
     k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
     s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(attn.head_dim)
     i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
     visible = np.ones((seq, seq), bool)
-    if attn.causal:
-        visible &= j // attn.causal_block_size <= i // attn.causal_block_size
+    if spec.causal:
+        visible &= j // spec.causal_block_size <= i // spec.causal_block_size
     if segment_ids is not None:
         ids = np.asarray(segment_ids)
         visible &= ids[:, None] == ids[None, :]
@@ -93,14 +96,14 @@ def x_input(seq=T, d=D_MODEL, seed=1):
 def test_from_multihead_attention_equals_equinox(mesh_size):
     mha = eqx.nn.MultiheadAttention(4, D_MODEL, use_query_bias=True, use_output_bias=True, key=jax.random.key(0))
     mesh = None if mesh_size is None else make_mesh(sp=mesh_size, devices=jax.devices()[:mesh_size])
-    attn = eqx_ring.RingAttention.from_multihead_attention(mha, mesh=mesh, query_chunk_size=8, key_chunk_size=8)
+    attn = eqx_ring.RingAttention.from_multihead_attention(mha)
+    spec = eqx_ring.RingAttention.MHA_SPEC.replace(mesh=mesh, tuning=CHUNK8)
     x = x_input()
     expected = mha(x, x, x)
-    assert rel_err(jit_call(attn, x), expected) <= 1e-5
+    assert rel_err(jit_call(attn, x, spec=spec), expected) <= 1e-5
     # Asking for a causal mask gives what MultiheadAttention computes with the same mask.
-    causal = eqx_ring.RingAttention.from_multihead_attention(mha, mesh=mesh, causal=True, query_chunk_size=8,
-                                                             key_chunk_size=8)
-    assert rel_err(jit_call(causal, x), mha(x, x, x, mask=jnp.tril(jnp.ones((T, T), bool)))) <= 1e-5
+    causal = spec.replace(causal=True)
+    assert rel_err(jit_call(attn, x, spec=causal), mha(x, x, x, mask=jnp.tril(jnp.ones((T, T), bool)))) <= 1e-5
 
 
 def test_from_multihead_attention_rejects_what_it_cannot_express():
@@ -109,92 +112,93 @@ def test_from_multihead_attention_rejects_what_it_cannot_express():
         eqx_ring.RingAttention.from_multihead_attention(eqx.nn.MultiheadAttention(4, 32, dropout_p=0.1, key=key))
     with pytest.raises(ValueError, match="query/key/value/output sizes"):
         eqx_ring.RingAttention.from_multihead_attention(eqx.nn.MultiheadAttention(4, 32, key_size=16, key=key))
-    with pytest.raises(TypeError, match="num_kv_heads"):
-        eqx_ring.RingAttention.from_multihead_attention(eqx.nn.MultiheadAttention(4, 32, key=key), num_kv_heads=2)
 
 
-ATTENTION_CASES = {
-    "rope_gqa_causal": dict(num_heads=4, num_kv_heads=2),
-    "mqa_bias": dict(num_heads=4, num_kv_heads=1, use_bias=True),
-    "block_causal_no_rope": dict(num_heads=2, causal_block_size=16, rope_theta=None),
-    "packed": dict(num_heads=4, num_kv_heads=2, packed=True),
+ATTENTION_CASES = {  # (layer arguments, spec arguments)
+    "rope_gqa_causal": (dict(num_heads=4, num_kv_heads=2), {}),
+    "mqa_bias": (dict(num_heads=4, num_kv_heads=1, use_bias=True), {}),
+    "block_causal_no_rope": (dict(num_heads=2), dict(causal_block_size=16, rope_theta=None)),
+    "packed": (dict(num_heads=4, num_kv_heads=2), dict(packed=True)),
 }
 
 
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 @pytest.mark.parametrize("mesh_size", [None, 4])
 def test_ring_attention_module_equals_reference(case, mesh_size):
-    kw = dict(ATTENTION_CASES[case])
-    is_packed = kw.pop("packed", False)
+    kw, spec_kw = ATTENTION_CASES[case]
+    spec_kw = dict(spec_kw)
+    is_packed = spec_kw.pop("packed", False)
     mesh = None if mesh_size is None else make_mesh(sp=mesh_size, devices=jax.devices()[:mesh_size])
-    attn = eqx_ring.RingAttention(D_MODEL, query_chunk_size=8, key_chunk_size=8, mesh=mesh, key=jax.random.key(0),
-                                  **kw)
+    attn = eqx_ring.RingAttention(D_MODEL, key=jax.random.key(0), **kw)
+    spec = AttentionSpec(mesh=mesh, tuning=CHUNK8, **spec_kw)
     x = x_input()
     ids, positions = packed() if is_packed else (None, None)
     call_kw = dict(positions=positions, segment_ids=ids) if is_packed else {}
-    assert rel_err(jit_call(attn, x, **call_kw), attention_reference(attn, x, **call_kw)) <= 1e-5
+    assert rel_err(jit_call(attn, x, spec=spec, **call_kw), attention_reference(attn, x, spec=spec, **call_kw)) <= 1e-5
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "striped"])
 def test_layouts_give_the_natural_order_result(layout):
     """x in layout order on a 4-device ring equals the natural-order single-device result, permuted."""
     mesh = make_mesh(sp=4, devices=jax.devices()[:4])
-    kw = dict(num_kv_heads=2, query_chunk_size=8, key_chunk_size=8, key=jax.random.key(0))
-    ring = eqx_ring.RingAttention(D_MODEL, 4, layout=layout, mesh=mesh, **kw)
-    single = eqx_ring.RingAttention(D_MODEL, 4, **kw)
+    attn = eqx_ring.RingAttention(D_MODEL, 4, num_kv_heads=2, key=jax.random.key(0))
+    single = AttentionSpec(tuning=CHUNK8)
+    ring = single.replace(layout=layout, mesh=mesh)
     x = x_input()
     ids, positions = packed()
 
     def lay(a):
         return jnp.asarray(eqx_ring.to_layout(np.asarray(a), layout, 4, axis=0))
 
-    out = jit_call(ring, lay(x), positions=lay(positions), segment_ids=lay(ids))
-    expected = jit_call(single, x, positions=positions, segment_ids=ids)
+    out = jit_call(attn, lay(x), spec=ring, positions=lay(positions), segment_ids=lay(ids))
+    expected = jit_call(attn, x, spec=single, positions=positions, segment_ids=ids)
     assert rel_err(eqx_ring.from_layout(np.asarray(out), layout, 4, axis=0), expected) <= 1e-5
     # Without positions, RoPE uses each slot's true position, not its index in the layout.
-    out = jit_call(ring, lay(x))
-    assert rel_err(eqx_ring.from_layout(np.asarray(out), layout, 4, axis=0), jit_call(single, x)) <= 1e-5
+    out = jit_call(attn, lay(x), spec=ring)
+    assert rel_err(eqx_ring.from_layout(np.asarray(out), layout, 4, axis=0), jit_call(attn, x, spec=single)) <= 1e-5
 
 
 def test_ring_attention_gradients_equal_single_device():
     mesh = make_mesh(sp=4, devices=jax.devices()[:4])
-    kw = dict(num_kv_heads=2, query_chunk_size=8, key_chunk_size=8, layout="zigzag", key=jax.random.key(0))
-    ring = eqx_ring.RingAttention(D_MODEL, 4, mesh=mesh, **kw)
-    single = eqx_ring.RingAttention(D_MODEL, 4, **kw)
+    attn = eqx_ring.RingAttention(D_MODEL, 4, num_kv_heads=2, key=jax.random.key(0))
+    single = AttentionSpec(layout="zigzag", tuning=CHUNK8)
+    ring = single.replace(mesh=mesh)
     slot_position = jnp.asarray(eqx_ring.layout_positions(T, "zigzag", 4))
 
     def natural_order_ring(m, x):
-        return m(x[slot_position])[jnp.argsort(slot_position)]
+        return m(x[slot_position], spec=ring)[jnp.argsort(slot_position)]
 
     x = x_input()
-    assert tree_rel_err(grads_of(ring, natural_order_ring, x), grads_of(single, lambda m, x: m(x), x)) <= 1e-5
+    assert tree_rel_err(grads_of(attn, natural_order_ring, x),
+                        grads_of(attn, lambda m, x: m(x, spec=single), x)) <= 1e-5
 
 
 def test_fused_kernel_module_equals_single_device():
     """implementation="pallas" (interpreted off GPU) through the module's own shard_map: same value and gradients."""
     mesh = make_mesh(sp=4, devices=jax.devices()[:4])
-    kw = dict(num_kv_heads=2, layout="zigzag", key=jax.random.key(0))
-    ring = eqx_ring.RingAttention(D_MODEL, 4, mesh=mesh, implementation="pallas", **kw)
-    single = eqx_ring.RingAttention(D_MODEL, 4, implementation="xla", **kw)
+    attn = eqx_ring.RingAttention(D_MODEL, 4, num_kv_heads=2, key=jax.random.key(0))
+    ring = AttentionSpec(layout="zigzag", mesh=mesh, tuning=KernelTuning(implementation="pallas"))
+    single = AttentionSpec(layout="zigzag", tuning=KernelTuning(implementation="xla"))
     slot_position = jnp.asarray(eqx_ring.layout_positions(T, "zigzag", 4))
 
     def natural_order_ring(m, x):
-        return m(x[slot_position])[jnp.argsort(slot_position)]
+        return m(x[slot_position], spec=ring)[jnp.argsort(slot_position)]
 
     x = x_input()
-    assert tree_rel_err(grads_of(ring, natural_order_ring, x), grads_of(single, lambda m, x: m(x), x)) <= 1e-5
+    assert tree_rel_err(grads_of(attn, natural_order_ring, x),
+                        grads_of(attn, lambda m, x: m(x, spec=single), x)) <= 1e-5
 
 
 def test_inside_a_callers_shard_map():
     """Called on local shards inside the caller's shard_map, the module runs the ring directly."""
     mesh = make_mesh(sp=4, devices=jax.devices()[:4])
-    attn = eqx_ring.RingAttention(D_MODEL, 4, num_kv_heads=2, query_chunk_size=8, key_chunk_size=8,
-                                  layout="striped", key=jax.random.key(0))
+    attn = eqx_ring.RingAttention(D_MODEL, 4, num_kv_heads=2, key=jax.random.key(0))
+    spec = AttentionSpec(layout="striped", tuning=CHUNK8)
     params, static = eqx.partition(attn, eqx.is_array)
     ids, _ = packed()
 
     def local(params, x, ids):
-        return eqx.combine(params, static)(x, segment_ids=ids)
+        return eqx.combine(params, static)(x, spec=spec, segment_ids=ids)
 
     sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("sp"), P("sp")), out_specs=P("sp")))
     lay = lambda a: jnp.asarray(eqx_ring.to_layout(np.asarray(a), "striped", 4, axis=0))  # noqa: E731
@@ -204,10 +208,9 @@ def test_inside_a_callers_shard_map():
 
 
 def test_bfloat16_module():
-    attn = eqx_ring.RingAttention(D_MODEL, 4, num_kv_heads=2, query_chunk_size=16, key_chunk_size=16,
-                                  dtype=jnp.bfloat16, key=jax.random.key(0))
+    attn = eqx_ring.RingAttention(D_MODEL, 4, num_kv_heads=2, dtype=jnp.bfloat16, key=jax.random.key(0))
     x = x_input().astype(jnp.bfloat16)
-    out = jit_call(attn, x)
+    out = jit_call(attn, x, spec=AttentionSpec(tuning=KernelTuning(query_chunk_size=16, key_chunk_size=16)))
     assert out.dtype == jnp.bfloat16
     assert rel_err(out, attention_reference(attn, x.astype(jnp.float32))) <= 2e-2
 
@@ -217,27 +220,68 @@ def test_bfloat16_module():
     [
         (dict(d_model=30, num_heads=4), "d_model=30 must be divisible by num_heads=4"),
         (dict(num_heads=4, num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
-        (dict(num_heads=4, head_dim=7), "head_dim=7 must be even"),
-        (dict(num_heads=4, query_chunk_size=0), "query_chunk_size must be a positive int, got 0"),
-        (dict(num_heads=4, layout="spiral"), "layout must be one of"),
-        (dict(num_heads=4, implementation="cuda"), "implementation must be one of"),
-        (dict(num_heads=4, mesh="sp8", seq_axis="seq"), "seq_axis='seq' is not an axis of the mesh"),
-        (dict(num_heads=4, num_kv_heads=1, mesh="tp2", head_axis="tp"), "num_kv_heads=1 must be divisible"),
     ],
 )
 def test_bad_hyperparameters_are_named(kwargs, message):
-    kwargs = {"d_model": D_MODEL, **kwargs}
-    meshes = {"sp8": make_mesh(sp=8), "tp2": make_mesh(tp=2, sp=4)}
-    if "mesh" in kwargs:
-        kwargs["mesh"] = meshes[kwargs["mesh"]]
     with pytest.raises(ValueError, match=message):
-        eqx_ring.RingAttention(key=jax.random.key(0), **kwargs)
+        eqx_ring.RingAttention(**{"d_model": D_MODEL, **kwargs}, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(tuning=dict(query_chunk_size=0)), "query_chunk_size must be a positive int, got 0"),
+        (dict(tuning=dict(ffn_chunk_size=-2)), "ffn_chunk_size must be a positive int, got -2"),
+        (dict(layout="spiral"), "layout must be one of"),
+        (dict(tuning=dict(implementation="cuda")), "implementation must be one of"),
+        (dict(mesh="sp8", seq_axis="seq"), "seq_axis='seq' is not an axis of the mesh"),
+        (dict(head_axis="tp"), "head_axis='tp' splits the heads over a mesh axis, so it needs a mesh"),
+        (dict(causal=False, causal_block_size=4), "causal_block_size=4 sets the block of the causal mask"),
+        (dict(rope_theta=-1.0), "rope_theta must be a positive finite number or None, got -1.0"),
+        (dict(sliding_window=0), "sliding_window must be a positive int or None, got 0"),
+    ],
+)
+def test_bad_spec_settings_are_named(kwargs, message):
+    kwargs = dict(kwargs)
+    if "mesh" in kwargs:
+        kwargs["mesh"] = make_mesh(sp=8)
+    with pytest.raises(ValueError, match=message):
+        AttentionSpec(**{**kwargs, "tuning": KernelTuning(**kwargs["tuning"])} if "tuning" in kwargs else kwargs)
+
+
+@pytest.mark.parametrize(
+    ("layer", "spec", "message"),
+    [
+        (dict(num_heads=4, head_dim=7), AttentionSpec(), "head_dim=7 must be even"),
+        (dict(num_heads=4, num_kv_heads=1), "tp2", "num_kv_heads=1 must be divisible by the size 2 of head_axis='tp'"),
+    ],
+)
+def test_a_spec_the_heads_do_not_suit_is_named_at_the_call(layer, spec, message):
+    """Settings that depend on the head sizes are checked where a spec meets a layer: at its call."""
+    attn = eqx_ring.RingAttention(D_MODEL, key=jax.random.key(0), **layer)
+    if spec == "tp2":
+        spec = AttentionSpec(mesh=make_mesh(tp=2, sp=4), head_axis="tp")
+    with pytest.raises(ValueError, match=message):
+        attn(x_input(), spec=spec)
+
+
+def test_spec_must_be_an_attention_spec():
+    """Without jaxtyping's hook (which names the parameter first) the layer's own check names it."""
+    attn = eqx_ring.RingAttention(D_MODEL, 4, key=jax.random.key(0))
+    with pytest.raises(jaxtyping.TypeCheckError, match="parameter 'spec'"):
+        attn(x_input(), spec={"causal": True})
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        with pytest.raises(TypeError, match="spec must be an eqx_ring.AttentionSpec, got dict"):
+            attn(x_input(), spec={"causal": True})
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
 
 
 def test_sequence_not_divisible_by_the_ring_is_named():
-    attn = eqx_ring.RingAttention(D_MODEL, 4, layout="zigzag", mesh=make_mesh(sp=8), key=jax.random.key(0))
+    attn = eqx_ring.RingAttention(D_MODEL, 4, key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"x seq \(split over 'sp'\)=40 must be divisible by 16"):
-        attn(x_input(seq=40))
+        attn(x_input(seq=40), spec=AttentionSpec(layout="zigzag", mesh=make_mesh(sp=8)))
 
 
 def test_wrong_d_model_shape_error():
@@ -273,18 +317,20 @@ def plain_ffn(ffn: eqx_ring.BlockwiseFFN, x):
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("chunk_size", [8, 64, 4096])
 def test_blockwise_ffn_equals_plain_ffn(activation, chunk_size):
-    ffn = eqx_ring.BlockwiseFFN(D_MODEL, 96, activation=activation, chunk_size=chunk_size, key=jax.random.key(0))
+    ffn = eqx_ring.BlockwiseFFN(D_MODEL, 96, activation=activation, key=jax.random.key(0))
     x = x_input()
-    assert rel_err(jit_call(ffn, x), plain_ffn(ffn, x)) <= 1e-5
-    assert tree_rel_err(grads_of(ffn, lambda m, x: m(x), x), grads_of(ffn, plain_ffn, x)) <= 1e-5
-    dx = eqx.filter_jit(jax.grad(lambda x: jnp.sum(ffn(x) ** 2)))(x)
+    assert rel_err(jit_call(ffn, x, chunk_size=chunk_size), plain_ffn(ffn, x)) <= 1e-5
+    assert tree_rel_err(grads_of(ffn, lambda m, x: m(x, chunk_size=chunk_size), x), grads_of(ffn, plain_ffn, x)) <= 1e-5
+    dx = eqx.filter_jit(jax.grad(lambda x: jnp.sum(ffn(x, chunk_size=chunk_size) ** 2)))(x)
     assert rel_err(dx, jax.grad(lambda x: jnp.sum(plain_ffn(ffn, x) ** 2))(x)) <= 1e-5
 
 
 def test_blockwise_ffn_chunk_must_divide():
-    ffn = eqx_ring.BlockwiseFFN(D_MODEL, 64, chunk_size=24, key=jax.random.key(0))
+    ffn = eqx_ring.BlockwiseFFN(D_MODEL, 64, key=jax.random.key(0))
     with pytest.raises(ValueError, match="chunk_size=24 must divide the sequence length 64"):
-        ffn(x_input())
+        ffn(x_input(), chunk_size=24)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
+        ffn(x_input(), chunk_size=0)
     with pytest.raises(ValueError, match="activation must be one of"):
         eqx_ring.BlockwiseFFN(D_MODEL, 64, activation="relu", key=jax.random.key(0))
 
@@ -347,8 +393,8 @@ def test_chunked_cross_entropy_never_builds_the_logits():
 
 
 def transformer(**kw):
-    base = dict(num_kv_heads=2, hidden_size=64, query_chunk_size=16, key_chunk_size=16, ffn_chunk_size=16,
-                key=jax.random.key(0))
+    base = dict(num_kv_heads=2, hidden_size=64, key=jax.random.key(0),
+                spec=AttentionSpec(tuning=KernelTuning(query_chunk_size=16, key_chunk_size=16, ffn_chunk_size=16)))
     return eqx_ring.RingTransformer(48, D_MODEL, 3, 4, **{**base, **kw})
 
 
@@ -387,3 +433,37 @@ def test_transformer_logits_and_tied_head():
 def test_transformer_rejects_unknown_remat_policy():
     with pytest.raises(ValueError, match="remat_policy must be None or one of"):
         transformer(remat_policy="save_everything")
+
+
+def test_transformer_hands_its_spec_to_every_block():
+    """The blocks hold no settings: the model's spec reaches every block, and with_spec keeps the very arrays."""
+    tokens = jax.random.randint(jax.random.key(3), (T,), 0, 48)
+    model = transformer(scan_layers=False, remat_policy=None)
+    windowed = model.with_spec(model.spec.replace(sliding_window=8))
+    assert windowed.blocks is model.blocks and windowed.embedding is model.embedding
+
+    def by_hand(spec):
+        x = model.embedding.weight[tokens]
+        for block in model.blocks:
+            x = block(x, spec=spec)
+        return model.norm(x)
+
+    assert rel_err(jit_call(windowed, tokens), eqx.filter_jit(by_hand)(windowed.spec)) <= 1e-6
+    assert rel_err(jit_call(windowed, tokens), jit_call(model, tokens)) > 1e-3
+    # A window as long as the sequence hides nothing: the causal result.
+    wide = model.with_spec(model.spec.replace(sliding_window=T))
+    assert rel_err(jit_call(wide, tokens), jit_call(model, tokens)) <= 1e-6
+
+
+def test_transformer_rejects_a_spec_its_heads_do_not_suit():
+    with pytest.raises(ValueError, match="num_kv_heads=2 must be divisible by the size 4 of head_axis='tp'"):
+        transformer(spec=AttentionSpec(mesh=make_mesh(tp=4, sp=2), head_axis="tp"))
+    model = transformer()
+    jaxtyping.config.update("jaxtyping_disable", True)  # the hook would name the parameter first
+    try:
+        with pytest.raises(TypeError, match="spec must be an eqx_ring.AttentionSpec, got str"):
+            transformer(spec="causal")
+        with pytest.raises(TypeError, match="tuning must be an eqx_ring.KernelTuning or None, got dict"):
+            model(jnp.zeros(T, jnp.int32), tuning={"query_chunk_size": 8})
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
