@@ -52,10 +52,10 @@ VOCAB, D_MODEL, T, BATCH = 64, 32, 128, 4
 
 def build(mesh=None, layout="contiguous", head_axis=None, **kw):
     """The 2-layer model of the train-step tests; the same key gives the same weights on every mesh."""
-    return eqx_ring.RingTransformer(
-        VOCAB, D_MODEL, 2, 4, num_kv_heads=2, hidden_size=64, layout=layout, query_chunk_size=16,
-        key_chunk_size=16, ffn_chunk_size=32, mesh=mesh, head_axis=head_axis, key=jax.random.key(0), **kw,
-    )
+    tuning = eqx_ring.KernelTuning(query_chunk_size=16, key_chunk_size=16, ffn_chunk_size=32)
+    spec = eqx_ring.AttentionSpec(layout=layout, mesh=mesh, head_axis=head_axis, tuning=tuning)
+    return eqx_ring.RingTransformer(VOCAB, D_MODEL, 2, 4, spec=spec, num_kv_heads=2, hidden_size=64,
+                                    key=jax.random.key(0), **kw)
 
 
 def test_param_sharding_rules():
@@ -160,13 +160,13 @@ def test_train_step_equals_single_device(mesh_name, layout, single_device_step):
 def test_vmap_with_spmd_axis_name_keeps_examples_on_their_shard():
     """Compiled HLO: with spmd_axis_name each data shard attends over its own examples, no batch all-gather."""
     mesh = make_mesh(2, 1, 1, 4)
-    attn = shard_params(eqx_ring.RingAttention(D_MODEL, 4, query_chunk_size=8, key_chunk_size=8, mesh=mesh,
-                                               key=jax.random.key(0)), mesh)
+    attn = shard_params(eqx_ring.RingAttention(D_MODEL, 4, key=jax.random.key(0)), mesh)
+    spec = eqx_ring.AttentionSpec(mesh=mesh, tuning=eqx_ring.KernelTuning(query_chunk_size=8, key_chunk_size=8))
     params, static = eqx.partition(attn, eqx.is_array)
     x = jax.device_put(jnp.ones((4, 64, D_MODEL)), batch_sharding(mesh))
 
     def compiled_hlo(**vmap_kw):
-        f = jax.jit(lambda p, x: jax.vmap(eqx.combine(p, static), **vmap_kw)(x))
+        f = jax.jit(lambda p, x: jax.vmap(lambda x: eqx.combine(p, static)(x, spec=spec), **vmap_kw)(x))
         return f.lower(params, x).compile().as_text()
 
     assert "all-gather" not in compiled_hlo(spmd_axis_name=BATCH_AXES)
