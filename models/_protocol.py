@@ -1,7 +1,7 @@
 """What every zoo model is: `ZooModel` (a config it is rebuilt from) and `RingModel` (one on a `RingTransformer`)."""
 
 import dataclasses
-from typing import Any, Self
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -23,7 +23,7 @@ class ZooModel(eqx.Module):
 
     config: eqx.AbstractVar[Any]
 
-    def rebuilt(self, config: Any, **placement: Any) -> Self:
+    def rebuilt(self, config: Any, **placement: Any) -> "ZooModel":
         """This model's arrays in a model of the same class built from `config` and `placement`.
 
         The new model is built shape-only (`eqx.filter_eval_shape`) and takes this model's arrays
@@ -68,7 +68,7 @@ class RingModel(ZooModel):
         """
         return self.transformer.spec
 
-    def respec(self, *, mesh: Mesh | None = _KEEP, head_axis: str | None = _KEEP, **changes: Any) -> Self:
+    def respec(self, *, mesh: Mesh | None = _KEEP, head_axis: str | None = _KEEP, **changes: Any) -> "RingModel":
         """The same weights on another mesh or with config changes that alter no weight shape.
 
         See [`respec`][models.respec], which calls this.
