@@ -130,3 +130,55 @@ def test_packing_resumes_exactly(overflow):
         complete = iter(dataset)
         list(complete)
         assert restored.stats == complete.stats
+
+
+def grain_first_fit(examples, seq_len, keys=("tokens", "loss_mask", "vision_mask"), **kwargs):
+    import grain.experimental
+
+    return grain.experimental.FirstFitPackIterDataset(
+        grain.MapDataset.source(examples).to_iter_dataset(**kwargs), length_struct={k: seq_len for k in keys},
+        num_packing_bins=1, shuffle_bins=False, padding_struct={k: TOK.pad_id if k == "tokens" else 0 for k in keys})
+
+
+def test_grain_first_fit_with_one_bin_packs_as_ours():
+    """On examples no longer than a row, grain's first-fit with one bin makes our rows, array for array (its
+    per-key segment ids and positions, equal for every key, renamed): a switch would keep the pinned outputs."""
+    examples = random_examples(200, 24, seed=3)
+    ours, _ = pack(examples, 24, TOK.pad_id)
+    theirs = list(grain_first_fit(examples, 24))
+    assert len(theirs) == len(ours) > 0
+    for a, b in zip(theirs, ours, strict=True):
+        for k in ("tokens", "loss_mask", "vision_mask"):
+            np.testing.assert_array_equal(a[f"{k}_segment_ids"], b["segment_ids"])
+            np.testing.assert_array_equal(a[f"{k}_positions"], b["positions"])
+            np.testing.assert_array_equal(a[k], b[k])
+            assert a[k].dtype == b[k].dtype
+
+
+def test_grain_first_fit_lacks_what_the_pipeline_needs():
+    """The gaps `PackIterDataset`'s docstring names as the reason to keep it (grain 0.2.18). If a grain upgrade
+    closes one, this fails: reconsider switching to grain's packer."""
+    long = {"tokens": np.arange(1, 11, dtype=np.int32), "loss_mask": np.ones(10, bool),
+            "vision_mask": np.zeros(10, bool)}
+    # An example longer than the row (our default overflow="split"; "reject" drops it, counted).
+    with pytest.raises(ValueError, match="must be truncated to max length"):
+        list(grain_first_fit([long], 8))
+    rows, stats = pack([long], 8, TOK.pad_id)
+    assert [r["segment_ids"].tolist() for r in rows] == [[1] * 8, [1, 1, 0, 0, 0, 0, 0, 0]] and stats.split == 1
+    # A record a source skipped (None), e.g. an undecodable video.
+    short = {"tokens": np.array([1, 2, 3], np.int32), "loss_mask": np.ones(3, bool), "vision_mask": np.ones(3, bool)}
+    with pytest.raises(TypeError):
+        list(grain_first_fit([short, None], 8, allow_nones=True))
+    assert pack([short, None], 8, TOK.pad_id)[1].skipped == 1
+    # Per-token arrays of different lengths are packed each on its own, so later masks shift silently.
+    bad = {"tokens": np.array([1, 2, 3], np.int32), "loss_mask": np.array([True, True])}
+    row = next(iter(grain_first_fit([bad, {"tokens": np.array([4], np.int32), "loss_mask": np.array([False])}], 8,
+                                    keys=("tokens", "loss_mask"))))
+    assert row["loss_mask"][:3].tolist() == [True, True, False]  # token 3's mask is the next example's
+    with pytest.raises(ValueError, match="must have one length"):
+        pack([bad], 8, TOK.pad_id, keys=("tokens", "loss_mask"))
+    # No shared "segment_ids"/"positions", and no counts in the state for `packing_stats`.
+    iterator = iter(grain_first_fit([short], 8))
+    row = next(iterator)
+    assert "segment_ids" not in row and "positions" not in row
+    assert set(iterator.get_state()) == {"parent", "next_row", "counter"}
