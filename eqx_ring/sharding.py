@@ -10,7 +10,8 @@ import eqx_ring
 from eqx_ring.sharding import BATCH_AXES, batch_sharding, make_mesh, shard_params
 
 mesh = make_mesh(dp=2, fsdp=1, tp=1, sp=4)
-model = shard_params(eqx_ring.RingTransformer(256, 512, 8, 8, mesh=mesh, layout="zigzag", key=jax.random.key(0)), mesh)
+spec = eqx_ring.AttentionSpec(layout="zigzag", mesh=mesh)
+model = shard_params(eqx_ring.RingTransformer(256, 512, 8, 8, spec=spec, key=jax.random.key(0)), mesh)
 optimizer = optax.adamw(3e-4)
 opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
 

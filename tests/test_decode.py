@@ -1,4 +1,5 @@
-"""KV-cached decoding: ring prefill, then one token at a time against a sequence-sharded cache."""
+"""KV-cached decoding: ring prefill, then one token at a time against a sequence-sharded cache; the model's spec
+chosen after it is built: kernel tuning per call, another spec over the same arrays."""
 
 import dataclasses
 
@@ -18,10 +19,9 @@ SIZE = 32  # cache slots: 8 per device on 4 devices
 
 def transformer(mesh=None, layout="contiguous", window=None):
     chunk = 4 if mesh is not None else 64  # zigzag on 4 devices: half a shard is 4 slots
-    return eqx_ring.RingTransformer(
-        97, 32, 2, 4, num_kv_heads=2, hidden_size=64, sliding_window=window, layout=layout, mesh=mesh,
-        query_chunk_size=chunk, key_chunk_size=chunk, ffn_chunk_size=SIZE, key=jax.random.key(0),
-    )
+    tuning = eqx_ring.KernelTuning(query_chunk_size=chunk, key_chunk_size=chunk, ffn_chunk_size=SIZE)
+    spec = eqx_ring.AttentionSpec(sliding_window=window, layout=layout, mesh=mesh, tuning=tuning)
+    return eqx_ring.RingTransformer(97, 32, 2, 4, spec=spec, num_kv_heads=2, hidden_size=64, key=jax.random.key(0))
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -53,12 +53,14 @@ def test_every_step_equals_full_recomputation(n, layout, prompt_len, window):
 
 
 def test_decoding_refuses_block_causal_attention():
-    model = eqx_ring.RingTransformer(97, 32, 1, 4, causal_block_size=4, key=jax.random.key(0))
+    model = eqx_ring.RingTransformer(97, 32, 1, 4, spec=eqx_ring.AttentionSpec(causal_block_size=4),
+                                     key=jax.random.key(0))
     with pytest.raises(ValueError, match="causal_block_size=1"):
         model.prefill(jnp.zeros(8, jnp.int32), length=4)
 
 
-LM = models.LMConfig.preset("tiny", vocab_size=97, query_chunk_size=8, key_chunk_size=8, ffn_chunk_size=16)
+LM = models.LMConfig.preset("tiny", vocab_size=97, attention=eqx_ring.AttentionSpec(
+    tuning=eqx_ring.KernelTuning(query_chunk_size=8, key_chunk_size=8, ffn_chunk_size=16)))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -104,7 +106,7 @@ def test_sampling_options():
 def test_lm_config_round_trip_through_respec():
     model = models.RingLM(LM, key=jax.random.key(5))
     moved = models.respec(model, layout="striped")
-    assert moved.config == dataclasses.replace(LM, layout="striped")
+    assert moved.config == dataclasses.replace(LM, attention=LM.attention.replace(layout="striped"))
 
 
 def test_respec_to_one_device_drops_the_head_axis():
@@ -115,3 +117,43 @@ def test_respec_to_one_device_drops_the_head_axis():
     prompt = [np.arange(5) % LM.vocab_size]
     np.testing.assert_array_equal(models.generate(single, prompt, 3), models.generate(
         models.respec(models.RingLM(LM, key=jax.random.key(5)), mesh=None), prompt, 3))
+
+
+def test_kernel_tuning_is_chosen_per_call_without_rebuilding_the_model():
+    model = transformer()
+    tokens = jax.random.randint(jax.random.key(6), (SIZE,), 0, 97)
+    other = eqx_ring.KernelTuning(query_chunk_size=8, key_chunk_size=16, ffn_chunk_size=8)
+    run = eqx.filter_jit(lambda m, t, tuning: m(t, tuning=tuning))
+    default, tuned = run(model, tokens, None), run(model, tokens, other)
+    # The per-call tuning is what the model built with it computes; other tiles, the same attention.
+    built = transformer()
+    built = built.with_spec(built.spec.replace(tuning=other))
+    np.testing.assert_array_equal(tuned, run(built, tokens, None))
+    assert rel_err(tuned, default) <= 1e-5
+    prefill = eqx.filter_jit(lambda m, t, tuning: m.prefill(t, length=13, tuning=tuning))
+    np.testing.assert_array_equal(prefill(model, tokens, other)[0], prefill(built, tokens, None)[0])
+    # Static under jit: the same model pytree with another tuning is another program (its tile sizes).
+    lowered = [run.lower(model, tokens, t).as_text() for t in (None, other, eqx_ring.KernelTuning())]
+    assert lowered[0] != lowered[1]
+    assert lowered[2] == lowered[0]  # the spec's own tuning, given explicitly: the default program
+    with pytest.raises(TypeError, match="tuning"):
+        model(tokens, tuning={"query_chunk_size": 8})
+
+
+def test_with_spec_runs_the_same_arrays_with_another_spec():
+    single = transformer()
+    mesh = make_mesh(sp=4)
+    tuning = eqx_ring.KernelTuning(query_chunk_size=4, key_chunk_size=4, ffn_chunk_size=SIZE)
+    ring = single.with_spec(eqx_ring.AttentionSpec(layout="zigzag", mesh=mesh, tuning=tuning))
+    assert ring.spec.mesh is mesh and single.spec == transformer().spec  # the original keeps its own spec
+    assert all(a is b for a, b in zip(jax.tree.leaves(ring), jax.tree.leaves(single), strict=True))
+    tokens = jax.random.randint(jax.random.key(7), (SIZE,), 0, 97)
+    run = eqx.filter_jit(lambda m, t: m(t))
+    zigzag = run(ring, eqx_ring.to_layout(tokens, "zigzag", 4, axis=0))
+    assert rel_err(eqx_ring.from_layout(zigzag, "zigzag", 4, axis=0), run(single, tokens)) <= 1e-5
+    # A spec the heads do not suit is refused as the constructor refuses it.
+    split = eqx_ring.AttentionSpec(mesh=make_mesh(tp=4, sp=2), head_axis="tp")
+    with pytest.raises(ValueError, match=r"num_kv_heads=2 must be divisible by the size 4 of head_axis='tp'"):
+        single.with_spec(split)
+    with pytest.raises(TypeError, match="spec"):
+        single.with_spec("zigzag")
