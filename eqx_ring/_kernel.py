@@ -1,21 +1,25 @@
-"""Blockwise online-softmax attention and its ring, forward and backward.
+"""The ring of key/value blocks, forward and backward, over one small kernel interface.
 
-One implementation serves both public kernels: `blockwise_attention` is a ring of one device.
+A `Kernel` computes what one key/value block contributes to this device's queries; two paths
+implement it, each in its own module with its own tile sizes and checks:
 
-Whole arrays keep the caller's sequence-major layout (no copies); each chunk is transposed
-to head-major when it is used, so every block matmul is a plain or a right-transposed product
-(XLA:CPU runs left-transposed ones 1.3-1.9x slower: benchmarks/matmul_layouts_cpu.py). B = flattened
-batch, K = kv heads,
-G = q heads per kv head:
+- `XlaKernel` (`_kernel_xla.py`): a loop over chunk pairs in plain XLA, any backend;
+- `PallasKernel` (`_kernel_pallas.py`): fused Pallas kernels, one launch per ring step forward and
+  two backward, lowered to Triton on GPU.
 
-    q, o, do          [B, Lq, K, G, D]     input dtype
-    k, v              [B, Lk, K, D]        input dtype, travel around the ring
-    acc, dq           [B, K, G, Lq, D]     float32 accumulators, head-major
-    dk^T, dv^T        [B, K, D, Lk]        float32, travel with their block
-    m, l, lse, delta  [B, K, G, Lq]        float32
-    seg [B, L] int32;  bias [B, Lk] float32;  positions [L] int32 (recomputed, never sent)
+This module owns everything the paths share: the ring (blocks travel n − 1 times forward; in the
+backward pass their gradient accumulators travel with them and come home), the true positions of
+every block, `delta = rowsum(do · o)`, the `jax.custom_vjp` and its batching rule.
+`blockwise_attention` is a ring of one device. Shapes (B = flattened batch, K = kv heads,
+G = q heads per kv head, D = head dim):
+
+    q, o, do, dq      [B, Lq, K, G, D]    q's dtype in, float32 out of a path
+    k, v, dk, dv      [B, Lk, K, D]       k's dtype in (they travel around the ring), float32 out
+    lse, delta        [B, K, G, Lq]       float32
+    segment ids [B, L] int32;  bias, dbias [B, Lk] float32;  positions [L] int32 (recomputed, never sent)
 """
 
+import abc
 from collections.abc import Callable, Hashable
 from functools import cache, partial
 from typing import Any, NamedTuple
@@ -26,322 +30,176 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array
 
-from . import _pallas
 from ._layout import shard_positions
-from ._masks import MaskSpec, classify, visible
-
-_F32 = jnp.float32
+from ._masks import MaskSpec
 
 
-class Config(NamedTuple):
-    """Everything static about one attention call (hashable: it is a custom_vjp nondiff arg).
+class Queries(NamedTuple):
+    """This device's queries, which stay while the key/value blocks go round."""
 
-    With `implementation="pallas"` one ring step is one fused kernel (`_pallas.py`) and the chunk
-    sizes are its tiles: `q_chunk`/`k_chunk` forward, `bwd_chunks` backward.
-    """
-
-    spec: MaskSpec
-    scale: float
-    q_chunk: int
-    k_chunk: int
-    axis_name: Hashable | None
-    layout: str
-    implementation: str = "xla"
-    bwd_chunks: tuple[int, int] = (0, 0)
-    interpret: bool = False
+    q: Array  # [B, Lq, K, G, D]
+    positions: Array  # [Lq] int32, true positions
+    segment_ids: Array | None  # [B, Lq] int32
 
 
-class KV(NamedTuple):
+class KeyValueBlock(NamedTuple):
     """What travels around the ring together: a key/value block and its per-key data."""
 
-    k: Array
-    v: Array
-    seg: Array | None
-    bias: Array | None
+    k: Array  # [B, Lk, K, D]
+    v: Array  # [B, Lk, K, D]
+    segment_ids: Array | None  # [B, Lk] int32
+    bias: Array | None  # [B, Lk] float32
 
 
-def _dsl(x, start, size, axis):
-    return lax.dynamic_slice_in_dim(x, start, size, axis)
+class Upstream(NamedTuple):
+    """What the backward pass knows about every query row."""
+
+    do: Array  # [B, Lq, K, G, D], the output's cotangent
+    lse: Array  # [B, K, G, Lq], the forward pass's log-sum-exp over every key of the ring
+    delta: Array  # [B, K, G, Lq], rowsum(do · o)
 
 
-def _q_chunk(x, start, size):
-    """[B, L, K, G, D] -> the head-major chunk [B, K, G, size, D]."""
-    return _dsl(x, start, size, 1).transpose(0, 2, 3, 1, 4)
+class Gradients(NamedTuple):
+    """The one gradient layout every path hands back: float32, in the inputs' layouts, scale applied."""
+
+    dq: Array  # [B, Lq, K, G, D]
+    dk: Array  # [B, Lk, K, D]
+    dv: Array  # [B, Lk, K, D]
+    dbias: Array | None  # [B, Lk]
 
 
-def _kv_chunk(x, start, size):
-    """[B, L, K, D] -> the head-major chunk [B, K, size, D]."""
-    return _dsl(x, start, size, 1).transpose(0, 2, 1, 3)
+class Kernel(abc.ABC):
+    """One way to compute a ring step; a path is a frozen dataclass of its tile sizes.
 
+    The ring drives a path through three calls per pass, and carries the path's own state between
+    them without looking inside (each path keeps its accumulators in the layout its matmuls like):
 
-def _dus(x, update, start, axis):
-    return lax.dynamic_update_slice_in_dim(x, update, start, axis)
+        forward:   state = start_forward(q);  state = forward_step(..., block, state) per block
+                   o, lse = finish_forward(state)   # o [B, Lq, K, G, D] and lse [B, K, G, Lq], float32
+        backward:  upstream, dq, dkv = start_backward(queries, upstream, block)
+                   dq, dkv = backward_step(..., block, dq, dkv) per block; dkv travels with its block
+                   finish_backward(scale, dq, dkv) -> Gradients
 
-
-def _opt(f, x, *rest):
-    return None if x is None else f(x, *rest)
-
-
-def _dispatch(cfg: Config, q_pos, q_seg, k_pos, k_seg, compute: Callable[[Any], Any], skipped):
-    """Run `compute(mask)` only where some pair is visible, and build the mask only where needed."""
-    spec = cfg.spec
-    if not spec.positional and q_seg is None:
-        return compute(None)
-    kind = classify(spec, q_pos, k_pos, q_seg, k_seg)
-    return lax.switch(
-        kind,
-        (
-            lambda: skipped,
-            lambda: compute(None),
-            lambda: compute(visible(spec, q_pos, k_pos, q_seg, k_seg)),
-        ),
-    )
-
-
-def _scores(qc, kc, bias_c, mask, scale):
-    s = jnp.einsum("bkgqd,bkpd->bkgqp", qc, kc, preferred_element_type=_F32) * scale
-    if bias_c is not None:
-        s = s + bias_c[:, None, None, None, :]
-    if mask is not None:
-        s = jnp.where(mask[:, None, None] if mask.ndim == 3 else mask, s, -jnp.inf)
-    return s
-
-
-def _fwd_block(qc, kc, vc, bias_c, mask, acc, m, l, scale):
-    s = _scores(qc, kc, bias_c, mask, scale)
-    m_new = jnp.maximum(m, s.max(-1))
-    # A row with nothing visible yet keeps m = -inf; shifting by 0 there keeps exp() at 0, not NaN.
-    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_use[..., None])
-    alpha = jnp.exp(m - m_use)
-    l = alpha * l + p.sum(-1)
-    pv = jnp.einsum("bkgqp,bkpd->bkgqd", p.astype(vc.dtype), vc, preferred_element_type=_F32)
-    return acc * alpha[..., None] + pv, m_new, l
-
-
-def _bwd_block(qc, q_t, kc, vc, bias_c, mask, doc, do_t, lse_c, delta_c, scale):
-    """Gradients of one block; q_t / do_t are the chunks transposed to [B, K, D, G, Cq]."""
-    s = _scores(qc, kc, bias_c, mask, scale)
-    p = jnp.exp(s - lse_c[..., None])
-    dv_t = jnp.einsum("bkdgq,bkgqp->bkdp", do_t, p.astype(do_t.dtype), preferred_element_type=_F32)
-    dp = jnp.einsum("bkgqd,bkpd->bkgqp", doc, vc, preferred_element_type=_F32)
-    ds = p * (dp - delta_c[..., None])
-    # dq and dk miss the factor `scale`; it is applied once to the finished sums.
-    dq = jnp.einsum("bkgqp,bkpd->bkgqd", ds.astype(kc.dtype), kc, preferred_element_type=_F32)
-    dk_t = jnp.einsum("bkdgq,bkgqp->bkdp", q_t, ds.astype(q_t.dtype), preferred_element_type=_F32)
-    db = None if bias_c is None else ds.sum((1, 2, 3))
-    return dq, dk_t, dv_t, db
-
-
-def _each_kv_head(fn, per_head, headed, shared):
-    """Run `fn` on one kv head (with its G q heads) at a time.
-
-    `per_head` and `headed` have the kv-head axis at 1 and are sliced; `headed` and `shared`
-    are carried and updated. Block temporaries then hold Cq x Ck scores for G q heads only, so a
-    chunk pair's memory no longer grows with the head count; each matmul stays Cq x Ck x D.
+    A path must be hashable (it is part of the `jax.custom_vjp`'s static arguments). A query row
+    that sees no key gets o = 0, lse = -inf and zero gradients.
     """
 
-    def head(h, carry):
-        headed, shared = carry
+    @abc.abstractmethod
+    def start_forward(self, q: Array) -> Any:
+        """The state before any block: nothing seen yet."""
 
-        def one(x):
-            return _dsl(x, h, 1, 1)
+    @abc.abstractmethod
+    def forward_step(self, masks: MaskSpec, scale: float, queries: Queries, block: KeyValueBlock,
+                     key_positions: Array, state: Any) -> Any:
+        """`state` with one more key/value block (at true positions `key_positions`) folded in."""
 
-        new_headed, shared = fn(*(one(x) for x in per_head), tuple(one(x) for x in headed), shared)
-        return tuple(_dus(x, y, h, 1) for x, y in zip(headed, new_headed, strict=True)), shared
+    @abc.abstractmethod
+    def finish_forward(self, state: Any) -> tuple[Array, Array]:
+        """(o, lse) from the state after every block."""
 
-    return lax.fori_loop(0, per_head[0].shape[1], head, (headed, shared))
+    @abc.abstractmethod
+    def start_backward(self, queries: Queries, upstream: Upstream, block: KeyValueBlock) -> tuple[Upstream, Any, Any]:
+        """(upstream as the steps want it, zero dq accumulator, zero accumulators of `block`'s gradients)."""
 
+    @abc.abstractmethod
+    def backward_step(self, masks: MaskSpec, scale: float, queries: Queries, upstream: Upstream,
+                      block: KeyValueBlock, key_positions: Array, dq: Any, dkv: Any) -> tuple[Any, Any]:
+        """(dq, dkv) with `block`'s contribution added; `dkv` is `block`'s own."""
 
-def _fwd_sweep(cfg: Config, q, q_pos, q_seg, kv: KV, k_pos, state):
-    """Fold one key/value block into the running (acc, m, l) of every local query."""
-    cq, ck = cfg.q_chunk, cfg.k_chunk
-
-    def q_step(i, state):
-        qs = i * cq
-        qc, qp, qsg = _q_chunk(q, qs, cq), _dsl(q_pos, qs, cq, 0), _opt(_dsl, q_seg, qs, cq, 1)
-        blk = tuple(_dsl(x, qs, cq, 3) for x in state)
-
-        def k_step(j, blk):
-            ks = j * ck
-            kp, ksg, kb = _dsl(k_pos, ks, ck, 0), _opt(_dsl, kv.seg, ks, ck, 1), _opt(_dsl, kv.bias, ks, ck, 1)
-
-            def compute(mask):
-                def block(qh, kh, vh, carry, shared):
-                    return _fwd_block(qh, kh, vh, kb, mask, *carry, cfg.scale), shared
-
-                per_head = (qc, _kv_chunk(kv.k, ks, ck), _kv_chunk(kv.v, ks, ck))
-                return _each_kv_head(block, per_head, blk, ())[0]
-
-            return _dispatch(cfg, qp, qsg, kp, ksg, compute, blk)
-
-        blk = lax.fori_loop(0, kv.k.shape[1] // ck, k_step, blk)
-        return tuple(_dus(x, b, qs, 3) for x, b in zip(state, blk, strict=True))
-
-    return lax.fori_loop(0, q.shape[1] // cq, q_step, state)
+    @abc.abstractmethod
+    def finish_backward(self, scale: float, dq: Any, dkv: Any) -> Gradients:
+        """The gradients from the accumulators after every block (`dkv` back home)."""
 
 
-def _bwd_sweep(cfg: Config, q, q_pos, q_seg, do, lse, delta, kv: KV, k_pos, dq, dkv):
-    """Add one key/value block's contribution to dq and to that block's (dk^T, dv^T, dbias)."""
-    cq, ck = cfg.q_chunk, cfg.k_chunk
+class Settings(NamedTuple):
+    """Everything static about one attention call (hashable: it is the custom_vjp's nondiff argument)."""
 
-    def q_step(i, carry):
-        dq, dkv = carry
-        qs = i * cq
-        q_raw, do_raw = _dsl(q, qs, cq, 1), _dsl(do, qs, cq, 1)
-        qc, doc = q_raw.transpose(0, 2, 3, 1, 4), do_raw.transpose(0, 2, 3, 1, 4)
-        q_t, do_t = q_raw.transpose(0, 2, 4, 3, 1), do_raw.transpose(0, 2, 4, 3, 1)
-        lse_c, delta_c = _dsl(lse, qs, cq, 3), _dsl(delta, qs, cq, 3)
-        qp, qsg = _dsl(q_pos, qs, cq, 0), _opt(_dsl, q_seg, qs, cq, 1)
-
-        def k_step(j, c):
-            dqc, dkv = c
-            ks = j * ck
-            kp, ksg, kb = _dsl(k_pos, ks, ck, 0), _opt(_dsl, kv.seg, ks, ck, 1), _opt(_dsl, kv.bias, ks, ck, 1)
-            axes = (3, 3, 1)  # dk^T, dv^T, dbias
-            blk = (dqc, *(_opt(_dsl, x, ks, ck, ax) for x, ax in zip(dkv, axes, strict=True)))
-
-            def compute(mask):
-                def block(qh, q_th, kh, vh, doh, do_th, lse_h, delta_h, carry, db):
-                    *grads, ddb = _bwd_block(qh, q_th, kh, vh, kb, mask, doh, do_th, lse_h, delta_h, cfg.scale)
-                    carry = tuple(a + g for a, g in zip(carry, grads, strict=True))
-                    return carry, None if db is None else db + ddb
-
-                per_head = (qc, q_t, _kv_chunk(kv.k, ks, ck), _kv_chunk(kv.v, ks, ck), doc, do_t, lse_c, delta_c)
-                headed, db = _each_kv_head(block, per_head, blk[:3], blk[3])
-                return (*headed, db)
-
-            # The branches see chunk-sized values only: whole accumulators stay outside the
-            # conditional, where XLA updates them in place instead of copying them.
-            dqc, *dblk = _dispatch(cfg, qp, qsg, kp, ksg, compute, blk)
-            return dqc, tuple(_opt(_dus, x, d, ks, ax) for x, d, ax in zip(dkv, dblk, axes, strict=True))
-
-        dqc, dkv = lax.fori_loop(0, kv.k.shape[1] // ck, k_step, (_dsl(dq, qs, cq, 3), dkv))
-        return _dus(dq, dqc, qs, 3), dkv
-
-    return lax.fori_loop(0, q.shape[1] // cq, q_step, (dq, dkv))
+    kernel: Kernel
+    masks: MaskSpec
+    scale: float
+    axis_name: Hashable | None
+    layout: str
 
 
-def _ring_geometry(cfg: Config):
+def _ring_size_and_index(settings: Settings):
     """(devices on the ring, this device's index); (1, 0) without an axis."""
-    if cfg.axis_name is None:
+    if settings.axis_name is None:
         return 1, 0
-    return lax.axis_size(cfg.axis_name), lax.axis_index(cfg.axis_name)
+    return lax.axis_size(settings.axis_name), lax.axis_index(settings.axis_name)
 
 
-def _shift(tree, cfg: Config, n: int):
+def _send_to_next(tree, settings: Settings, n: int):
     """Send a pytree one step along the ring: device i -> i + 1."""
     perm = [(i, (i + 1) % n) for i in range(n)]
-    return jax.tree.map(lambda x: lax.ppermute(x, cfg.axis_name, perm), tree)
+    return jax.tree.map(lambda x: lax.ppermute(x, settings.axis_name, perm), tree)
 
 
-def _ring_forward(cfg: Config, kv: KV, state, step):
-    """Fold every key/value block of the ring into `state` with `step(s, kv, state)`."""
-    n, _ = _ring_geometry(cfg)
+def _ring_forward(settings: Settings, block: KeyValueBlock, state, step):
+    """Fold every key/value block of the ring into `state` with `step(s, block, state)`."""
+    n, _ = _ring_size_and_index(settings)
     if n > 1:
 
         def body(carry, s):
-            kv, state = carry
-            nxt = _shift(kv, cfg, n)  # issued before this step's compute, which it overlaps
-            return (nxt, step(s, kv, state)), None
+            block, state = carry
+            arriving = _send_to_next(block, settings, n)  # issued before this step's compute, which it overlaps
+            return (arriving, step(s, block, state)), None
 
-        (kv, state), _ = lax.scan(body, (kv, state), jnp.arange(n - 1))
-    return step(n - 1, kv, state)
+        (block, state), _ = lax.scan(body, (block, state), jnp.arange(n - 1))
+    return step(n - 1, block, state)
 
 
-def _ring_backward(cfg: Config, kv: KV, dq, dkv, step):
-    """Run `step(s, kv, dq, dkv)` on every block; each block's `dkv` travels with it and comes home."""
-    n, _ = _ring_geometry(cfg)
+def _ring_backward(settings: Settings, block: KeyValueBlock, dq, dkv, step):
+    """Run `step(s, block, dq, dkv)` on every block; each block's `dkv` travels with it and comes home."""
+    n, _ = _ring_size_and_index(settings)
     if n > 1:
 
         def body(carry, s):
-            kv, dq, dkv = carry
-            nxt = _shift(kv, cfg, n)
-            dq, dkv = step(s, kv, dq, dkv)
+            block, dq, dkv = carry
+            arriving = _send_to_next(block, settings, n)
+            dq, dkv = step(s, block, dq, dkv)
             # The gradient accumulators travel with their block, one step behind its k/v.
-            return (nxt, dq, _shift(dkv, cfg, n)), None
+            return (arriving, dq, _send_to_next(dkv, settings, n)), None
 
-        (kv, dq, dkv), _ = lax.scan(body, (kv, dq, dkv), jnp.arange(n - 1))
-    dq, dkv = step(n - 1, kv, dq, dkv)
+        (block, dq, dkv), _ = lax.scan(body, (block, dq, dkv), jnp.arange(n - 1))
+    dq, dkv = step(n - 1, block, dq, dkv)
     if n > 1:
-        dkv = _shift(dkv, cfg, n)  # the last hop brings each block's gradients home
+        dkv = _send_to_next(dkv, settings, n)  # the last hop brings each block's gradients home
     return dq, dkv
 
 
-def _forward(cfg: Config, q, kv: KV, q_seg):
-    n, r = _ring_geometry(cfg)
-    b, lq, kh, g, d = q.shape
-    lk = kv.k.shape[1]
-    q_pos = shard_positions(r, lq, cfg.layout, n)
+def _forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids):
+    n, r = _ring_size_and_index(settings)
+    queries = Queries(q, shard_positions(r, q.shape[1], settings.layout, n), q_segment_ids)
 
-    def k_pos(s):
-        return shard_positions((r - s) % n, lk, cfg.layout, n)
+    def key_positions(s):  # the block in hand at step s started on device r - s
+        return shard_positions((r - s) % n, block.k.shape[1], settings.layout, n)
 
-    if cfg.implementation == "pallas":
+    def step(s, block, state):
+        return settings.kernel.forward_step(settings.masks, settings.scale, queries, block, key_positions(s), state)
 
-        def fused(s, kv, state):
-            step = _pallas.forward(q, kv.k, kv.v, q_pos, k_pos(s), q_seg, kv.seg, kv.bias, spec=cfg.spec,
-                                   scale=cfg.scale, block_q=cfg.q_chunk, block_k=cfg.k_chunk, interpret=cfg.interpret)
-            return _pallas.merge(*state, *step)
-
-        empty = (jnp.full_like(q, 0.0, _F32), jnp.full_like(q, -jnp.inf, _F32, shape=(b, kh, g, lq)))
-        return _ring_forward(cfg, kv, empty, fused)
-
-    # full_like inherits q's varying mesh axes, so the carries type-check under shard_map.
-    state = (
-        jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq, d)),
-        jnp.full_like(q, -jnp.inf, _F32, shape=(b, kh, g, lq)),
-        jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq)),
-    )
-    acc, m, l = _ring_forward(cfg, kv, state, lambda s, kv, st: _fwd_sweep(cfg, q, q_pos, q_seg, kv, k_pos(s), st))
-    seen = l > 0
-    l_safe = jnp.where(seen, l, 1.0)
-    o = (acc / l_safe[..., None]).transpose(0, 3, 1, 2, 4)
-    lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
-    return o, lse
+    state = _ring_forward(settings, block, settings.kernel.start_forward(q), step)
+    return settings.kernel.finish_forward(state)
 
 
-def _backward(cfg: Config, q, kv: KV, q_seg, o, lse, do):
-    n, r = _ring_geometry(cfg)
-    b, lq, kh, g, d = q.shape
-    lk = kv.k.shape[1]
-    q_pos = shard_positions(r, lq, cfg.layout, n)
-    delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(_F32), o.astype(_F32))
+def _backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, o, lse, do) -> Gradients:
+    n, r = _ring_size_and_index(settings)
+    queries = Queries(q, shard_positions(r, q.shape[1], settings.layout, n), q_segment_ids)
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(jnp.float32), o.astype(jnp.float32))
 
-    def k_pos(s):
-        return shard_positions((r - s) % n, lk, cfg.layout, n)
+    def key_positions(s):
+        return shard_positions((r - s) % n, block.k.shape[1], settings.layout, n)
 
-    if cfg.implementation == "pallas":
+    upstream, dq, dkv = settings.kernel.start_backward(queries, Upstream(do, lse, delta), block)
 
-        def fused(s, kv, dq, dkv):
-            bq, bk = cfg.bwd_chunks
-            dq_s, *dkv_s = _pallas.backward(q, kv.k, kv.v, q_pos, k_pos(s), q_seg, kv.seg, kv.bias, do, lse, delta,
-                                            spec=cfg.spec, scale=cfg.scale, block_q=bq, block_k=bk,
-                                            interpret=cfg.interpret)
-            return dq + dq_s, tuple(_opt(jnp.add, a, x) for a, x in zip(dkv, dkv_s, strict=True))
+    def step(s, block, dq, dkv):
+        return settings.kernel.backward_step(settings.masks, settings.scale, queries, upstream, block,
+                                             key_positions(s), dq, dkv)
 
-        zeros = tuple(_opt(jnp.full_like, x, 0.0, _F32) for x in (kv.k, kv.v, kv.bias))
-        dq, (dk, dv, db) = _ring_backward(cfg, kv, jnp.full_like(q, 0.0, _F32), zeros, fused)
-        return dq, dk, dv, db
-
-    # Rows that saw no key have lse = -inf and every score -inf; shifting by 0 keeps p at 0.
-    lse = jnp.where(lse == -jnp.inf, 0.0, lse)
-    dq = jnp.full_like(q, 0.0, _F32, shape=(b, kh, g, lq, d))
-    dkv = (
-        jnp.full_like(kv.k, 0.0, _F32, shape=(b, kh, d, lk)),
-        jnp.full_like(kv.v, 0.0, _F32, shape=(b, kh, d, lk)),
-        _opt(jnp.full_like, kv.bias, 0.0, _F32),
-    )
-
-    def step(s, kv, dq, dkv):
-        return _bwd_sweep(cfg, q, q_pos, q_seg, do, lse, delta, kv, k_pos(s), dq, dkv)
-
-    dq, (dk_t, dv_t, db) = _ring_backward(cfg, kv, dq, dkv, step)
-    dq = (dq * cfg.scale).transpose(0, 3, 1, 2, 4)
-    return dq, (dk_t * cfg.scale).transpose(0, 3, 1, 2), dv_t.transpose(0, 3, 1, 2), db
+    dq, dkv = _ring_backward(settings, block, dq, dkv, step)
+    return settings.kernel.finish_backward(settings.scale, dq, dkv)
 
 
-def _fold_vmap(fn: Callable) -> Callable:
+def _fold_vmap_into_batch(fn: Callable) -> Callable:
     """`fn` (arrays with a leading batch axis B) under `jax.vmap` folds the mapped axis into B.
 
     Without this, vmapping the kernel would batch the block classification (its segment ranges
@@ -365,34 +223,34 @@ def _fold_vmap(fn: Callable) -> Callable:
 
 
 @cache
-def _impls(cfg: Config) -> tuple[Callable, Callable]:
-    def fwd(q, k, v, bias, q_seg, k_seg):
-        return _forward(cfg, q, KV(k, v, k_seg, bias), q_seg)
+def _forward_and_backward(settings: Settings) -> tuple[Callable, Callable]:
+    def forward(q, k, v, bias, q_seg, k_seg):
+        return _forward(settings, q, KeyValueBlock(k, v, k_seg, bias), q_seg)
 
-    def bwd(q, k, v, bias, q_seg, k_seg, o, lse, do):
-        return _backward(cfg, q, KV(k, v, k_seg, bias), q_seg, o, lse, do)
+    def backward(q, k, v, bias, q_seg, k_seg, o, lse, do):
+        return tuple(_backward(settings, q, KeyValueBlock(k, v, k_seg, bias), q_seg, o, lse, do))
 
-    return _fold_vmap(fwd), _fold_vmap(bwd)
+    return _fold_vmap_into_batch(forward), _fold_vmap_into_batch(backward)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def attention(cfg: Config, q, k, v, bias, q_seg, k_seg):
+def attention(settings: Settings, q, k, v, bias, q_segment_ids, k_segment_ids):
     """Exact attention of local queries against the ring's keys. Shapes as in the module docstring."""
-    o, _ = _impls(cfg)[0](q, k, v, bias, q_seg, k_seg)
+    o, _ = _forward_and_backward(settings)[0](q, k, v, bias, q_segment_ids, k_segment_ids)
     return o.astype(q.dtype)
 
 
-def _attention_fwd(cfg: Config, q, k, v, bias, q_seg, k_seg):
-    o, lse = _impls(cfg)[0](q, k, v, bias, q_seg, k_seg)
+def _attention_fwd(settings: Settings, q, k, v, bias, q_segment_ids, k_segment_ids):
+    o, lse = _forward_and_backward(settings)[0](q, k, v, bias, q_segment_ids, k_segment_ids)
     o = o.astype(q.dtype)
-    return o, (q, k, v, bias, q_seg, k_seg, o, lse)
+    return o, (q, k, v, bias, q_segment_ids, k_segment_ids, o, lse)
 
 
-def _attention_bwd(cfg: Config, res, do):
-    q, k, v, bias, q_seg, k_seg, o, lse = res
-    dq, dk, dv, db = _impls(cfg)[1](q, k, v, bias, q_seg, k_seg, o, lse, do)
-    db = None if db is None else db.astype(bias.dtype)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), db, None, None
+def _attention_bwd(settings: Settings, residuals, do):
+    q, k, v, bias, q_segment_ids, k_segment_ids, o, lse = residuals
+    dq, dk, dv, dbias = _forward_and_backward(settings)[1](q, k, v, bias, q_segment_ids, k_segment_ids, o, lse, do)
+    dbias = None if dbias is None else dbias.astype(bias.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, None
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

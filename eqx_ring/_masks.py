@@ -1,8 +1,10 @@
 """Attention masks computed from true token positions, at element and at block granularity."""
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Bool, Int
 
 SKIP, FULL, MASKED = 0, 1, 2  # block kinds: nothing visible, everything visible, mixed
@@ -17,6 +19,7 @@ class MaskSpec(NamedTuple):
 
     @property
     def positional(self) -> bool:
+        """Whether a mask depends on positions (`False`: only segments, if any, can hide a key)."""
         return self.causal or self.sliding_window is not None
 
 
@@ -30,17 +33,17 @@ def visible(
     """Which (query, key) pairs may attend; `None` when every pair may."""
     mask = None
 
-    def both(a, b):
-        return b if a is None else a & b
+    def and_also(mask, condition):
+        return condition if mask is None else mask & condition
 
     qp, kp = q_pos[:, None], k_pos[None, :]
     if spec.causal:
-        b = spec.causal_block_size
-        mask = both(mask, kp // b <= qp // b)
+        frame = spec.causal_block_size
+        mask = and_also(mask, kp // frame <= qp // frame)
     if spec.sliding_window is not None:
-        mask = both(mask, (qp - spec.sliding_window < kp) & (kp <= qp))
+        mask = and_also(mask, (qp - spec.sliding_window < kp) & (kp <= qp))
     if q_seg is not None:
-        mask = both(mask, q_seg[..., :, None] == k_seg[..., None, :])
+        mask = and_also(mask, q_seg[..., :, None] == k_seg[..., None, :])
     return mask
 
 
@@ -60,9 +63,9 @@ def classify(
     none = jnp.asarray(False)
     every = jnp.asarray(True)
     if spec.causal:
-        b = spec.causal_block_size
-        none |= k_lo // b > q_hi // b
-        every &= k_hi // b <= q_lo // b
+        frame = spec.causal_block_size
+        none |= k_lo // frame > q_hi // frame
+        every &= k_hi // frame <= q_lo // frame
     if spec.sliding_window is not None:
         w = spec.sliding_window
         none |= (k_lo > q_hi) | (k_hi <= q_lo - w)
@@ -73,3 +76,14 @@ def classify(
         none |= jnp.all((qs_hi < ks_lo) | (ks_hi < qs_lo))
         every &= jnp.all((qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo))
     return jnp.where(none, SKIP, jnp.where(every, FULL, MASKED)).astype(jnp.int32)
+
+
+def skip_or_compute(kind: Int[Array, ""] | None, skipped: Any, compute: Callable[[bool], Any]) -> Any:
+    """`skipped` for a `SKIP` block, else `compute(masked)`, with `masked` true only for a `MASKED` one.
+
+    `kind=None` (nothing is ever masked) computes without a mask and builds no conditional.
+    """
+    if kind is None:
+        return compute(False)
+    branches = {SKIP: lambda: skipped, FULL: lambda: compute(False), MASKED: lambda: compute(True)}
+    return lax.switch(kind, [branches[k] for k in sorted(branches)])

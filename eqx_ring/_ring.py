@@ -7,56 +7,35 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from . import _pallas
-from ._checks import check_chunk, check_mask_args, check_qkv, check_scale
-from ._kernel import Config, attention
+from ._checks import check_mask_args, check_qkv, check_scale
+from ._kernel import Kernel, Settings, attention
+from ._kernel_pallas import PallasKernel, interpreted
+from ._kernel_xla import XlaKernel
 from ._layout import check_layout
 
 IMPLEMENTATIONS = ("xla", "pallas")
-# The fused kernel's tiles (forward q, k; backward q, k), for an H100; a shorter sequence takes the
-# largest power of two that divides it.
-_PALLAS_TILES = (128, 64, 64, 64)
 
 
 def fused_is_interpreted(implementation: str | None) -> bool:
     """Whether `implementation` means the fused kernels in Pallas's interpreter (asked for off GPU)."""
-    return implementation == "pallas" and jax.default_backend() != "gpu"
+    return implementation == "pallas" and interpreted()
 
 
-def _pallas_tile(preferred: int, length: int, interpret: bool) -> int | None:
-    """The largest power-of-two tile (>= 16, Triton's smallest dot) up to `preferred` dividing `length`.
+def _choose_kernel(implementation: str | None, query_chunk_size, key_chunk_size, q_len: int, kv_len: int,
+                   head_dim: int, where: str) -> Kernel:
+    """The path that computes each ring step, with its tiles for the lengths one step sees.
 
-    Interpreted (off GPU) any tile works, so a short sequence is one tile.
-    """
-    tile = preferred
-    while _pallas.pow2_tile(tile):
-        if length % tile == 0:
-            return tile
-        tile //= 2
-    return min(preferred, length) if interpret and length % min(preferred, length) == 0 else None
-
-
-def _pallas_config(implementation: str | None, q_len: int, kv_len: int, head_dim: int):
-    """The tiles and interpret flag of the fused path, or None for the XLA path.
-
-    `None` picks the fused kernel on GPU when the shapes suit Triton; off GPU, an explicit
-    "pallas" runs the same kernels in Pallas's interpreter (slow; for tests).
+    `None` picks the fused kernels on GPU when the shapes suit Triton, and the XLA path otherwise;
+    off GPU, an explicit "pallas" runs the same kernels in Pallas's interpreter (slow; for tests).
+    The fused path picks its own tiles, so the chunk sizes are checked only for the XLA path.
     """
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    if implementation == "xla" or (implementation is None and jax.default_backend() != "gpu"):
-        return None
-    interpret = fused_is_interpreted("pallas")
-    tiles = tuple(_pallas_tile(t, n, interpret) for t, n in zip(_PALLAS_TILES, (q_len, kv_len) * 2, strict=True))
-    fits = None not in tiles and (interpret or _pallas.pow2_tile(head_dim))
-    if fits:
-        return tiles, interpret
-    if implementation is None:
-        return None
-    raise ValueError(
-        f'implementation="pallas" needs a head_dim that is a power of two >= 16 (got {head_dim}) and local sequence '
-        f"lengths divisible by 16 or more (got q_seq={q_len}, kv_seq={kv_len}); use implementation=\"xla\""
-    )
+    if implementation == "pallas" or (implementation is None and jax.default_backend() == "gpu"):
+        fused = PallasKernel.for_shapes(q_len, kv_len, head_dim, where=where, required=implementation == "pallas")
+        if fused is not None:
+            return fused
+    return XlaKernel.for_shapes(query_chunk_size, key_chunk_size, q_len, kv_len, where)
 
 
 def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, segment_ids, kv_segment_ids,
@@ -67,7 +46,7 @@ def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, s
                      what=f"q_seq (local {dims.q_len} × {num_shards} devices)")
         check_layout(layout, dims.kv_len * num_shards, num_shards,
                      what=f"kv_seq (local {dims.kv_len} × {num_shards} devices)")
-    spec, q_seg, k_seg, bias = check_mask_args(
+    masks, q_seg, k_seg, bias = check_mask_args(
         dims,
         causal=causal,
         causal_block_size=causal_block_size,
@@ -81,31 +60,21 @@ def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, s
     halves = 2 if layout == "zigzag" and num_shards > 1 else 1
     where = where if halves == 1 else f"{where}/2 (one zigzag half)"
     scale = float(dims.head_dim**-0.5) if scale is None else check_scale(scale, static=True)
-    fused = _pallas_config(implementation, dims.q_len // halves, dims.kv_len // halves, dims.head_dim)
-    if fused is None:
-        cfg = Config(
-            spec=spec,
-            scale=scale,
-            q_chunk=check_chunk("query_chunk_size", query_chunk_size, dims.q_len // halves, f"q_seq{where}"),
-            k_chunk=check_chunk("key_chunk_size", key_chunk_size, dims.kv_len // halves, f"kv_seq{where}"),
-            axis_name=axis_name,
-            layout=layout,
-        )
-    else:
-        (fwd_q, fwd_k, bwd_q, bwd_k), interpret = fused
-        cfg = Config(spec=spec, scale=scale, q_chunk=fwd_q, k_chunk=fwd_k, axis_name=axis_name, layout=layout,
-                     implementation="pallas", bwd_chunks=(bwd_q, bwd_k), interpret=interpret)
-    b = -1 if dims.batch else 1
+    kernel = _choose_kernel(implementation, query_chunk_size, key_chunk_size, dims.q_len // halves,
+                            dims.kv_len // halves, dims.head_dim, where)
+    settings = Settings(kernel=kernel, masks=masks, scale=scale, axis_name=axis_name, layout=layout)
+    batch = -1 if dims.batch else 1
     groups = dims.q_heads // dims.kv_heads
-    qi = q.reshape(b, dims.q_len, dims.kv_heads, groups, dims.head_dim)
-    ki = k.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim)
-    vi = v.reshape(b, dims.kv_len, dims.kv_heads, dims.head_dim)
+    q_grouped = q.reshape(batch, dims.q_len, dims.kv_heads, groups, dims.head_dim)
+    k_flat = k.reshape(batch, dims.kv_len, dims.kv_heads, dims.head_dim)
+    v_flat = v.reshape(batch, dims.kv_len, dims.kv_heads, dims.head_dim)
 
     def flat(x, n):
-        return None if x is None else x.reshape(b, n)
+        return None if x is None else x.reshape(batch, n)
 
     bias = None if bias is None else bias.astype(jnp.float32)
-    o = attention(cfg, qi, ki, vi, flat(bias, dims.kv_len), flat(q_seg, dims.q_len), flat(k_seg, dims.kv_len))
+    o = attention(settings, q_grouped, k_flat, v_flat, flat(bias, dims.kv_len), flat(q_seg, dims.q_len),
+                  flat(k_seg, dims.kv_len))
     return o.reshape(q.shape)
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqx_ring import _pallas
+from eqx_ring import _kernel_pallas as _pallas
 from eqx_ring._layout import shard_positions
 from eqx_ring._masks import MaskSpec
 
