@@ -105,6 +105,24 @@ def test_implementation_switch():
             eqx_ring.blockwise_attention(q[..., :12], k[..., :12], v[..., :12], implementation="pallas")
 
 
+def test_fused_path_chooses_its_own_tiles():
+    """The fused path ignores the chunk sizes, and refuses by name lengths that no tile it has divides."""
+    (q, k, v), _, _ = make_inputs("causal")
+    fused = partial(eqx_ring.blockwise_attention, causal=True, implementation="pallas")
+    # 24 does not divide the 256 queries: only the XLA path, which uses the chunk sizes, refuses it.
+    assert jax.eval_shape(partial(fused, query_chunk_size=24), q, k, v).shape == q.shape
+    with pytest.raises(ValueError, match="query_chunk_size=24 must divide q_seq=256"):
+        eqx_ring.blockwise_attention(q, k, v, implementation="xla", query_chunk_size=24)
+    # No power of two >= 16 divides 200 (nor, interpreted, do the preferred tiles of 128 and 64).
+    with pytest.raises(ValueError, match=r'implementation="pallas" needs .*\(got q_seq=200, kv_seq=200\)'):
+        fused(q[:, :200], k[:, :200], v[:, :200])
+    # On a ring the error names the lengths one step sees: here half of a zigzag shard of 800 / 4 tokens.
+    (q, k, v), _, _ = make_inputs("causal", t=800)
+    half = r"kv_seq \(the local shard of 4 devices on axis 'sp'\)/2 \(one zigzag half\)=100"
+    with pytest.raises(ValueError, match=half):
+        ring_fn(4, "zigzag", check_vma=False, causal=True, implementation="pallas")(q, k, v)
+
+
 @pytest.mark.parametrize("cq", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("ck", [1, 3, 16])
 def test_blockwise_any_chunk_size(cq, ck):
