@@ -1,4 +1,5 @@
-"""RingLM presets and loss, and zoo files: identical round trips, tampering refused."""
+"""RingLM presets, loss and config, respec, and zoo files: identical round trips (old formats too), tampering
+refused."""
 
 import dataclasses
 
@@ -11,11 +12,13 @@ import pytest
 from helpers import rel_err
 
 import models
+from eqx_ring import AttentionSpec, KernelTuning, from_layout, to_layout
+from eqx_ring.sharding import make_mesh
 from data_pipelines import ByteTokenizer, MovingShapes, PatchQuantizer, packed_batches, video_text_examples
 
 # Text bytes and specials (263 ids), then the PatchQuantizer's 64 codes.
-TINY = models.LMConfig.preset("tiny", vocab_size=263 + 64, query_chunk_size=32, key_chunk_size=32,
-                              ffn_chunk_size=64)
+TINY = models.LMConfig.preset("tiny", vocab_size=263 + 64, attention=AttentionSpec(
+    tuning=KernelTuning(query_chunk_size=32, key_chunk_size=32, ffn_chunk_size=64)))
 
 
 def a_batch(layout=None, ring_size=1):
