@@ -8,18 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import rel_err
+from helpers import CONFIG_MAPPING_BUG, RESPEC_SENTINEL_BUG, rel_err
 
 import models
 from data_pipelines import ByteTokenizer, MovingShapes, PatchQuantizer, packed_batches, video_text_examples
-from eqx_ring import from_layout, to_layout
+from eqx_ring import AttentionSpec, KernelTuning, from_layout, to_layout
 from eqx_ring.sharding import BATCH_AXES, make_mesh, shard_params
 
 TOK = ByteTokenizer()
 # PatchQuantizer(patch=8) on 16 x 16 frames: 4 codes per frame from 64; two frames per video.
 SMALL = models.VideoTextConfig(codebook_size=64, num_frames=2, codes_per_frame=4, d_model=32, num_layers=2,
-                               num_heads=4, num_kv_heads=2, hidden_size=64, query_chunk_size=16, key_chunk_size=16,
-                               ffn_chunk_size=32)
+                               num_heads=4, num_kv_heads=2, hidden_size=64, attention=AttentionSpec(
+                                   tuning=KernelTuning(query_chunk_size=16, key_chunk_size=16, ffn_chunk_size=32)))
+ANY_LENGTH = KernelTuning(query_chunk_size=4096, key_chunk_size=4096, ffn_chunk_size=4096)  # chunks cut to the length
 
 
 def batch_of(layout=None, ring_size=1, seq_len=128, batch_size=2, tasks=None):
@@ -53,6 +54,7 @@ def test_loss_is_lwm_per_modality_cross_entropy():
     assert rel_err(loss, 0.3 * text + 0.7 * vision) <= 1e-6
 
 
+@RESPEC_SENTINEL_BUG
 def test_loss_and_gradients_on_a_ring_mesh_equal_one_device():
     # One device, natural order, against (dp=2, sp=4) with the rows in the zigzag layout.
     single = models.VideoTextLM(SMALL, key=jax.random.key(1))
@@ -71,20 +73,20 @@ def test_loss_and_gradients_on_a_ring_mesh_equal_one_device():
 
 def naive_greedy(model, prompt, steps, allowed, forced):
     """Token by token with a fresh, unpadded forward pass each time: the reference for `decode`."""
-    model = models.respec(model, query_chunk_size=4096, key_chunk_size=4096, ffn_chunk_size=4096)  # any length
     tokens = list(np.asarray(prompt))
     for i in range(steps):
         if forced[i] >= 0:
             tokens.append(int(forced[i]))
             continue
-        hidden = model(jnp.asarray(tokens, jnp.int32))
+        hidden = model.transformer(jnp.asarray(tokens, jnp.int32), tuning=ANY_LENGTH)
         logits = np.asarray(model.transformer.logits(hidden[-1]))
         tokens.append(int(np.where(allowed[i], logits, -np.inf).argmax()))
     return np.array(tokens[len(prompt):])
 
 
 def test_caption_equals_naive_greedy_decoding():
-    model = models.VideoTextLM(dataclasses.replace(SMALL, query_chunk_size=512, key_chunk_size=512),
+    tuning = dataclasses.replace(SMALL.attention.tuning, query_chunk_size=512, key_chunk_size=512)
+    model = models.VideoTextLM(dataclasses.replace(SMALL, attention=SMALL.attention.replace(tuning=tuning)),
                                key=jax.random.key(2))
     codes = jax.random.randint(jax.random.key(3), (3, SMALL.num_frames, SMALL.codes_per_frame), 0, 64)
     captions = model.caption(codes, TOK, max_length=6)
@@ -115,11 +117,12 @@ def test_generate_video_pads_prompts_of_different_lengths_exactly():
         np.testing.assert_array_equal(got, expected)
 
 
+@RESPEC_SENTINEL_BUG
 def test_respec_moves_weights_and_refuses_new_shapes():
     model = models.VideoTextLM(SMALL, key=jax.random.key(5))
     tokens = jnp.arange(64) % 300
     moved = models.respec(model, mesh=make_mesh(dp=1, fsdp=1, tp=1, sp=4, devices=jax.devices()[:4]), layout="zigzag")
-    assert moved.config.layout == "zigzag"
+    assert moved.config.attention.layout == "zigzag" and moved.spec.layout == "zigzag"
     natural = eqx.filter_jit(lambda m, t: m(t))(model, tokens)
     zigzag = eqx.filter_jit(lambda m, t: m(t))(moved, to_layout(tokens, "zigzag", 4, axis=0))
     assert rel_err(from_layout(zigzag, "zigzag", 4, axis=0), natural) <= 1e-5
@@ -127,6 +130,7 @@ def test_respec_moves_weights_and_refuses_new_shapes():
         models.respec(model, d_model=64)
 
 
+@CONFIG_MAPPING_BUG
 def test_video_text_zoo_round_trip_and_tamper(tmp_path):
     model = models.VideoTextLM(SMALL, key=jax.random.key(6))
     json_path, weights = models.save(tmp_path / "vt", model)
@@ -231,8 +235,8 @@ def test_stages_extend_the_context_and_raise_rope_theta(tmp_path):
     assert seen == [(0, 64), (1, 128)]
     assert [r["stage"] for r in result.records] == [0, 0, 1, 1]
     assert [r["tokens"] for r in result.records] == [128, 128, 256, 256]
-    assert result.model.config.rope_theta == 50_000.0
-    assert result.model.transformer.blocks.attention.rope_theta == 50_000.0
+    assert result.model.config.attention.rope_theta == 50_000.0
+    assert result.model.transformer.spec.rope_theta == 50_000.0  # the spec every block is handed
     assert all(np.isfinite(r["loss"]) for r in result.records)
     # Finished: a second call restores the last checkpoint and trains no more.
     again = models.train(model, lambda m, b: m.loss(b), batches, config, workdir=tmp_path, progress=False)
