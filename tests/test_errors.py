@@ -90,9 +90,10 @@ def test_bad_mask_arguments():
         eqx_ring.blockwise_attention(q, kv, kv, kv_segment_ids=jnp.zeros((1, 64), jnp.int32))
 
 
-# ---- Hyperparameters: a bad size or setting is named when the layer is built ----------------------
+# ---- Hyperparameters: a bad size is named when the layer is built, a bad setting when its spec is ----
 
 KEY = jax.random.key(0)
+X16 = jnp.ones((16, 16))
 
 
 @pytest.mark.parametrize(
@@ -109,20 +110,25 @@ KEY = jax.random.key(0)
          "head_dim must be a positive int or None, got 0"),
         (lambda: eqx_ring.RingAttention(32, 4, head_dim=-2, key=KEY), ValueError,
          "head_dim must be a positive int or None, got -2"),
-        (lambda: eqx_ring.RingAttention(32, 4, rope_theta=0.0, key=KEY), ValueError,
+        (lambda: eqx_ring.AttentionSpec(rope_theta=0.0), ValueError,
          "rope_theta must be a positive finite number or None, got 0.0"),
-        (lambda: eqx_ring.RingAttention(32, 4, rope_theta=-1e4, key=KEY), ValueError,
+        (lambda: eqx_ring.AttentionSpec(rope_theta=-1e4), ValueError,
          "rope_theta must be a positive finite number or None, got -10000.0"),
-        (lambda: eqx_ring.RingAttention(32, 4, head_axis="tp", key=KEY), ValueError,
+        (lambda: eqx_ring.AttentionSpec(head_axis="tp"), ValueError,
          "head_axis='tp' splits the heads over a mesh axis, so it needs a mesh; got mesh=None"),
-        (lambda: eqx_ring.RingAttention(32, 4, causal=False, causal_block_size=4, key=KEY), ValueError,
+        (lambda: eqx_ring.AttentionSpec(causal=False, causal_block_size=4), ValueError,
          "causal_block_size=4 sets the block of the causal mask, so it needs causal=True; got causal=False"),
         (lambda: eqx_ring.BlockwiseFFN(0, 64, key=KEY), ValueError, "d_model must be a positive int, got 0"),
         (lambda: eqx_ring.BlockwiseFFN(-16, 64, key=KEY), ValueError, "d_model must be a positive int, got -16"),
         (lambda: eqx_ring.BlockwiseFFN(16, 0, key=KEY), ValueError, "hidden_size must be a positive int, got 0"),
         (lambda: eqx_ring.BlockwiseFFN(16, -1, key=KEY), ValueError, "hidden_size must be a positive int, got -1"),
-        (lambda: eqx_ring.BlockwiseFFN(16, 64, chunk_size=-8, key=KEY), ValueError,
+        (lambda: eqx_ring.BlockwiseFFN(16, 64, key=KEY)(X16, chunk_size=-8), ValueError,
          "chunk_size must be a positive int, got -8"),
+        (lambda: eqx_ring.KernelTuning(ffn_chunk_size=-8), ValueError, "ffn_chunk_size must be a positive int, got -8"),
+        (lambda: eqx_ring.KernelTuning(query_chunk_size=0), ValueError,
+         "query_chunk_size must be a positive int, got 0"),
+        (lambda: eqx_ring.KernelTuning(implementation="triton"), ValueError,
+         r"implementation must be one of \('xla', 'pallas'\) or None, got 'triton'"),
         (lambda: eqx_ring.BlockwiseFFN(16, 64, activation="relu", key=KEY), ValueError,
          r"activation must be one of \('swiglu', 'gelu'\), got 'relu'"),
         (lambda: eqx_ring.RMSNorm(0), ValueError, "dim must be a positive int, got 0"),
@@ -135,9 +141,9 @@ def test_bad_layer_settings_are_named(build, error, message):
         build()
 
 
-def test_ring_attention_causal_must_be_a_bool(hook):
+def test_attention_spec_causal_must_be_a_bool(hook):
     with named(hook, "causal", TypeError, "causal must be a bool, got 'yes'"):
-        eqx_ring.RingAttention(32, 4, causal="yes", key=KEY)
+        eqx_ring.AttentionSpec(causal="yes")
 
 
 # ---- Kernel arguments -----------------------------------------------------------------------------
@@ -286,8 +292,9 @@ def test_make_mesh_takes_lwm_bang_strings_as_devices_in_their_given_order():
 # ---- Shapes at each module call, with and without jaxtyping's hook ---------------------------------
 
 
-ATTN = eqx_ring.RingAttention(32, 4, num_kv_heads=2, query_chunk_size=8, key_chunk_size=8, key=KEY)
-FFN = eqx_ring.BlockwiseFFN(16, 32, chunk_size=4, key=KEY)
+ATTN = eqx_ring.RingAttention(32, 4, num_kv_heads=2, key=KEY)
+SPEC = eqx_ring.AttentionSpec(tuning=eqx_ring.KernelTuning(query_chunk_size=8, key_chunk_size=8))
+FFN = eqx_ring.BlockwiseFFN(16, 32, key=KEY)
 X = jnp.ones((16, 32))
 I32 = partial(jnp.asarray, dtype=jnp.int32)
 
@@ -295,24 +302,25 @@ I32 = partial(jnp.asarray, dtype=jnp.int32)
 def decode(**changes):
     """`ATTN.decode_step` on a 16-slot cache, with `changes` to its arguments."""
     args = dict(x=X[0], keys=jnp.ones((16, 2, 8)), values=jnp.ones((16, 2, 8)), segment_ids=jnp.zeros(16, jnp.int32),
-                index=I32(3), position=I32(3), segment=I32(0)) | changes
+                index=I32(3), position=I32(3), segment=I32(0), spec=SPEC) | changes
     return ATTN.decode_step(args.pop("x"), args.pop("keys"), args.pop("values"), args.pop("segment_ids"), **args)
 
 
 SHAPE_MISTAKES = {
-    "attn_batched": (lambda: ATTN(jnp.ones((2, 16, 32))), "x", ValueError,
+    "attn_batched": (lambda: ATTN(jnp.ones((2, 16, 32)), spec=SPEC), "x", ValueError,
                      r"x must have shape \[seq, d_model=32\], got shape \(2, 16, 32\)"),
-    "attn_width": (lambda: ATTN(jnp.ones((16, 24))), "x", ValueError,
+    "attn_width": (lambda: ATTN(jnp.ones((16, 24)), spec=SPEC), "x", ValueError,
                    r"x must have shape \[seq, d_model=32\], got shape \(16, 24\)"),
-    "attn_int_x": (lambda: ATTN(jnp.ones((16, 32), jnp.int32)), "x", TypeError,
+    "attn_int_x": (lambda: ATTN(jnp.ones((16, 32), jnp.int32), spec=SPEC), "x", TypeError,
                    "x must have a floating dtype, got int32"),
-    "attn_positions_length": (lambda: ATTN(X, positions=jnp.arange(8)), "positions", ValueError,
+    "attn_positions_length": (lambda: ATTN(X, spec=SPEC, positions=jnp.arange(8)), "positions", ValueError,
                               r"positions must have shape \[seq=16\], got shape \(8,\)"),
-    "attn_float_positions": (lambda: ATTN(X, positions=jnp.arange(16.0)), "positions", TypeError,
+    "attn_float_positions": (lambda: ATTN(X, spec=SPEC, positions=jnp.arange(16.0)), "positions", TypeError,
                              "positions must have an integer dtype, got float32"),
-    "attn_segment_ids_length": (lambda: ATTN(X, segment_ids=jnp.zeros(8, jnp.int32)), "segment_ids", ValueError,
+    "attn_segment_ids_length": (lambda: ATTN(X, spec=SPEC, segment_ids=jnp.zeros(8, jnp.int32)), "segment_ids",
+                                ValueError,
                                 r"segment_ids must have shape \[seq=16\], got shape \(8,\)"),
-    "prefill_batched": (lambda: ATTN.prefill(jnp.ones((2, 16, 32))), "x", ValueError,
+    "prefill_batched": (lambda: ATTN.prefill(jnp.ones((2, 16, 32)), spec=SPEC), "x", ValueError,
                         r"x must have shape \[seq, d_model=32\], got shape \(2, 16, 32\)"),
     "decode_x_batched": (lambda: decode(x=X[:2]), "x", ValueError,
                          r"x must have shape \[d_model=32\], got shape \(2, 32\)"),
@@ -326,9 +334,9 @@ SHAPE_MISTAKES = {
                             r"index must have shape \[\] \(a scalar\), got shape \(2,\)"),
     "decode_float_position": (lambda: decode(position=jnp.float32(3)), "position", TypeError,
                               "position must have an integer dtype, got float32"),
-    "ffn_3d": (lambda: FFN(jnp.ones((2, 8, 16))), "x", ValueError,
+    "ffn_3d": (lambda: FFN(jnp.ones((2, 8, 16)), chunk_size=4), "x", ValueError,
                r"x must have shape \[seq, d_model=16\], got shape \(2, 8, 16\)"),
-    "ffn_width": (lambda: FFN(jnp.ones((8, 12))), "x", ValueError,
+    "ffn_width": (lambda: FFN(jnp.ones((8, 12)), chunk_size=4), "x", ValueError,
                   r"x must have shape \[seq, d_model=16\], got shape \(8, 12\)"),
     "ffn_dense_width": (lambda: FFN.dense(jnp.ones((8, 12))), "x", ValueError,
                         r"x must have shape \[tokens, d_model=16\], got shape \(8, 12\)"),
@@ -351,11 +359,11 @@ def test_shape_mistakes_name_the_argument(case, hook):
 def test_ring_module_shape_mistakes_name_the_argument(hook):
     from eqx_ring.sharding import make_mesh
 
-    ring = eqx_ring.RingAttention(32, 4, mesh=make_mesh(sp=4, devices=jax.devices()[:4]), key=KEY)
+    ring = eqx_ring.AttentionSpec(mesh=make_mesh(sp=4, devices=jax.devices()[:4]))
     error, message = ((jaxtyping.TypeCheckError, "parameter 'positions'") if hook else
                       (ValueError, r"positions must have shape \[seq=64\], got shape \(32,\)"))
     with pytest.raises(error, match=message):
-        ring(jnp.ones((64, 32)), positions=jnp.arange(32))
+        eqx_ring.RingAttention(32, 4, key=KEY)(jnp.ones((64, 32)), spec=ring, positions=jnp.arange(32))
 
 
 # ---- RingAttention.decode_step against its cache's size ---------------------------------------------
