@@ -150,8 +150,8 @@ class BlockwiseFFN(eqx.Module):
         **Raises:**
 
         `ValueError` if `x` is not `[seq, d_model]` (a batch needs `jax.vmap`), if `chunk_size` is
-        not a positive int or does not divide `seq`; `TypeError` if `x` is not floating. (With jaxtyping's import hook on,
-        its `TypeCheckError` names a wrong shape or dtype first.)
+        not a positive int or does not divide `seq`; `TypeError` if `x` is not floating. (With
+        jaxtyping's import hook on, its `TypeCheckError` names a wrong shape or dtype first.)
         """
         del key, inference
         with jax.named_scope("eqx_ring.BlockwiseFFN"):

@@ -14,6 +14,7 @@ import numpy as np
 
 from eqx_ring import AttentionSpec, KernelTuning
 
+from ._lm import config_from_dict
 from ._train import Stage, TrainConfig, plot_metrics, train
 from ._video_lm import VideoTextConfig, VideoTextLM
 from ._vq import VideoVQ, VQConfig, vq_loss
@@ -97,25 +98,19 @@ class DemoConfig:
         **Raises:** `ValueError` for a key that is not a field (of `DemoConfig` or a nested config),
         or values the configs refuse.
         """
-        def build(config_cls, fields: dict[str, Any], where: str):
-            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(config_cls)})
-            if unknown:
-                raise ValueError(f"{where} has no fields {unknown}")
-            return config_cls(**fields)
-
         fields = dict(data)
         if "vq" in fields:
-            fields["vq"] = build(VQConfig, fields["vq"], "DemoConfig.vq")
+            fields["vq"] = config_from_dict(VQConfig, fields["vq"], "DemoConfig.vq")
         if "lm" in fields:
-            fields["lm"] = build(VideoTextConfig, fields["lm"], "DemoConfig.lm")
+            fields["lm"] = config_from_dict(VideoTextConfig, fields["lm"], "DemoConfig.lm")
         if "lm_train" in fields:
             train_fields = dict(fields["lm_train"])
             if "stages" in train_fields:
-                train_fields["stages"] = tuple(build(Stage, s, "a stage") for s in train_fields["stages"])
-            fields["lm_train"] = build(TrainConfig, train_fields, "DemoConfig.lm_train")
+                train_fields["stages"] = tuple(config_from_dict(Stage, s, "a stage") for s in train_fields["stages"])
+            fields["lm_train"] = config_from_dict(TrainConfig, train_fields, "DemoConfig.lm_train")
         if "tasks" in fields:
             fields["tasks"] = tuple((str(task), float(weight)) for task, weight in fields["tasks"])
-        return build(cls, fields, "DemoConfig")
+        return config_from_dict(cls, fields, "DemoConfig")
 
 
 def videos(config: DemoConfig, split: str):

@@ -16,10 +16,11 @@ from jaxtyping import Array, ArrayLike, Bool, Int, PRNGKeyArray
 from eqx_ring import KernelTuning, layout_slot, to_layout
 from eqx_ring.sharding import BATCH_AXES
 
-from ._protocol import _KEEP, RingModel
+from ._protocol import _KEEP, Keep, RingModel
 
 
-def respec(model: RingModel, *, mesh: Mesh | None = _KEEP, head_axis: str | None = _KEEP, **changes: Any):
+def respec(model: RingModel, *, mesh: Mesh | None | Keep = _KEEP, head_axis: str | None | Keep = _KEEP,
+           **changes: Any):
     """The same weights in a model rebuilt with another `mesh`, `head_axis` or config `changes`.
 
     For settings that change no array shape: e.g. a single-device copy for decoding

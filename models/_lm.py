@@ -48,10 +48,27 @@ def require_float(config: Any, name: str, *, low: float, high: float | None = No
                          f"got {value!r}")
 
 
+def config_from_dict(config_cls: type, fields: Mapping[str, Any], where: str | None = None) -> Any:
+    """The config of class `config_cls` that `fields` (as JSON gives it back) describes: its `attention`, if
+    any, a mapping of [`AttentionSpec`][eqx_ring.AttentionSpec] fields, becomes a spec. Unknown fields are
+    refused naming `where` (default: the class's name)."""
+    where = config_cls.__name__ if where is None else where
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{where} has no fields {unknown}")
+    fields = dict(fields)
+    if isinstance(fields.get("attention"), Mapping):
+        try:
+            fields["attention"] = AttentionSpec.from_dict(fields["attention"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}.attention: {error}") from None
+    return config_cls(**fields)
+
+
 def check_transformer_fields(config: Any) -> None:
     """The checks shared by [`LMConfig`][models.LMConfig] and [`VideoTextConfig`][models.VideoTextConfig]:
-    the dimensions they give [`RingTransformer`][eqx_ring.RingTransformer], and their `attention` spec (a
-    mapping of its fields, as JSON gives it back, becomes an `AttentionSpec`)."""
+    the dimensions they give [`RingTransformer`][eqx_ring.RingTransformer], and their `attention` spec."""
     owner = type(config).__name__
     for name in ("d_model", "num_layers", "num_heads"):
         require_int(config, name)
@@ -67,12 +84,6 @@ def check_transformer_fields(config: Any) -> None:
         raise ValueError(f"{owner}.remat_policy must be None or a name in jax.checkpoint_policies (e.g. "
                          f"'nothing_saveable', 'dots_saveable'), got {policy!r}")
     attention = config.attention
-    if isinstance(attention, Mapping):
-        try:
-            attention = AttentionSpec.from_dict(attention)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{owner}.attention: {error}") from None
-        object.__setattr__(config, "attention", attention)
     if not isinstance(attention, AttentionSpec):
         raise ValueError(f"{owner}.attention must be an eqx_ring.AttentionSpec, got {type(attention).__name__}")
     if attention.mesh is not None or attention.head_axis is not None:
@@ -128,8 +139,7 @@ class LMConfig:
     - `attention`: the [`AttentionSpec`][eqx_ring.AttentionSpec] without placement (no mesh or
       head axis: the model's constructor adds those): masks (KV-cached decoding with
       [`generate`][models.generate] needs `causal_block_size=1`), `rope_theta`, the ring `layout`
-      (batches must be laid out to match) and the kernel `tuning`. A mapping of its fields (as
-      JSON gives it back) is converted. Default: `AttentionSpec()`.
+      (batches must be laid out to match) and the kernel `tuning`. Default: `AttentionSpec()`.
 
     **Raises:** `ValueError`, naming the field and its value, for a size or head count that is not a
     positive int, `num_heads` not dividing `d_model`, `num_kv_heads` not dividing `num_heads`, an
@@ -243,8 +253,8 @@ class RingLM(RingModel):
 
         - `config`: the [`LMConfig`][models.LMConfig].
         - `mesh`: a mesh with an `"sp"` axis to run the ring attention over, or `None` (the default)
-          for one device: the model's spec is `config.attention.replace(mesh=mesh, head_axis=head_axis)`. The weights are not placed on it: use
-          [`shard_params`][eqx_ring.sharding.shard_params].
+          for one device: the model's spec is `config.attention.replace(mesh=mesh, head_axis=head_axis)`.
+          The weights are not placed on it: use [`shard_params`][eqx_ring.sharding.shard_params].
         - `head_axis`: a mesh axis to split the attention heads over (tensor parallelism), or `None`.
         - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only argument.)
         """

@@ -1,6 +1,7 @@
 """What every zoo model is: `ZooModel` (a config it is rebuilt from) and `RingModel` (one on a `RingTransformer`)."""
 
 import dataclasses
+import enum
 from typing import Any
 
 import equinox as eqx
@@ -9,7 +10,14 @@ from jax.sharding import Mesh
 
 from eqx_ring import AttentionSpec, RingTransformer
 
-_KEEP: Any = object()
+
+class Keep(enum.Enum):
+    """The default of `respec`'s placement arguments: the model's own."""
+
+    KEEP = "keep"
+
+
+_KEEP = Keep.KEEP
 
 
 class ZooModel(eqx.Module):
@@ -68,7 +76,8 @@ class RingModel(ZooModel):
         """
         return self.transformer.spec
 
-    def respec(self, *, mesh: Mesh | None = _KEEP, head_axis: str | None = _KEEP, **changes: Any) -> "RingModel":
+    def respec(self, *, mesh: Mesh | None | Keep = _KEEP, head_axis: str | None | Keep = _KEEP,
+               **changes: Any) -> "RingModel":
         """The same weights on another mesh or with config changes that alter no weight shape.
 
         See [`respec`][models.respec], which calls this.

@@ -13,7 +13,7 @@ import jax
 
 from eqx_ring import AttentionSpec
 
-from ._lm import LMConfig, RingLM
+from ._lm import LMConfig, RingLM, config_from_dict
 from ._video_lm import VideoTextConfig, VideoTextLM
 from ._vq import VideoVQ, VQConfig
 
@@ -21,8 +21,8 @@ FORMAT = "eqx-ring-zoo/3"
 # Format 1 hashed the weights only; its files still load, with a warning that the JSON is unchecked.
 _OLD_FORMATS = ("eqx-ring-zoo/1", "eqx-ring-zoo/2")
 # Formats 1 and 2 kept the attention settings as flat config fields; format 3 nests them in `attention`.
-_FLAT_ATTENTION = {"rope_theta": (), "causal_block_size": (), "layout": (), "query_chunk_size": ("tuning",),
-                   "key_chunk_size": ("tuning",), "ffn_chunk_size": ("tuning",)}
+_FLAT_ATTENTION = ("rope_theta", "causal_block_size", "layout")
+_FLAT_TUNING = ("query_chunk_size", "key_chunk_size", "ffn_chunk_size")
 
 REGISTRY: dict[str, tuple[type, Callable[..., Any]]] = {
     "RingLM": (RingLM, LMConfig),
@@ -181,20 +181,19 @@ def load(path: str | os.PathLike, **build_kwargs: Any) -> eqx.Module:
         )
     cls, config_cls = REGISTRY[meta["class"]]
     fields = meta["config"] if meta["format"] == FORMAT else _nest_attention(meta["config"])
-    config = config_cls(**fields)
+    config = config_from_dict(config_cls, fields, f"{base}.json: {config_cls.__name__}")
     skeleton = eqx.filter_eval_shape(lambda: cls(config, key=jax.random.key(0), **build_kwargs))
     return eqx.tree_deserialise_leaves(weights, skeleton)
 
 
 def _nest_attention(config: dict[str, Any]) -> dict[str, Any]:
     """A format-1/2 config's flat attention fields moved into its `attention` spec (format 3)."""
-    flat = {k: config[k] for k in _FLAT_ATTENTION if k in config}
-    if not flat:
+    attention = {k: config[k] for k in _FLAT_ATTENTION if k in config}
+    tuning = {k: config[k] for k in _FLAT_TUNING if k in config}
+    if not attention and not tuning:
         return config
-    attention: dict[str, Any] = {"tuning": {}}
-    for name, value in flat.items():
-        (attention["tuning"] if _FLAT_ATTENTION[name] else attention)[name] = value
-    return {**{k: v for k, v in config.items() if k not in flat}, "attention": attention}
+    rest = {k: v for k, v in config.items() if k not in _FLAT_ATTENTION + _FLAT_TUNING}
+    return {**rest, "attention": {**attention, "tuning": tuning}}
 
 
 def _config_fields(config: Any) -> dict[str, Any]:
