@@ -5,6 +5,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
+import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -15,3 +16,11 @@ def _fresh_compilation_caches():
     test passes alone)."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture
+def no_hook():
+    """The library's own checks, as seen where the jaxtyping hook is off (e.g. the GPU machines)."""
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", False)

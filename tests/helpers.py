@@ -4,9 +4,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
-import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 import eqx_ring
@@ -94,14 +92,3 @@ CLI = [sys.executable, "-c", "from models._cli import main; raise SystemExit(mai
 # A toy recipe: 2-frame videos, a 1-layer LM, rows of 128 tokens on a (dp=2, sp=4) mesh.
 TOY = ["--frames", "2", "--train-videos", "48", "--eval-videos", "6", "--vq-steps", "3", "--batch-size", "4",
        "--d-model", "32", "--layers", "1", "--mesh", "2,1,1,4", "--no-progress"]
-
-# Library bugs that jaxtyping's hook (on in these tests) shows, met while moving the tests to the spec API and reported
-# to the lead. Temporary: strict, so that the fix fails the mark, which is then removed.
-RESPEC_SENTINEL_BUG = pytest.mark.xfail(
-    strict=True, raises=jaxtyping.TypeCheckError,
-    reason="models.respec hands its default placement (_KEEP, an object()) to RingModel.respec, whose mesh/head_axis "
-           "are annotated Mesh | None / str | None")
-CONFIG_MAPPING_BUG = pytest.mark.xfail(
-    strict=True, raises=jaxtyping.TypeCheckError,
-    reason="LMConfig/VideoTextConfig.attention is annotated AttentionSpec, so a mapping of its fields (as models.load "
-           "passes it) is refused before __post_init__ converts it")

@@ -15,14 +15,18 @@ from helpers import rel_err
 
 import models
 from data_pipelines import ByteTokenizer, MovingShapes, PatchQuantizer, packed_batches, video_text_examples
+from eqx_ring import AttentionSpec, KernelTuning
 from eqx_ring.sharding import make_mesh
+from models._demo import DemoConfig
 
 TOK = ByteTokenizer()
-LM = models.LMConfig(vocab_size=40, d_model=16, num_layers=1, num_heads=2, hidden_size=32, query_chunk_size=8,
-                     key_chunk_size=8, ffn_chunk_size=16, remat_policy=None)
+LM = models.LMConfig(vocab_size=40, d_model=16, num_layers=1, num_heads=2, hidden_size=32, remat_policy=None,
+                     attention=AttentionSpec(tuning=KernelTuning(query_chunk_size=8, key_chunk_size=8,
+                                                                 ffn_chunk_size=16)))
 VIDEO = models.VideoTextConfig(codebook_size=64, num_frames=2, codes_per_frame=4, d_model=32, num_layers=1,
-                               num_heads=4, num_kv_heads=2, hidden_size=64, query_chunk_size=16, key_chunk_size=16,
-                               ffn_chunk_size=32, remat_policy=None, text_loss_weight=0.3)
+                               num_heads=4, num_kv_heads=2, hidden_size=64, remat_policy=None, text_loss_weight=0.3,
+                               attention=AttentionSpec(tuning=KernelTuning(query_chunk_size=16, key_chunk_size=16,
+                                                                           ffn_chunk_size=32)))
 
 
 def video_batch(batch_size=4, seq_len=128, tasks=None, seed=0):
@@ -201,7 +205,8 @@ def test_records_and_plots_skip_an_absent_modality(tmp_path, monkeypatch):
 
 def test_video_text_docstring_does_not_suggest_an_undecodable_block_size():
     assert "codes_per_frame + 1" not in models.VideoTextLM.__doc__
-    model = models.VideoTextLM(dataclasses.replace(VIDEO, causal_block_size=VIDEO.codes_per_frame + 1),
+    model = models.VideoTextLM(dataclasses.replace(VIDEO, attention=VIDEO.attention.replace(
+        causal_block_size=VIDEO.codes_per_frame + 1)),
                                key=jax.random.key(0))
     with pytest.raises(ValueError, match="causal_block_size=1"):
         model.caption(np.zeros((1, 2, 4), np.int32), TOK, max_length=2)
@@ -217,12 +222,12 @@ def test_zoo_refuses_an_edited_config(tmp_path):
     json_path, _ = models.save(tmp_path / "lm", model)
     assert models.load(json_path).config == LM
     meta = json.loads(open(json_path).read())
-    meta["config"]["rope_theta"] = 500_000.0
+    meta["config"]["attention"]["rope_theta"] = 500_000.0
     with open(json_path, "w") as f:
         json.dump(meta, f)
     with pytest.raises(models.ZooIntegrityError, match=f"{tmp_path / 'lm'}.json: its fields .* edited"):
         models.load(json_path)
-    meta["config"]["rope_theta"] = LM.rope_theta
+    meta["config"]["attention"]["rope_theta"] = LM.attention.rope_theta
     meta["class"] = "VideoVQ"
     with open(json_path, "w") as f:
         json.dump(meta, f)
@@ -236,6 +241,10 @@ def test_zoo_loads_first_format_files_with_a_warning(tmp_path):
     meta = json.loads(open(json_path).read())
     del meta["json_sha256"]
     meta["format"] = "eqx-ring-zoo/1"
+    # Formats 1 and 2 kept the attention settings as flat config fields.
+    attention = meta["config"].pop("attention")
+    meta["config"] |= {k: attention[k] for k in ("rope_theta", "causal_block_size", "layout")} | attention["tuning"]
+    del meta["config"]["implementation"]
     with open(json_path, "w") as f:
         json.dump(meta, f)
     with pytest.warns(UserWarning, match="covers the weights but not the config"):
@@ -244,7 +253,7 @@ def test_zoo_loads_first_format_files_with_a_warning(tmp_path):
     meta["format"] = "eqx-ring-zoo/9"
     with open(json_path, "w") as f:
         json.dump(meta, f)
-    with pytest.raises(ValueError, match="is not an eqx-ring-zoo/2 file"):
+    with pytest.raises(ValueError, match="is not an eqx-ring-zoo/3 file"):
         models.load(json_path)
 
 
@@ -275,20 +284,16 @@ BAD_FIELDS = [
     (models.LMConfig, dict(num_heads=3), "LMConfig.num_heads must divide d_model=128, got 3"),
     (models.LMConfig, dict(num_kv_heads=3), "LMConfig.num_kv_heads must divide num_heads=4, got 3"),
     (models.LMConfig, dict(hidden_size=0), "LMConfig.hidden_size must be a positive int or None, got 0"),
-    (models.LMConfig, dict(rope_theta=0.0), r"LMConfig.rope_theta must be a finite float > 0, got 0.0"),
-    (models.LMConfig, dict(rope_theta=math.inf), r"LMConfig.rope_theta must be a finite float > 0, got inf"),
-    (models.LMConfig, dict(causal_block_size=0), "LMConfig.causal_block_size must be a positive int, got 0"),
-    (models.LMConfig, dict(layout="ring"), "LMConfig.layout must be one of .*, got 'ring'"),
-    (models.LMConfig, dict(query_chunk_size=0), "LMConfig.query_chunk_size must be a positive int, got 0"),
-    (models.LMConfig, dict(key_chunk_size=True), "LMConfig.key_chunk_size must be a positive int, got True"),
-    (models.LMConfig, dict(ffn_chunk_size=0), "LMConfig.ffn_chunk_size must be a positive int, got 0"),
+    (models.LMConfig, dict(attention=AttentionSpec(mesh=make_mesh(sp=2, devices=jax.devices()[:2]))),
+     "LMConfig.attention must not hold a placement"),
+    (models.LMConfig, dict(attention=AttentionSpec(rope_theta=10.0), d_model=12, num_heads=4),
+     r"LMConfig.attention.rope_theta=10.0 needs an even head size, got d_model // num_heads = 3"),
     (models.LMConfig, dict(remat_policy="everything"), "LMConfig.remat_policy must be None or a name in"),
     (models.VideoTextConfig, dict(codebook_size=0), "VideoTextConfig.codebook_size must be a positive int, got 0"),
     (models.VideoTextConfig, dict(text_vocab_size=-1), "VideoTextConfig.text_vocab_size must be a positive int"),
     (models.VideoTextConfig, dict(num_frames=0), "VideoTextConfig.num_frames must be a positive int, got 0"),
     (models.VideoTextConfig, dict(codes_per_frame=0), "VideoTextConfig.codes_per_frame must be a positive int"),
     (models.VideoTextConfig, dict(num_heads=0), "VideoTextConfig.num_heads must be a positive int, got 0"),
-    (models.VideoTextConfig, dict(rope_theta=-1.0), r"VideoTextConfig.rope_theta must be a finite float > 0"),
     (models.VideoTextConfig, dict(text_loss_weight=1.5), r"VideoTextConfig.text_loss_weight must be a float in \[0, 1"),
     (models.VQConfig, dict(frame_size=0), "VQConfig.frame_size must be a positive int, got 0"),
     (models.VQConfig, dict(patch=0), "VQConfig.patch must be a positive int, got 0"),
@@ -305,6 +310,35 @@ BAD_FIELDS = [
 def test_configs_refuse_bad_fields(cls, fields, message):
     with pytest.raises(ValueError, match=message):
         cls(**fields)
+
+
+# The attention settings are the spec's, checked by it; JSON gives them back as a mapping, converted where a config
+# is read (DemoConfig.from_dict, models.load), with the error naming the config.
+BAD_ATTENTION = [
+    ({"rope_theta": 0.0}, "rope_theta must be a positive finite number or None, got 0.0"),
+    ({"rope_theta": math.inf}, "rope_theta must be a positive finite number or None, got inf"),
+    ({"causal_block_size": 0}, "causal_block_size must be a positive int, got 0"),
+    ({"layout": "ring"}, "layout must be one of .*, got 'ring'"),
+    ({"tuning": {"query_chunk_size": 0}}, "query_chunk_size must be a positive int, got 0"),
+    ({"tuning": {"key_chunk_size": True}}, "key_chunk_size must be a positive int, got True"),
+    ({"tuning": {"ffn_chunk_size": 0}}, "ffn_chunk_size must be a positive int, got 0"),
+    ({"mesh": None, "sliding_window": 0}, "sliding_window must be a positive int or None, got 0"),
+    ({"window": 4}, r"fields \['window'\] are not AttentionSpec fields"),
+    ({"mesh": "sp"}, r"fields \['mesh'\] are a placement"),
+]
+
+
+@pytest.mark.parametrize(("attention", "message"), BAD_ATTENTION, ids=[str(a) for a, _ in BAD_ATTENTION])
+def test_a_read_config_names_its_bad_attention_field(attention, message):
+    with pytest.raises(ValueError, match=f"DemoConfig.lm.attention: {message}"):
+        DemoConfig.from_dict({"lm": {"attention": attention}})
+
+
+def test_a_config_takes_only_a_spec_without_placement(no_hook):
+    with pytest.raises(ValueError, match="LMConfig.attention must be an eqx_ring.AttentionSpec, got dict"):
+        models.LMConfig(attention={"layout": "zigzag"})
+    with pytest.raises(ValueError, match="VideoTextConfig.attention must be an eqx_ring.AttentionSpec, got str"):
+        models.VideoTextConfig(attention="zigzag")
 
 
 def test_configs_accept_the_defaults_and_presets():

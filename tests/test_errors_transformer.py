@@ -5,7 +5,6 @@ from functools import partial
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -17,21 +16,17 @@ from eqx_ring.sharding import make_mesh
 VOCAB, SIZE = 64, 16
 
 
-def small(**kw):
-    kw = dict(hidden_size=32, query_chunk_size=4, key_chunk_size=4, ffn_chunk_size=16, key=jax.random.key(0)) | kw
-    return eqx_ring.RingTransformer(VOCAB, 16, 1, 2, **kw)
+def small(spec=None, **tuning):
+    """A one-layer model with `spec` (default: the default spec), its chunk sizes 4 (FFN: 16) unless `tuning` says
+    otherwise."""
+    spec = eqx_ring.AttentionSpec() if spec is None else spec
+    tuning = eqx_ring.KernelTuning(**dict(query_chunk_size=4, key_chunk_size=4, ffn_chunk_size=16) | tuning)
+    return eqx_ring.RingTransformer(VOCAB, 16, 1, 2, spec=spec.replace(tuning=tuning), hidden_size=32,
+                                    key=jax.random.key(0))
 
 
 MODEL = small()
 TOKENS = jnp.arange(SIZE, dtype=jnp.int32) % VOCAB
-
-
-@pytest.fixture
-def no_hook():
-    """The library's own checks, as seen where the jaxtyping hook is off (e.g. the GPU machines)."""
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.mark.parametrize(("bad", "at"), [(VOCAB, 3), (500, 0), (-1, 7)])
@@ -55,7 +50,7 @@ def test_traced_ids_on_a_mesh_give_nan_without_a_callback():
     """On a (dp=2, sp=4) mesh: the bad example's outputs are NaN, the good one's are right, and the compiled step
     has no host callback (a run-time raise from one device left the others waiting: the process aborted)."""
     mesh = make_mesh(dp=2, fsdp=1, tp=1, sp=4)
-    model = small(mesh=mesh, query_chunk_size=2, key_chunk_size=2)
+    model = small(eqx_ring.AttentionSpec(mesh=mesh), query_chunk_size=2, key_chunk_size=2)
     sharded = jax.device_put(jnp.stack([TOKENS, TOKENS.at[13].set(VOCAB)]),
                              jax.sharding.NamedSharding(mesh, P("dp", "sp")))
     run = eqx.filter_jit(lambda m, t: jax.vmap(m, spmd_axis_name="dp")(t))
@@ -141,13 +136,29 @@ def test_cross_entropy_arguments(no_hook):
     ("hidden_size", -1, "hidden_size must be a positive int, got -1"),
     ("hidden_size", 0, "hidden_size must be a positive int, got 0"),
     ("norm_eps", -1e-6, "norm_eps must be a finite number >= 0, got -1e-06"),
-    ("rope_theta", 0.0, "rope_theta must be None or a finite number > 0, got 0.0"),
-    ("rope_theta", -10_000.0, "rope_theta must be None or a finite number > 0, got -10000.0"),
+    # The settings the layers share are the spec's: the constructor checks that the heads suit it.
+    ("head_dim", 3, "RoPE rotates pairs of features: head_dim=3 must be even"),
+    ("spec", eqx_ring.AttentionSpec(mesh=make_mesh(tp=4, sp=2), head_axis="tp"),
+     r"num_kv_heads=2 must be divisible by the size 4 of head_axis='tp'"),
 ])
 def test_constructor_arguments(argument, value, message):
     kw = dict(vocab_size=VOCAB, d_model=16, num_layers=1, num_heads=2, hidden_size=32, key=jax.random.key(0))
     with pytest.raises(ValueError, match=message):
         eqx_ring.RingTransformer(**(kw | {argument: value}))
+
+
+@pytest.mark.parametrize("theta", [0.0, -10_000.0, float("inf")])
+def test_rope_theta_is_refused_by_the_spec(theta):
+    with pytest.raises(ValueError, match=f"rope_theta must be a positive finite number or None, got {theta}"):
+        eqx_ring.AttentionSpec(rope_theta=theta)
+
+
+def test_spec_must_be_an_attention_spec(no_hook):
+    kw = dict(vocab_size=VOCAB, d_model=16, num_layers=1, num_heads=2, hidden_size=32, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="spec must be an eqx_ring.AttentionSpec, got dict"):
+        eqx_ring.RingTransformer(**kw, spec={"layout": "zigzag"})
+    with pytest.raises(TypeError, match="tuning must be an eqx_ring.KernelTuning or None, got dict"):
+        MODEL(TOKENS, tuning={"query_chunk_size": 8})
 
 
 def test_decoding_past_the_cache():
@@ -175,7 +186,7 @@ def test_decoding_past_the_cache():
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 def test_prefill_inside_a_callers_shard_map(layout):
     mesh = make_mesh(dp=1, fsdp=1, tp=1, sp=4, devices=jax.devices()[:4])
-    model = small(mesh=mesh, layout=layout, query_chunk_size=2, key_chunk_size=2)
+    model = small(eqx_ring.AttentionSpec(layout=layout, mesh=mesh), query_chunk_size=2, key_chunk_size=2)
     tokens = jax.random.randint(jax.random.key(3), (SIZE,), 0, VOCAB)
     prompt = 11  # its last token is in the middle of a shard
     segments = jnp.asarray(eqx_ring.to_layout(np.where(np.arange(SIZE) < prompt, 1, 2), layout, 4, axis=0))
@@ -206,8 +217,8 @@ def test_decode_step_inside_a_callers_shard_map():
         step(cache)
 
 
-LM = models.RingLM(models.LMConfig.preset("tiny", vocab_size=97, query_chunk_size=8, key_chunk_size=8,
-                                          ffn_chunk_size=16), key=jax.random.key(4))
+LM = models.RingLM(models.LMConfig.preset("tiny", vocab_size=97, attention=eqx_ring.AttentionSpec(
+    tuning=eqx_ring.KernelTuning(query_chunk_size=8, key_chunk_size=8, ffn_chunk_size=16))), key=jax.random.key(4))
 PROMPTS = [np.arange(5) + 3, np.arange(7) % 5 + 1]
 
 

@@ -44,7 +44,10 @@ def rope_reference(x, positions, theta):
     return np.concatenate([z.real, z.imag], -1)
 
 
-def attention_reference(attn: eqx_ring.RingAttention, x, *, spec=AttentionSpec(), positions=None, segment_ids=None):
+DEFAULT = AttentionSpec()
+
+
+def attention_reference(attn: eqx_ring.RingAttention, x, *, spec=DEFAULT, positions=None, segment_ids=None):
     """float64 NumPy self-attention with attn's weights and spec's settings: projections, RoPE, GQA, causal/segment
     masks."""
     x = np.asarray(x, np.float64)
