@@ -49,11 +49,11 @@ GIB = 2**30
 class _DenseAttention(eqx_ring.RingAttention):
     """`RingAttention` whose attention is plain `jax.nn.dot_product_attention`: the vanilla transformer."""
 
-    def _attend(self, q, k, v, segment_ids, inside: bool):
+    def _attend(self, q, k, v, segment_ids, spec: eqx_ring.AttentionSpec, inside: bool):
         # Under `vmap(spmd_axis_name=BATCH_AXES)` these constraints keep each example on its own data shard.
-        q, k, v = (jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P())) for x in (q, k, v))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="xla")
-        return jax.lax.with_sharding_constraint(out, NamedSharding(self.mesh, P()))
+        q, k, v = (jax.lax.with_sharding_constraint(x, NamedSharding(spec.mesh, P())) for x in (q, k, v))
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=spec.causal, implementation="xla")
+        return jax.lax.with_sharding_constraint(out, NamedSharding(spec.mesh, P()))
 
 
 def _vanilla(model: eqx_ring.RingTransformer) -> eqx_ring.RingTransformer:
@@ -71,9 +71,11 @@ def step_bytes(variant: str, n: int, seq: int, args) -> int:
     whole = variant == "vanilla"
     chunk = seq if whole else args.chunk
     ffn_chunk = seq if variant in ("vanilla", "memory-efficient attn") else args.ffn_chunk
+    tuning = eqx_ring.KernelTuning(query_chunk_size=chunk, key_chunk_size=chunk, ffn_chunk_size=ffn_chunk)
+    spec = eqx_ring.AttentionSpec(layout="zigzag", mesh=mesh, tuning=tuning)
     model = eqx_ring.RingTransformer(
-        args.vocab, args.d_model, args.layers, args.heads, hidden_size=4 * args.d_model, layout="zigzag",
-        query_chunk_size=chunk, key_chunk_size=chunk, ffn_chunk_size=ffn_chunk, mesh=mesh, key=jax.random.key(0))
+        args.vocab, args.d_model, args.layers, args.heads, spec=spec, hidden_size=4 * args.d_model,
+        key=jax.random.key(0))
     if whole:
         model = _vanilla(model)
     optimizer = optax.adamw(1e-4)

@@ -25,9 +25,11 @@ from eqx_ring.sharding import BATCH_AXES, batch_sharding, make_mesh, shard_param
 
 def temp_per_device(n: int, args) -> tuple[int, int]:
     mesh = make_mesh(sp=n, fsdp=1, devices=jax.devices()[:n])
+    tuning = eqx_ring.KernelTuning(query_chunk_size=512, key_chunk_size=512, ffn_chunk_size=2048)
+    spec = eqx_ring.AttentionSpec(layout="zigzag", mesh=mesh, tuning=tuning)
     model = eqx_ring.RingTransformer(
-        args.vocab, args.d_model, args.layers, 4, num_kv_heads=2, hidden_size=4 * args.d_model, layout="zigzag",
-        query_chunk_size=512, key_chunk_size=512, ffn_chunk_size=2048, mesh=mesh, key=jax.random.key(0),
+        args.vocab, args.d_model, args.layers, 4, spec=spec, num_kv_heads=2, hidden_size=4 * args.d_model,
+        key=jax.random.key(0),
     )
     params, static = eqx.partition(shard_params(model, mesh), eqx.is_array)
     tokens = jax.ShapeDtypeStruct((1, args.seq), jnp.int32, sharding=batch_sharding(mesh))
