@@ -54,9 +54,10 @@ def main() -> None:
     args = parser.parse_args()
     n = 8
     mesh = make_mesh(dp=1, fsdp=1, tp=1, sp=n)
-    model = eqx_ring.RingTransformer(256, 256, 2, 4, num_kv_heads=2, hidden_size=1024, layout="zigzag",
-                                     query_chunk_size=256, key_chunk_size=256, ffn_chunk_size=2048, mesh=mesh,
-                                     scan_layers=False, key=jax.random.key(0))
+    tuning = eqx_ring.KernelTuning(query_chunk_size=256, key_chunk_size=256, ffn_chunk_size=2048)
+    spec = eqx_ring.AttentionSpec(layout="zigzag", mesh=mesh, tuning=tuning)
+    model = eqx_ring.RingTransformer(256, 256, 2, 4, spec=spec, num_kv_heads=2, hidden_size=1024, scan_layers=False,
+                                     key=jax.random.key(0))
     layers, kv_heads, head_dim = 2, 2, 64
     print(f"RingTransformer decoding, {n} CPU devices (sp={n}), 2 layers, d_model 256, GQA 4/2, zigzag, float32")
     print(f"{'T':>6}{'cached tok/s':>14}{'recompute tok/s':>17}{'speed-up':>10}"

@@ -35,13 +35,11 @@ def main() -> None:
     x = jax.random.normal(jax.random.key(1), (args.tokens, args.d_model))
     rows = []
 
-    def ffn(chunk: int) -> eqx_ring.BlockwiseFFN:  # one key: every variant has the same weights
-        return eqx_ring.BlockwiseFFN(args.d_model, args.hidden, activation=args.activation, chunk_size=chunk,
-                                     key=jax.random.key(0))
-
-    variants = [("plain FFN", lambda m, x: m.dense(x), ffn(args.tokens))]
-    variants += [(f"BlockwiseFFN chunk {c}", lambda m, x: m(x), ffn(c)) for c in args.chunks]
-    for name, call, module in variants:
+    # One module: every variant has the same weights; the blockwise ones differ only in the chunk size of the call.
+    module = eqx_ring.BlockwiseFFN(args.d_model, args.hidden, activation=args.activation, key=jax.random.key(0))
+    variants = [("plain FFN", lambda m, x: m.dense(x))]
+    variants += [(f"BlockwiseFFN chunk {c}", lambda m, x, c=c: m(x, chunk_size=c)) for c in args.chunks]
+    for name, call in variants:
         params, static = eqx.partition(module, eqx.is_array)
 
         def loss(params, x, call=call, static=static):
