@@ -102,9 +102,10 @@ def lm_part(seq: int, rows: int, reps: int, d_model: int = 128, chunk: int = 256
     mask = jnp.ones((rows, seq), bool)
 
     def build(impl):
-        return eqx_ring.RingTransformer(vocab, d_model, 4, 4, num_kv_heads=2, hidden_size=3 * d_model,
-                                        layout="zigzag", query_chunk_size=chunk, key_chunk_size=chunk,
-                                        implementation=impl, remat_policy=None, key=keys[1])
+        tuning = eqx_ring.KernelTuning(query_chunk_size=chunk, key_chunk_size=chunk, implementation=impl)
+        spec = eqx_ring.AttentionSpec(layout="zigzag", tuning=tuning)
+        return eqx_ring.RingTransformer(vocab, d_model, 4, 4, spec=spec, num_kv_heads=2, hidden_size=3 * d_model,
+                                        remat_policy=None, key=keys[1])
 
     def loss_fn(model):
         hidden = jax.vmap(model)(tokens)
