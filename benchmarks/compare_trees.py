@@ -25,7 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
 
-# Runs inside the tree being measured (its packages first on sys.path): only APIs both trees have.
+# Runs inside the tree being measured (its packages first on sys.path): only APIs both trees have, or, where the
+# API changed, the same model built through whichever API the tree has (detected, e.g. `eqx_ring.AttentionSpec`).
 CHILD = r"""
 import json, sys, time
 import hashlib, re
@@ -65,7 +66,10 @@ if which in ("all", "attention"):
 if which in ("all", "train"):
     rows, seq = 4, 1024
     mesh = make_mesh(dp=2, fsdp=1, tp=1, sp=4)
-    config = models.LMConfig.preset("small", layout="zigzag")
+    if hasattr(eqx_ring, "AttentionSpec"):  # the spec API (issue 18): the ring's settings in `attention`
+        config = models.LMConfig.preset("small", attention=eqx_ring.AttentionSpec(layout="zigzag"))
+    else:  # before it: flat fields
+        config = models.LMConfig.preset("small", layout="zigzag")
     model = models.RingLM(config, mesh=mesh, key=jax.random.key(0))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (rows, seq), dtype=np.int32)
