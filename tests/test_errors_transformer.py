@@ -39,8 +39,10 @@ def test_token_ids_outside_the_vocabulary(bad, at):
         MODEL.prefill(tokens, length=8)
     # Traced (inside jit, batched): no raise, but NaN in the bad example (never a finite wrong value); the good
     # example is untouched.
-    out = eqx.filter_jit(lambda m, t: jax.vmap(m)(t))(MODEL, jnp.stack([TOKENS, tokens]))
-    np.testing.assert_array_equal(out[0], eqx.filter_jit(MODEL)(TOKENS))
+    batched = eqx.filter_jit(lambda m, t: jax.vmap(m)(t))
+    out = batched(MODEL, jnp.stack([TOKENS, tokens]))
+    # The same program with a good second example: a batched product is not bitwise the unbatched one.
+    np.testing.assert_array_equal(out[0], batched(MODEL, jnp.stack([TOKENS, TOKENS]))[0])
     assert np.isnan(out[1, at:]).all()
     hidden, cache = eqx.filter_jit(lambda m, t: m.prefill(t, length=8))(MODEL, tokens)
     assert np.isnan(hidden[at:]).all() and np.isnan(cache.values[:, at]).all()
