@@ -11,14 +11,51 @@ TASKS: tuple[str, ...] = ("video_to_text", "text_to_video", "both")
 """
 
 
+def vision_tokens(codes: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
+    """Video codes as the vision part of the LWM layout, the one definition of it that the data and the
+    models use.
+
+    `<vision>`, then each frame's codes followed by `<eof>` (`<eov>` after the last frame), then
+    `</vision>`. Code `c` becomes token `tokenizer.vocab_size + c`, so every id at or above
+    `tokenizer.vocab_size` is a code and every other one a marker.
+
+    **Arguments:**
+
+    - `codes`: int `[*batch, frames, codes_per_frame]`, e.g. from a video tokenizer.
+    - `tokenizer`: a [`Tokenizer`][data_pipelines.Tokenizer] (or anything with its `vocab_size`
+      and special ids), for the ids.
+
+    **Returns:** int32 `[*batch, frames · (codes_per_frame + 1) + 2]`.
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from data_pipelines import ByteTokenizer, vision_tokens
+
+    tok = ByteTokenizer()
+    tokens = vision_tokens(np.array([[0, 5], [7, 1]]), tok)  # 2 frames of 2 codes
+    assert tokens.tolist() == [tok.vision_start_id, 263, 268, tok.eof_id, 270, 264, tok.eov_id, tok.vision_end_id]
+    ```
+    """
+    codes = np.asarray(codes)
+    *batch, frames, _ = codes.shape
+    markers = np.full((*batch, frames, 1), tokenizer.eof_id, np.int32)
+    markers[..., -1, :] = tokenizer.eov_id
+    framed = np.concatenate([codes.astype(np.int32) + tokenizer.vocab_size, markers], -1).reshape(*batch, -1)
+    start, end = (np.full((*batch, 1), i, np.int32) for i in (tokenizer.vision_start_id, tokenizer.vision_end_id))
+    return np.concatenate([start, framed, end], -1)
+
+
 def lwm_sequence(
     codes: np.ndarray, caption_ids: np.ndarray, tokenizer: Tokenizer, task: str
 ) -> dict[str, np.ndarray]:
     """One example as a token sequence in the LWM layout.
 
-    The vision part is `<vision>`, then each frame's codes followed by `<eof>` (`<eov>` after the
-    last frame), then `</vision>`. Code `c` becomes token `tokenizer.vocab_size + c`, so text and
-    vision share one vocabulary of `tokenizer.vocab_size + codebook_size` ids.
+    The vision part is [`vision_tokens`][data_pipelines.vision_tokens]`(codes, tokenizer)`: `<vision>`,
+    then each frame's codes followed by `<eof>` (`<eov>` after the last frame), then `</vision>`. Code
+    `c` becomes token `tokenizer.vocab_size + c`, so text and vision share one vocabulary of
+    `tokenizer.vocab_size + codebook_size` ids.
 
     - `"video_to_text"` (captioning): `<bos> vision caption <eos>`; the caption and `<eos>` are trained.
     - `"text_to_video"` (generation): `<bos> caption vision <eos>`; the vision part and `<eos>` are
@@ -83,10 +120,7 @@ def lwm_sequence(
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     tok = tokenizer
-    frames = np.concatenate([codes.astype(np.int32) + tok.vocab_size, np.full((len(codes), 1), tok.eof_id, np.int32)],
-                            axis=1)
-    frames[-1, -1] = tok.eov_id
-    vision = np.concatenate([[tok.vision_start_id], frames.reshape(-1), [tok.vision_end_id]]).astype(np.int32)
+    vision = vision_tokens(codes, tok)
     text = np.asarray(caption_ids, np.int32)
     parts = [vision, text] if task != "text_to_video" else [text, vision]
     tokens = np.concatenate([[tok.bos_id], *parts, [tok.eos_id]]).astype(np.int32)

@@ -250,7 +250,9 @@ class VideoTextLM(RingModel):
         codes = np.asarray(codes, np.int32)
         if codes.shape[1:] != (c.num_frames, c.codes_per_frame):
             raise ValueError(f"codes must be [batch, {c.num_frames}, {c.codes_per_frame}], got {codes.shape}")
-        prompt = np.concatenate([np.full((codes.shape[0], 1), tokenizer.bos_id), self._vision(codes, tokenizer)], 1)
+        from data_pipelines import vision_tokens
+
+        prompt = np.concatenate([np.full((codes.shape[0], 1), tokenizer.bos_id), vision_tokens(codes, tokenizer)], 1)
         allowed = np.zeros(c.vocab_size, bool)
         allowed[: tokenizer.vocab_size] = True
         for special in ("bos_id", "vision_start_id", "vision_end_id", "eof_id", "eov_id"):
@@ -288,27 +290,19 @@ class VideoTextLM(RingModel):
 
         **Raises:** `ValueError` as [`generate`][models.generate] (e.g. `causal_block_size != 1`).
         """
+        from data_pipelines import vision_tokens
+
         c = self.config
         batch = len(caption_ids)
         prompt = [np.concatenate([[tokenizer.bos_id], np.asarray(ids, np.int32), [tokenizer.vision_start_id]])
                   for ids in caption_ids]
-        steps = c.num_frames * (c.codes_per_frame + 1)
-        per_frame = np.arange(steps) % (c.codes_per_frame + 1)
-        forced = np.where(per_frame == c.codes_per_frame, tokenizer.eof_id, -1)
-        forced[-1] = tokenizer.eov_id
+        # After <vision>, up to </vision>: the markers are forced, the codes (ids >= the text vocabulary) sampled.
+        layout = vision_tokens(np.zeros((c.num_frames, c.codes_per_frame), np.int32), tokenizer)[1:-1]
+        forced = np.where(layout >= tokenizer.vocab_size, -1, layout)
+        steps = len(forced)
         allowed = np.zeros((steps, c.vocab_size), bool)
         allowed[:, c.text_vocab_size:] = True
         out = generate(self, prompt, steps, allowed=allowed, forced=forced, temperature=temperature, key=key)
         codes = out.reshape(batch, c.num_frames, c.codes_per_frame + 1)[..., :-1]
         return codes - c.text_vocab_size
-
-    def _vision(self, codes: np.ndarray, tokenizer: SpecialIds) -> np.ndarray:
-        c = self.config
-        batch = codes.shape[0]
-        markers = np.full((batch, c.num_frames, 1), tokenizer.eof_id)
-        markers[:, -1] = tokenizer.eov_id
-        frames = np.concatenate([codes + c.text_vocab_size, markers], -1).reshape(batch, -1)
-        return np.concatenate([
-            np.full((batch, 1), tokenizer.vision_start_id), frames, np.full((batch, 1), tokenizer.vision_end_id)
-        ], 1).astype(np.int32)
 

@@ -11,7 +11,14 @@ import pytest
 from helpers import rel_err
 
 import models
-from data_pipelines import ByteTokenizer, MovingShapes, PatchQuantizer, packed_batches, video_text_examples
+from data_pipelines import (
+    ByteTokenizer,
+    MovingShapes,
+    PatchQuantizer,
+    packed_batches,
+    video_text_examples,
+    vision_tokens,
+)
 from eqx_ring import AttentionSpec, KernelTuning, from_layout, to_layout
 from eqx_ring.sharding import BATCH_AXES, make_mesh, shard_params
 
@@ -92,7 +99,7 @@ def test_caption_equals_naive_greedy_decoding():
     allowed = np.zeros(SMALL.vocab_size, bool)
     allowed[:256] = allowed[TOK.eos_id] = allowed[TOK.pad_id] = True
     for row, got in zip(np.asarray(codes), captions, strict=True):
-        prompt = np.concatenate([[TOK.bos_id], model._vision(row[None], TOK)[0]])
+        prompt = np.concatenate([[TOK.bos_id], vision_tokens(row, TOK)])
         expected = naive_greedy(model, prompt, 6, np.broadcast_to(allowed, (6, SMALL.vocab_size)), np.full(6, -1))
         end = np.flatnonzero(expected == TOK.eos_id)
         np.testing.assert_array_equal(got, expected[: end[0]] if end.size else expected)
