@@ -29,7 +29,7 @@ def respec(model: RingModel, *, mesh: Mesh | None | Keep = _KEEP, head_axis: str
     [`RingModel.respec`][models.RingModel.respec]: the new model is built shape-only
     (`eqx.filter_eval_shape`) and takes the old model's arrays as they are: nothing is copied,
     initialised or moved between devices. (To change only the kernel tuning, pass `tuning=` to the
-    call instead: no rebuild.)
+    model's call or `loss` instead: no rebuild.)
 
     **Arguments:**
 

@@ -11,9 +11,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
-from eqx_ring import AttentionSpec, RingTransformer, chunked_cross_entropy
+from eqx_ring import AttentionSpec, KernelTuning, RingTransformer, chunked_cross_entropy
 
 from ._protocol import RingModel
 
@@ -262,32 +262,8 @@ class RingLM(RingModel):
                                              tie_embeddings=config.tie_embeddings, key=key)
         self.config = config
 
-    def __call__(
-        self,
-        tokens: Int[Array, " seq"],
-        *,
-        positions: Int[Array, " seq"] | None = None,
-        segment_ids: Int[Array, " seq"] | None = None,
-        key: PRNGKeyArray | None = None,
-        inference: bool | None = None,
-    ) -> Float[Array, "seq d_model"]:
-        """Final (normalised) hidden states of one sequence, as
-        [`RingTransformer.__call__`][eqx_ring.RingTransformer.__call__].
-
-        **Arguments:**
-
-        - `tokens`: token ids `[seq]`, in the config's `layout` order.
-        - `positions`: each token's RoPE position `[seq]` (e.g. restarting in every packed segment);
-          `None`: its position in natural order, given the layout.
-        - `segment_ids`: `[seq]` ids of packed documents, which attend only within themselves; `None`:
-          one document.
-        - `key`, `inference`: ignored (there is no dropout); for compatibility with the Equinox API.
-
-        **Returns:** the hidden states, `[seq, d_model]`.
-        """
-        return self.transformer(tokens, positions=positions, segment_ids=segment_ids)
-
-    def loss(self, batch: Mapping[str, Any], *, spmd_axis_name: tuple[str, ...] | None = None) -> Float[Array, ""]:
+    def loss(self, batch: Mapping[str, Any], *, spmd_axis_name: tuple[str, ...] | None = None,
+             tuning: KernelTuning | None = None) -> Float[Array, ""]:
         """Mean next-token cross-entropy of a batch of packed rows, never building the `[seq, vocab]` logits.
 
         The targets were taken in natural order before any ring layout (as
@@ -303,17 +279,19 @@ class RingLM(RingModel):
         **Arguments:**
 
         - `batch`: `[batch, seq]` arrays `"tokens"`, `"positions"`, `"segment_ids"` (int),
-          `"targets"` (int) and `"target_mask"` (bool: which targets count), all in the config's
+          `"targets"` (int) and `"target_mask"` (bool: which targets count), all in the spec's
           `layout` order; other keys are ignored.
         - `spmd_axis_name`: the mesh's data axes (`("dp", "fsdp")`, i.e.
           [`BATCH_AXES`][eqx_ring.sharding.BATCH_AXES]) when the model is on a mesh, so that each
           data shard keeps its own rows; `None` (the default) without a mesh.
+        - `tuning`: a [`KernelTuning`][eqx_ring.KernelTuning] for this call instead of the spec's
+          (default `None`: the spec's); no rebuild.
 
         **Returns:** the mean loss over the targets in `target_mask` (0 when there are none), a
         float32 scalar.
         """
 
-        hidden = batch_hidden(self.transformer, batch, spmd_axis_name)
+        hidden = batch_hidden(self.transformer, batch, spmd_axis_name, tuning)
         per_token = chunked_cross_entropy(hidden, self.transformer.head_weight, batch["targets"],
                                           batch["target_mask"], reduction="none")
         count = token_count(batch, lambda b: b["target_mask"].sum(dtype=jnp.float32))
@@ -321,13 +299,15 @@ class RingLM(RingModel):
 
 
 def batch_hidden(
-    transformer: RingTransformer, batch: Mapping[str, Any], spmd_axis_name: tuple[str, ...] | None
+    transformer: RingTransformer, batch: Mapping[str, Any], spmd_axis_name: tuple[str, ...] | None,
+    tuning: KernelTuning | None = None,
 ) -> Float[Array, "batch seq d_model"]:
-    """The final hidden states of a batch of packed rows: `transformer` vmapped over `tokens`, `positions` and
-    `segment_ids`, each data shard keeping its own rows when `spmd_axis_name` names the data axes."""
+    """The final hidden states of a batch of packed rows: `transformer` (with `tuning`, if given) vmapped over
+    `tokens`, `positions` and `segment_ids`, each data shard keeping its own rows when `spmd_axis_name` names the
+    data axes."""
 
     def one(tokens, positions, segment_ids):
-        return transformer(tokens, positions=positions, segment_ids=segment_ids)
+        return transformer(tokens, positions=positions, segment_ids=segment_ids, tuning=tuning)
 
     vmap_kw = {} if spmd_axis_name is None else dict(spmd_axis_name=spmd_axis_name)
     return jax.vmap(one, **vmap_kw)(batch["tokens"], batch["positions"], batch["segment_ids"])

@@ -7,8 +7,9 @@ from typing import Any
 import equinox as eqx
 import jax
 from jax.sharding import Mesh
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from eqx_ring import AttentionSpec, RingTransformer
+from eqx_ring import AttentionSpec, KernelTuning, RingTransformer
 
 
 class Keep(enum.Enum):
@@ -67,6 +68,34 @@ class RingModel(ZooModel):
     """
 
     transformer: eqx.AbstractVar[RingTransformer]
+
+    def __call__(
+        self,
+        tokens: Int[Array, " seq"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+        tuning: KernelTuning | None = None,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> Float[Array, "seq d_model"]:
+        """Final (normalised) hidden states of one sequence: its
+        [`RingTransformer.__call__`][eqx_ring.RingTransformer.__call__].
+
+        **Arguments:**
+
+        - `tokens`: token ids `[seq]`, in the spec's `layout` order.
+        - `positions`: each token's RoPE position `[seq]` (e.g. restarting in every packed segment);
+          `None`: its position in natural order, given the layout.
+        - `segment_ids`: `[seq]` ids of packed documents, which attend only within themselves; `None`:
+          one document.
+        - `tuning`: a [`KernelTuning`][eqx_ring.KernelTuning] for this call instead of the spec's
+          (default `None`: the spec's); no rebuild.
+        - `key`, `inference`: ignored (there is no dropout); for compatibility with the Equinox API.
+
+        **Returns:** the hidden states, `[seq, d_model]`.
+        """
+        return self.transformer(tokens, positions=positions, segment_ids=segment_ids, tuning=tuning)
 
     @property
     def spec(self) -> AttentionSpec:

@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from eqx_ring import AttentionSpec, RingTransformer, chunked_cross_entropy
+from eqx_ring import AttentionSpec, KernelTuning, RingTransformer, chunked_cross_entropy
 
 from ._generate import generate
 from ._lm import batch_hidden, build_transformer, check_transformer_fields, require_float, require_int, token_count
@@ -137,34 +137,9 @@ class VideoTextLM(RingModel):
         self.transformer = build_transformer(config, mesh=mesh, head_axis=head_axis, tie_embeddings=False, key=key)
         self.config = config
 
-    def __call__(
-        self,
-        tokens: Int[Array, " seq"],
-        *,
-        positions: Int[Array, " seq"] | None = None,
-        segment_ids: Int[Array, " seq"] | None = None,
-        key: PRNGKeyArray | None = None,
-        inference: bool | None = None,
-    ) -> Float[Array, "seq d_model"]:
-        """Final (normalised) hidden states of one sequence, as
-        [`RingTransformer.__call__`][eqx_ring.RingTransformer.__call__].
-
-        **Arguments:**
-
-        - `tokens`: token ids `[seq]` (text ids and `text_vocab_size + code`), in the config's
-          `layout` order.
-        - `positions`: each token's RoPE position `[seq]` (e.g. restarting in every packed segment);
-          `None`: its position in natural order, given the layout.
-        - `segment_ids`: `[seq]` ids of packed examples, which attend only within themselves; `None`:
-          one example.
-        - `key`, `inference`: ignored (there is no dropout); for compatibility with the Equinox API.
-
-        **Returns:** the hidden states, `[seq, d_model]`.
-        """
-        return self.transformer(tokens, positions=positions, segment_ids=segment_ids)
-
     def loss(
-        self, batch: Mapping[str, Any], *, spmd_axis_name: tuple[str, ...] | None = None
+        self, batch: Mapping[str, Any], *, spmd_axis_name: tuple[str, ...] | None = None,
+        tuning: KernelTuning | None = None,
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
         """LWM's per-modality loss of a batch of packed rows, never building the `[seq, vocab]` logits.
 
@@ -185,10 +160,12 @@ class VideoTextLM(RingModel):
 
         - `batch`: `[batch, seq]` arrays `"tokens"`, `"positions"`, `"segment_ids"`, `"targets"`
           (int), `"target_mask"` (bool: which targets count) and `"target_vision_mask"` (bool: which
-          targets are vision tokens), all in the config's `layout` order; other keys are ignored.
+          targets are vision tokens), all in the spec's `layout` order; other keys are ignored.
         - `spmd_axis_name`: the mesh's data axes (`("dp", "fsdp")`, i.e.
           [`BATCH_AXES`][eqx_ring.sharding.BATCH_AXES]) when the model is on a mesh, so that each
           data shard keeps its own rows; `None` (the default) without a mesh.
+        - `tuning`: a [`KernelTuning`][eqx_ring.KernelTuning] for this call instead of the spec's
+          (default `None`: the spec's); no rebuild.
 
         **Returns:** `(loss, {"text_loss": ..., "vision_loss": ...})`, float32 scalars: the mean
         cross-entropy over the trained text targets and over the trained vision targets (NaN for a
@@ -198,7 +175,7 @@ class VideoTextLM(RingModel):
         (0 when their weights sum to 0).
         """
 
-        hidden = batch_hidden(self.transformer, batch, spmd_axis_name)
+        hidden = batch_hidden(self.transformer, batch, spmd_axis_name, tuning)
         per_token = chunked_cross_entropy(hidden, self.transformer.head_weight, batch["targets"], reduction="none")
 
         def text(b):

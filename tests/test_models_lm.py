@@ -56,6 +56,13 @@ def test_loss_is_next_token_cross_entropy():
     seg = batch["segment_ids"]
     mask = (batch["loss_mask"][:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
     assert rel_err(loss, (per_token * mask).sum() / mask.sum()) <= 1e-6
+    # Another tiling for this call only: the same loss, from another program, with no rebuild.
+    tuning = KernelTuning(query_chunk_size=16, key_chunk_size=64, ffn_chunk_size=32)
+    retiled = eqx.filter_jit(lambda m, b: m.loss(b, tuning=tuning))
+    assert rel_err(retiled(model, batch), loss) <= 1e-6
+    assert retiled.lower(model, batch).as_text() != eqx.filter_jit(lambda m, b: m.loss(b)).lower(model, batch).as_text()
+    np.testing.assert_allclose(model(batch["tokens"][0], tuning=tuning), model(batch["tokens"][0]), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_zoo_round_trip_and_tamper(tmp_path):
