@@ -1,6 +1,7 @@
 """grain data pipelines for eqx-ring: video-text sources, tokenizers, the LWM layout, packing, sharded batches."""
 
 from ._lwm import TASKS as TASKS, lwm_sequence as lwm_sequence, vision_tokens as vision_tokens
+from ._needle import NeedleText as NeedleText, NeedleVideo as NeedleVideo
 from ._packing import (
     PackIterator as PackIterator,
     PackIterDataset as PackIterDataset,
