@@ -29,8 +29,10 @@ from ._synthetic import (
     SHAPES as SHAPES,
     MovingShapes as MovingShapes,
     caption as caption,
+    describe_video as describe_video,
     parse_caption as parse_caption,
     score_captions as score_captions,
+    score_videos as score_videos,
 )
 from ._tokenizer import SPECIAL_TOKENS as SPECIAL_TOKENS, ByteTokenizer as ByteTokenizer, Tokenizer as Tokenizer
 from ._video_files import VideoDecodeError as VideoDecodeError, VideoFiles as VideoFiles
