@@ -708,11 +708,17 @@ def global_packed_batches(
         raise ValueError(f"rows must be distinct indices in [0, batch_size={batch_size}), got {rows}")
     streams = {}
     for r in rows:
-        stream = PackIterDataset(examples[r::batch_size].to_iter_dataset(allow_nones=True), seq_len, pad_id,
+        stream = PackIterDataset(examples[r::batch_size].to_iter_dataset(_IN_CALLER, allow_nones=True), seq_len, pad_id,
                                  overflow=overflow)
         stream = stream.map(with_targets)
         streams[r] = stream.map(ToRingLayout(layout, ring_size)) if layout is not None else stream
     return _RowStreams(streams)
+
+
+# grain's default read options (16 threads reading 500 records ahead) are per stream: with one stream per row
+# they started 16 threads per row (1,057 threads for 64 rows), which fought XLA's threads for the CPU and left
+# training steps waiting for data. Packing a row is cheap, so each row's stream reads in the caller's thread.
+_IN_CALLER = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 class _RowStreams(grain.IterDataset):
