@@ -2,6 +2,14 @@
 
 from ._generate import generate as generate, respec as respec
 from ._lm import PRESETS as PRESETS, LMConfig as LMConfig, RingLM as RingLM
+from ._needle import (
+    NeedleConfig as NeedleConfig,
+    evaluate_needle as evaluate_needle,
+    needle_accuracy as needle_accuracy,
+    run_needle as run_needle,
+    stage_mesh as stage_mesh,
+    train_needle as train_needle,
+)
 from ._protocol import RingModel as RingModel, ZooModel as ZooModel
 from ._train import (
     Stage as Stage,

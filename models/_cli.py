@@ -121,6 +121,7 @@ _RECIPE = (
     ("--checkpoint-every", _positive_int, "lm_train.checkpoint_every", "LM steps between checkpoints"),
     ("--d-model", _positive_int, "lm.d_model", "LM width"),
     ("--layers", _positive_int, "lm.num_layers", "LM depth"),
+    ("--hidden-size", _positive_int, "lm.hidden_size", "LM feed-forward width"),
 )
 _USED_BY_INFERENCE = frozenset({"--frames", "--max-shapes", "--eval-videos", "--seed", "--mesh"})
 _INFERENCE = ("eval", "caption", "generate")
@@ -198,6 +199,28 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=_nonnegative_float, default=0.8,
                           help="sampling temperature, 0 for greedy (default: %(default)s)")
     recipe(generate)
+    needle = commands.add_parser(
+        "needle", help="The long-context job: train a video-text model to find a needle frame in videos of up to "
+                       "8,192 tokens with ring attention, beside a sliding-window control, and draw the heatmap.",
+        description="Train a VideoTextLM (and the same model with a sliding window, the control) through "
+                    "progressive context stages on NeedleVideo, evaluate both over context length x needle depth "
+                    "and write WORKDIR/needle.json and needle.png. Reruns resume; settings are kept in "
+                    "WORKDIR/needle_config.json.")
+    needle.set_defaults(subparser=needle)
+    needle.add_argument("--workdir", type=Path, default=Path("eqx-ring-needle"),
+                        help="where models, checkpoints, settings and results live (default: %(default)s)")
+    needle.add_argument("--eval-only", action="store_true",
+                        help="evaluate the workdir's trained models on new videos instead of training")
+    needle.add_argument("--seed", type=_nonnegative_int, default=None,
+                        help="evaluation seed (default: the settings' eval_seed, 1)")
+    needle.add_argument("--out", type=Path, default=None,
+                        help="the JSON to write, its PNG beside it (default: WORKDIR/needle.json)")
+    sizes = needle.add_argument_group("recipe", "for a new workdir (default: the recipe of the docs)")
+    sizes.add_argument("--stages", type=_stages, metavar="SEQ:STEPS[:THETA],...", help="context stages")
+    sizes.add_argument("--eval-lengths", type=_positive_int, nargs="+", metavar="N", help="evaluation lengths")
+    sizes.add_argument("--examples-per-cell", type=_positive_int, help="videos per (length, depth) cell")
+    sizes.add_argument("--window", type=_positive_int, help="the control's sliding window in tokens")
+    needle.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench = commands.add_parser(
         "bench", help="Run the benchmarks/ scripts: tables (.txt), JSON and plots (.png) for docs/benchmarks.md.",
         description="Run every script of the repository's benchmarks/ folder with the settings of "
@@ -459,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         _check_folder(sub.error, "--out", args.out)
         return _bench(args.out, args.quick)
     multi_process = _check_multi_process(parser, args)
+    if args.command == "needle":
+        if multi_process:
+            stop("needle runs in one process (its meshes use this process's devices)")
+        return _needle(args, stop)
     workdir: Path = args.workdir
     _check_folder(sub.error, "--workdir", workdir)
     notes: list[str] = []
@@ -544,6 +571,49 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "generate":
         _demo.generate_grid(lm, vq, args.captions, args.out, temperature=args.temperature, seed=config.seed)
         echo(f"wrote {args.out}")
+    return 0
+
+
+def _needle(args: argparse.Namespace, stop) -> int:
+    from ._needle import SETTINGS as NEEDLE_SETTINGS, NeedleConfig
+
+    _check_folder(args.subparser.error, "--workdir", args.workdir)
+    if args.out is not None:
+        _check_folder(args.subparser.error, "--out", args.out.parent)
+    path = args.workdir / NEEDLE_SETTINGS
+    changes = {name: getattr(args, name) for name in ("stages", "eval_lengths", "examples_per_cell", "window")
+               if getattr(args, name) is not None}
+    if "eval_lengths" in changes:
+        changes["eval_lengths"] = tuple(changes["eval_lengths"])
+    if path.is_file():
+        try:
+            config = NeedleConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as error:
+            stop(f"{path} does not hold needle settings ({error}); move it away to start from the defaults")
+        if changes and not args.eval_only:
+            stop(f"{args.workdir} already holds a run with its settings in {path}: recipe flags apply to a new "
+                 "workdir (--eval-only may change --eval-lengths and --examples-per-cell)")
+    elif args.eval_only:
+        stop(f"argument --eval-only: {args.workdir} holds no trained needle run ({path} is missing)")
+    else:
+        config = NeedleConfig()
+    try:
+        config = dataclasses.replace(config, **changes)
+    except ValueError as error:
+        stop(str(error))
+    if args.eval_only and {"stages", "window"} & changes.keys():
+        stop("argument --eval-only: --stages and --window describe training; the workdir's models keep theirs")
+
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from ._needle import run_needle
+
+    if not args.eval_only:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    run_needle(config, args.workdir, eval_only=args.eval_only, seed=args.seed, out=args.out,
+               progress=not args.no_progress and sys.stderr.isatty(), echo=functools.partial(print, flush=True))
     return 0
 
 
