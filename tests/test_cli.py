@@ -22,7 +22,8 @@ def records(workdir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["eval"], ["caption"], ["generate"], ["bench"]])
+@pytest.mark.parametrize("command",
+                         [[], ["demo"], ["train"], ["eval"], ["caption"], ["generate"], ["needle"], ["bench"]])
 def test_help(command):
     out = run(*command, "--help")
     option = "--out" if command == ["bench"] else "--workdir"
@@ -44,6 +45,15 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["examples"]) == 6 and set(results["accuracy"]) == {"shape", "color", "motion", "exact"}
+    # Each stage's wall time is printed as it ends and kept; they add up to the run's.
+    stages = results["stage_seconds"]
+    assert list(stages) == ["VQ stage", "encoding the training videos", "LM stage", "captioning", "generating videos"]
+    assert all(f"[{name}: " in out for name in stages)
+    assert sum(stages.values()) == pytest.approx(results["seconds"], abs=1.0)
+    # Text to video: one sampled video per held-out caption, read back by the detector.
+    generation = results["text_to_video"]
+    assert generation["videos"] == 6 and set(generation["match"]) == {"shape", "color", "motion", "all"}
+    assert generation["chance"]["color"] == pytest.approx(1 / 8) and "Text to video" in out
     assert [r["step"] for r in records(tmp_path)] == list(range(1, 7))
     # Later commands reuse the workdir's settings (6 held-out videos, 2,1,1,4 mesh) without the flags.
     assert json.loads((tmp_path / "config.json").read_text())["eval_videos"] == 6

@@ -171,8 +171,9 @@ def test_help_shows_the_recipe_defaults():
     out = subprocess.run([*CLI, "train", "--help"], capture_output=True, text=True, timeout=120).stdout
     flat = " ".join(out.split())
     for text in ("frames per video (default: 2)", "training videos (default: 30000)", "(default: 4,1,1,2)",
-                 "(default: 1024:750)", "peak LM learning rate (default: 0.003)", "(default: off)",
-                 "LM width (default: 128)", "LM depth (default: 4)", "config.json"):
+                 "(default: 1024:500)", "peak LM learning rate (default: 0.003)", "(default: off)",
+                 "LM width (default: 96)", "LM depth (default: 3)", "LM feed-forward width (default: 256)",
+                 "config.json"):
         assert text in flat, text
 
 
