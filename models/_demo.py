@@ -242,6 +242,17 @@ def evaluate_captions(lm: VideoTextLM, vq: VideoVQ, config: DemoConfig) -> dict[
     }
 
 
+def sample_videos(lm: VideoTextLM, vq: VideoVQ, captions: list[str], *, temperature: float,
+                  seed: int) -> np.ndarray:
+    """Videos sampled from `captions` and decoded by the VQ: uint8 frames `[len(captions), frames, H, W, 3]`."""
+    from data_pipelines import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    codes = np.asarray(lm.generate_video([tokenizer.encode(c) for c in captions], tokenizer,
+                                         temperature=temperature, key=jax.random.key(seed)))
+    return np.asarray(eqx.filter_jit(jax.vmap(lambda m, c: m.decode(c), in_axes=(None, 0)))(vq, codes))
+
+
 def evaluate_generation(lm: VideoTextLM, vq: VideoVQ, config: DemoConfig, *, temperature: float = 0.8,
                         seed: int = 0) -> dict[str, Any]:
     """Text→video: sample a video from each held-out caption and read it back with a detector.
@@ -250,20 +261,17 @@ def evaluate_generation(lm: VideoTextLM, vq: VideoVQ, config: DemoConfig, *, tem
     [`describe_video`][data_pipelines.describe_video] (exact on rendered videos: shape, colour and
     motion from the pixels); [`score_videos`][data_pipelines.score_videos] gives the share whose
     attributes match the caption's. Single-shape videos only (`max_shapes=1`, the demo's).
-    Sampled at `temperature`, as `generate_grid` samples.
+    Sampled at `temperature` by `sample_videos`, as `generate_grid`'s videos are.
 
     **Returns:** `{"match": {"shape", "color", "motion", "all"}, "chance": {...}, "videos": n, "seconds": s}`,
     where chance is one over the attribute's number of values (`"all"`: their product).
     """
-    from data_pipelines import COLORS, MOTIONS, SHAPES, ByteTokenizer, describe_video, score_videos
+    from data_pipelines import COLORS, MOTIONS, SHAPES, describe_video, score_videos
 
-    tokenizer = ByteTokenizer()
     held_out = videos(config, "eval")
     captions = [held_out[i]["caption"] for i in range(len(held_out))]
     start = time.perf_counter()
-    codes = np.asarray(lm.generate_video([tokenizer.encode(c) for c in captions], tokenizer,
-                                         temperature=temperature, key=jax.random.key(seed)))
-    frames = np.asarray(eqx.filter_jit(jax.vmap(lambda m, c: m.decode(c), in_axes=(None, 0)))(vq, codes))
+    frames = sample_videos(lm, vq, captions, temperature=temperature, seed=seed)
     match = score_videos([describe_video(f) for f in frames], captions)
     chance = {"shape": 1 / len(SHAPES), "color": 1 / len(COLORS), "motion": 1 / len(MOTIONS)}
     chance["all"] = chance["shape"] * chance["color"] * chance["motion"]
@@ -282,12 +290,7 @@ def generate_grid(lm: VideoTextLM, vq: VideoVQ, captions: list[str], path: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from data_pipelines import ByteTokenizer
-
-    tokenizer = ByteTokenizer()
-    codes = np.asarray(lm.generate_video([tokenizer.encode(c) for c in captions], tokenizer,
-                                         temperature=temperature, key=jax.random.key(seed)))
-    frames = np.asarray(eqx.filter_jit(jax.vmap(lambda m, c: m.decode(c), in_axes=(None, 0)))(vq, codes))
+    frames = sample_videos(lm, vq, captions, temperature=temperature, seed=seed)
     if jax.process_index() != 0:
         return
     rows, cols = frames.shape[:2]
