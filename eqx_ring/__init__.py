@@ -11,6 +11,7 @@ from ._layout import (
     to_layout as to_layout,
 )
 from ._ring import blockwise_attention as blockwise_attention, ring_attention as ring_attention
+from ._rope import RopeScaling as RopeScaling
 from ._spec import AttentionSpec as AttentionSpec, KernelTuning as KernelTuning
 from ._transformer import (
     KVCache as KVCache,

@@ -103,6 +103,7 @@ class RingAttention(eqx.Module):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         use_bias: bool = False,
+        qkv_bias: bool | None = None,
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
     ):
@@ -113,6 +114,8 @@ class RingAttention(eqx.Module):
         - `num_kv_heads`: key/value heads (GQA/MQA); must divide `num_heads`. Defaults to `num_heads`.
         - `head_dim`: width of each head; defaults to `d_model // num_heads`.
         - `use_bias`: whether the four projections have biases (default `False`).
+        - `qkv_bias`: whether the query, key and value projections have biases, the output one's
+          following `use_bias` (Qwen2 has these three only); default `None`: `use_bias`.
         - `dtype`: parameter dtype; defaults to float32.
         - `key`: a `jax.random.PRNGKey` for the initialisation.
 
@@ -136,11 +139,11 @@ class RingAttention(eqx.Module):
             head_dim = d_model // num_heads
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         qk, kk, vk, ok = jax.random.split(key, 4)
-        lin = partial(eqx.nn.Linear, use_bias=use_bias, dtype=dtype)
-        self.query_proj = lin(d_model, num_heads * head_dim, key=qk)
-        self.key_proj = lin(d_model, num_kv_heads * head_dim, key=kk)
-        self.value_proj = lin(d_model, num_kv_heads * head_dim, key=vk)
-        self.output_proj = lin(num_heads * head_dim, d_model, key=ok)
+        qkv = partial(eqx.nn.Linear, use_bias=use_bias if qkv_bias is None else qkv_bias, dtype=dtype)
+        self.query_proj = qkv(d_model, num_heads * head_dim, key=qk)
+        self.key_proj = qkv(d_model, num_kv_heads * head_dim, key=kk)
+        self.value_proj = qkv(d_model, num_kv_heads * head_dim, key=vk)
+        self.output_proj = eqx.nn.Linear(num_heads * head_dim, d_model, use_bias=use_bias, dtype=dtype, key=ok)
         self.d_model = d_model
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -283,7 +286,7 @@ class RingAttention(eqx.Module):
                 positions = shard_positions(jax.lax.axis_index(spec.seq_axis), seq, spec.layout, ring)
             else:
                 positions = jnp.asarray(layout_positions(seq, spec.layout, ring))
-        q, k, v = self._project(x, positions, spec.rope_theta)
+        q, k, v = self._project(x, positions, spec)
         o = self._attend(q, k, v, segment_ids, spec, inside)
         return jax.vmap(self.output_proj)(o.reshape(seq, self.num_heads * self.head_dim)), k, v
 
@@ -361,7 +364,7 @@ class RingAttention(eqx.Module):
     def _decode_step(self, x, keys, values, segment_ids, *, index, position, segment, spec: AttentionSpec):
         """`decode_step` on checked arguments ([`RingTransformer`][eqx_ring.RingTransformer] checks the index once
         per token, not once per layer)."""
-        q, k, v = self._project(x[None], position[None], spec.rope_theta)
+        q, k, v = self._project(x[None], position[None], spec)
         local = partial(self._decode_local, layout=spec.layout, sliding_window=spec.sliding_window)
         if spec.mesh is None:
             o, keys, values = local(q, k, v, keys, values, segment_ids, index, segment, seq_axis=None)
@@ -413,8 +416,8 @@ class RingAttention(eqx.Module):
         # The token always sees itself, so l > 0 after the merge.
         return (o / l[..., None]).reshape(1, self.num_heads, self.head_dim).astype(q.dtype), keys, values
 
-    def _project(self, x, positions, rope_theta: float | None):
-        """Queries, keys and values of `x`, rotated by RoPE at `positions`."""
+    def _project(self, x, positions, spec: AttentionSpec):
+        """Queries, keys and values of `x`, rotated by the spec's RoPE at `positions`."""
         seq = x.shape[0]
 
         def heads(layer, n):
@@ -423,9 +426,9 @@ class RingAttention(eqx.Module):
         q = heads(self.query_proj, self.num_heads)
         k = heads(self.key_proj, self.num_kv_heads)
         v = heads(self.value_proj, self.num_kv_heads)
-        if rope_theta is not None:
-            q = apply_rope(q, positions, rope_theta)
-            k = apply_rope(k, positions, rope_theta)
+        if spec.rope_theta is not None:
+            q = apply_rope(q, positions, spec.rope_theta, spec.rope_scaling)
+            k = apply_rope(k, positions, spec.rope_theta, spec.rope_scaling)
         return q, k, v
 
     def _attend(self, q, k, v, segment_ids, spec: AttentionSpec, inside: bool):

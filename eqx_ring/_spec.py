@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from ._checks import check_positive_int, is_positive_int
 from ._layout import LAYOUTS
 from ._ring import IMPLEMENTATIONS
+from ._rope import RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,8 @@ class AttentionSpec:
     - `sliding_window`: attend only to the last `sliding_window` tokens (itself included); default
       `None`: no window.
     - `rope_theta`: RoPE base (default `10_000.0`), or `None` for no rotary embedding.
+    - `rope_scaling`: a [`RopeScaling`][eqx_ring.RopeScaling] of RoPE's frequencies (position
+      interpolation or Llama 3's), or `None` (default) for none; needs `rope_theta`.
     - `layout`: the order of the sequence on the ring: `"contiguous"` (default), `"zigzag"` or
       `"striped"`; inputs must be in it (see [`to_layout`][eqx_ring.to_layout]).
     - `mesh`: a mesh to run the ring over, or `None` (default) for one device.
@@ -78,9 +81,10 @@ class AttentionSpec:
 
     **Raises:** `ValueError` if `causal_block_size` or `sliding_window` is not a positive int (or
     `None` for the window), if `causal_block_size != 1` without `causal`, if `rope_theta` is not a
-    positive finite number or `None`, if `layout` is unknown, if `head_axis` is given without a
-    `mesh`, or if `seq_axis` / `head_axis` is not an axis of `mesh`; `TypeError` if `causal` is
-    not a bool, `mesh` not a `jax.sharding.Mesh` or `tuning` not a `KernelTuning`.
+    positive finite number or `None`, if `rope_scaling` is given without `rope_theta`, if `layout` is
+    unknown, if `head_axis` is given without a `mesh`, or if `seq_axis` / `head_axis` is not an axis
+    of `mesh`; `TypeError` if `causal` is not a bool, `mesh` not a `jax.sharding.Mesh`,
+    `rope_scaling` not a `RopeScaling` or `tuning` not a `KernelTuning`.
 
     **Example:**
 
@@ -99,6 +103,7 @@ class AttentionSpec:
     causal_block_size: int = 1
     sliding_window: int | None = None
     rope_theta: float | None = 10_000.0
+    rope_scaling: RopeScaling | None = None
     layout: str = "contiguous"
     mesh: Mesh | None = None
     seq_axis: str = "sp"
@@ -120,6 +125,13 @@ class AttentionSpec:
         if theta is not None and (isinstance(theta, bool) or not isinstance(theta, numbers.Real)
                                   or not math.isfinite(theta) or theta <= 0):
             raise ValueError(f"rope_theta must be a positive finite number or None, got {theta!r}")
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, RopeScaling):
+                raise TypeError(f"rope_scaling must be an eqx_ring.RopeScaling or None, got "
+                                f"{type(self.rope_scaling).__name__}")
+            if theta is None:
+                raise ValueError("rope_scaling rescales RoPE's frequencies, so it needs a rope_theta; got "
+                                 "rope_theta=None")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.mesh is not None and not isinstance(self.mesh, Mesh):
@@ -161,10 +173,12 @@ class AttentionSpec:
     def to_dict(self) -> dict[str, Any]:
         """The spec as JSON-ready values, without its placement (`mesh`, `head_axis`): what a config saves.
 
-        **Returns:** a `dict` of the other fields, `tuning` as a nested `dict`.
+        **Returns:** a `dict` of the other fields, `tuning` and `rope_scaling` (unless `None`) as nested
+        `dict`s.
         """
-        return {f.name: (dataclasses.asdict(self.tuning) if f.name == "tuning" else getattr(self, f.name))
-                for f in dataclasses.fields(self) if f.name not in _PLACEMENT}
+        return {f.name: (dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+                for f in dataclasses.fields(self) if f.name not in _PLACEMENT
+                for value in (getattr(self, f.name),)}
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "AttentionSpec":
@@ -172,8 +186,8 @@ class AttentionSpec:
 
         **Arguments:**
 
-        - `fields`: a mapping of field names to values, as `to_dict` returns (`tuning` a mapping of
-          its fields); `mesh` and `head_axis` may appear only as `None`.
+        - `fields`: a mapping of field names to values, as `to_dict` returns (`tuning` and
+          `rope_scaling` mappings of their fields); `mesh` and `head_axis` may appear only as `None`.
 
         **Returns:** a new `AttentionSpec` with `mesh=None` and `head_axis=None`.
 
@@ -189,6 +203,7 @@ class AttentionSpec:
         unknown = sorted(set(fields) - known)
         if unknown:
             raise ValueError(f"fields {unknown} are not AttentionSpec fields; expected some of {sorted(known)}")
-        if isinstance(fields.get("tuning"), Mapping):
-            fields["tuning"] = KernelTuning(**fields["tuning"])
+        for name, cls_ in (("tuning", KernelTuning), ("rope_scaling", RopeScaling)):
+            if isinstance(fields.get(name), Mapping):
+                fields[name] = cls_(**fields[name])
         return cls(**fields)

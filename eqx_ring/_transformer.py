@@ -338,6 +338,7 @@ class RingTransformer(eqx.Module):
         spec: AttentionSpec | None = None,
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
+        qkv_bias: bool = False,
         hidden_size: int | None = None,
         activation: str = "swiglu",
         tie_embeddings: bool = False,
@@ -362,6 +363,7 @@ class RingTransformer(eqx.Module):
           tuning alone per call (`tuning=`).
         - `num_kv_heads`: key/value heads (GQA); defaults to `num_heads`.
         - `head_dim`: width of each head; defaults to `d_model // num_heads`.
+        - `qkv_bias`: biases on the query, key and value projections (Qwen2's); default `False`.
         - `hidden_size`: the FFN's hidden width; defaults to `4 * d_model`.
         - `activation`: the FFN's activation, `"swiglu"` (default) or `"gelu"`.
         - `tie_embeddings`: use the embedding matrix as the LM head (default `False`).
@@ -396,8 +398,8 @@ class RingTransformer(eqx.Module):
 
         def block(k):
             ak, fk = jax.random.split(k)
-            attention = RingAttention(d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
-                                      key=ak)
+            attention = RingAttention(d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                      qkv_bias=qkv_bias, dtype=dtype, key=ak)
             ffn = BlockwiseFFN(d_model, hidden_size, activation=activation, dtype=dtype, key=fk)
             return RingTransformerBlock(attention, ffn, norm_eps=norm_eps)
 

@@ -66,15 +66,16 @@ def config_from_dict(config_cls: type, fields: Mapping[str, Any], where: str | N
     return config_cls(**fields)
 
 
-def check_transformer_fields(config: Any) -> None:
+def check_transformer_fields(config: Any, head_dim: int | None = None) -> None:
     """The checks shared by [`LMConfig`][models.LMConfig] and [`VideoTextConfig`][models.VideoTextConfig]:
-    the dimensions they give [`RingTransformer`][eqx_ring.RingTransformer], and their `attention` spec."""
+    the dimensions they give [`RingTransformer`][eqx_ring.RingTransformer] (heads of `head_dim` features,
+    `None`: `d_model // num_heads`), and their `attention` spec."""
     owner = type(config).__name__
     for name in ("d_model", "num_layers", "num_heads"):
         require_int(config, name)
     require_int(config, "num_kv_heads", optional=True)
     require_int(config, "hidden_size", optional=True)
-    if config.d_model % config.num_heads:
+    if head_dim is None and config.d_model % config.num_heads:
         raise ValueError(f"{owner}.num_heads must divide d_model={config.d_model}, got {config.num_heads}")
     if config.num_kv_heads is not None and config.num_heads % config.num_kv_heads:
         raise ValueError(f"{owner}.num_kv_heads must divide num_heads={config.num_heads}, got {config.num_kv_heads}")
@@ -89,20 +90,23 @@ def check_transformer_fields(config: Any) -> None:
     if attention.mesh is not None or attention.head_axis is not None:
         raise ValueError(f"{owner}.attention must not hold a placement (mesh={attention.mesh}, head_axis="
                          f"{attention.head_axis!r}): a config is what is saved; pass mesh= and head_axis= to the model")
-    if attention.rope_theta is not None and (config.d_model // config.num_heads) % 2:
+    head_dim, given = (config.d_model // config.num_heads, "d_model // num_heads") if head_dim is None else (
+        head_dim, "head_dim")
+    if attention.rope_theta is not None and head_dim % 2:
         raise ValueError(f"{owner}.attention.rope_theta={attention.rope_theta} needs an even head size, got "
-                         f"d_model // num_heads = {config.d_model // config.num_heads}")
+                         f"{given} = {head_dim}")
 
 
 def build_transformer(config: Any, *, mesh: Mesh | None, head_axis: str | None, tie_embeddings: bool,
-                      key: PRNGKeyArray) -> RingTransformer:
+                      key: PRNGKeyArray, **structure: Any) -> RingTransformer:
     """The [`RingTransformer`][eqx_ring.RingTransformer] of a config checked by `check_transformer_fields`, its
-    spec the config's `attention` placed on `mesh` (heads over `head_axis`)."""
+    spec the config's `attention` placed on `mesh` (heads over `head_axis`); `structure` holds the constructor's
+    other arguments the config sets (e.g. `head_dim=`, `qkv_bias=`, `norm_eps=`)."""
     c = config
     spec = c.attention.replace(mesh=mesh, head_axis=head_axis)
     return RingTransformer(c.vocab_size, c.d_model, c.num_layers, c.num_heads, spec=spec, num_kv_heads=c.num_kv_heads,
                            hidden_size=c.hidden_size, tie_embeddings=tie_embeddings, remat_policy=c.remat_policy,
-                           key=key)
+                           key=key, **structure)
 
 
 def token_count(batch: Mapping[str, Any], count: Callable[[Mapping[str, Any]], Array]) -> Array:
@@ -133,6 +137,10 @@ class LMConfig:
     - `num_heads`: query heads; must divide `d_model`.
     - `num_kv_heads`: key/value heads (GQA/MQA); must divide `num_heads`. `None`: `num_heads`.
     - `hidden_size`: width of the SwiGLU feed-forward layer. `None`: `4 * d_model`.
+    - `head_dim`: width of each attention head. `None` (default): `d_model // num_heads`, which
+      must then divide evenly.
+    - `qkv_bias`: biases on the query, key and value projections (Qwen2's); default `False`.
+    - `norm_eps`: the RMSNorms' epsilon (default `1e-6`; LLaMA-family checkpoints give theirs).
     - `tie_embeddings`: use the embedding matrix as the LM head.
     - `remat_policy`: a name in `jax.checkpoint_policies` each block is rematerialised with
       (e.g. `"nothing_saveable"`, `"dots_saveable"`), or `None` for no rematerialisation.
@@ -142,7 +150,8 @@ class LMConfig:
       (batches must be laid out to match) and the kernel `tuning`. Default: `AttentionSpec()`.
 
     **Raises:** `ValueError`, naming the field and its value, for a size or head count that is not a
-    positive int, `num_heads` not dividing `d_model`, `num_kv_heads` not dividing `num_heads`, an
+    positive int, `num_heads` not dividing `d_model` (without `head_dim`), a `norm_eps` that is not a
+    finite float >= 0, a `qkv_bias` that is not a bool, `num_kv_heads` not dividing `num_heads`, an
     unknown `remat_policy`, a `tie_embeddings` that is not a bool, or an `attention` that is not a
     valid spec, holds a mesh or head axis, or has RoPE over an odd head size.
     """
@@ -153,15 +162,21 @@ class LMConfig:
     num_heads: int = 4
     num_kv_heads: int | None = None
     hidden_size: int | None = None
+    head_dim: int | None = None
+    qkv_bias: bool = False
+    norm_eps: float = 1e-6
     tie_embeddings: bool = False
     remat_policy: str | None = "nothing_saveable"
     attention: AttentionSpec = AttentionSpec()
 
     def __post_init__(self):
         require_int(self, "vocab_size")
-        check_transformer_fields(self)
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"LMConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        require_int(self, "head_dim", optional=True)
+        require_float(self, "norm_eps", low=0.0)
+        check_transformer_fields(self, self.head_dim)
+        for name in ("tie_embeddings", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LMConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "LMConfig":
@@ -259,7 +274,8 @@ class RingLM(RingModel):
         - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only argument.)
         """
         self.transformer = build_transformer(config, mesh=mesh, head_axis=head_axis,
-                                             tie_embeddings=config.tie_embeddings, key=key)
+                                             tie_embeddings=config.tie_embeddings, key=key, head_dim=config.head_dim,
+                                             qkv_bias=config.qkv_bias, norm_eps=config.norm_eps)
         self.config = config
 
     def loss(self, batch: Mapping[str, Any], *, spmd_axis_name: tuple[str, ...] | None = None,

@@ -1,5 +1,7 @@
 """RingAttention, BlockwiseFFN, RMSNorm, RingTransformer and chunked_cross_entropy against plain references."""
 
+import json
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -36,10 +38,26 @@ def tree_rel_err(a, b) -> float:
 # ---- an independent plain-JAX reference for RingAttention -------------------------------------
 
 
-def rope_reference(x, positions, theta):
+def scaled_frequency(freq, scaling):
+    """One RoPE frequency after `scaling`, from the definitions (position interpolation; Llama 3.1's bands)."""
+    if scaling is None:
+        return freq
+    if scaling.kind == "linear":
+        return freq / scaling.factor
+    wavelength = 2 * np.pi / freq
+    old = scaling.original_max_position_embeddings
+    if wavelength < old / scaling.high_freq_factor:  # fast rotations: kept
+        return freq
+    if wavelength > old / scaling.low_freq_factor:  # slow ones: interpolated
+        return freq / scaling.factor
+    blend = (old / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    return blend * freq + (1 - blend) * freq / scaling.factor
+
+
+def rope_reference(x, positions, theta, scaling=None):
     """RoPE as a complex rotation of (first half + i * second half) of each head."""
     half = x.shape[-1] // 2
-    freq = 1.0 / theta ** (np.arange(half) / half)
+    freq = np.array([scaled_frequency(1.0 / theta ** (i / half), scaling) for i in range(half)])
     z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * positions[:, None, None] * freq)
     return np.concatenate([z.real, z.imag], -1)
 
@@ -62,7 +80,7 @@ def attention_reference(attn: eqx_ring.RingAttention, x, *, spec=DEFAULT, positi
     q, k, v = proj(attn.query_proj, attn.num_heads), proj(attn.key_proj, attn.num_kv_heads), proj(
         attn.value_proj, attn.num_kv_heads)
     if spec.rope_theta is not None:
-        q, k = rope_reference(q, positions, spec.rope_theta), rope_reference(k, positions, spec.rope_theta)
+        q, k = (rope_reference(a, positions, spec.rope_theta, spec.rope_scaling) for a in (q, k))
     groups = attn.num_heads // attn.num_kv_heads
     k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
     s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(attn.head_dim)
@@ -120,6 +138,12 @@ def test_from_multihead_attention_rejects_what_it_cannot_express():
 ATTENTION_CASES = {  # (layer arguments, spec arguments)
     "rope_gqa_causal": (dict(num_heads=4, num_kv_heads=2), {}),
     "mqa_bias": (dict(num_heads=4, num_kv_heads=1, use_bias=True), {}),
+    "qkv_bias_head_dim": (dict(num_heads=4, num_kv_heads=2, head_dim=6, qkv_bias=True), {}),
+    # Position interpolation, and Llama 3's bands: with 64 pretrained positions the head's 4 frequencies
+    # (wavelengths 6.3 to 6,283) fall in all three (kept, blended, interpolated).
+    "rope_linear": (dict(num_heads=4, num_kv_heads=2), dict(rope_scaling=eqx_ring.RopeScaling("linear", 4.0))),
+    "rope_llama3": (dict(num_heads=4, num_kv_heads=2), dict(rope_scaling=eqx_ring.RopeScaling(
+        "llama3", 8.0, original_max_position_embeddings=64))),
     "block_causal_no_rope": (dict(num_heads=2), dict(causal_block_size=16, rope_theta=None)),
     "packed": (dict(num_heads=4, num_kv_heads=2), dict(packed=True)),
 }
@@ -242,6 +266,8 @@ def test_bad_hyperparameters_are_named(kwargs, message):
         (dict(causal=False, causal_block_size=4), "causal_block_size=4 sets the block of the causal mask"),
         (dict(rope_theta=-1.0), "rope_theta must be a positive finite number or None, got -1.0"),
         (dict(sliding_window=0), "sliding_window must be a positive int or None, got 0"),
+        (dict(rope_theta=None, rope_scaling=eqx_ring.RopeScaling("linear", 2.0)),
+         "rope_scaling rescales RoPE's frequencies, so it needs a rope_theta; got rope_theta=None"),
     ],
 )
 def test_bad_spec_settings_are_named(kwargs, message):
@@ -266,6 +292,31 @@ def test_a_spec_the_heads_do_not_suit_is_named_at_the_call(layer, spec, message)
         spec = AttentionSpec(mesh=make_mesh(tp=2, sp=4), head_axis="tp")
     with pytest.raises(ValueError, match=message):
         attn(x_input(), spec=spec)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(kind="yarn", factor=2.0), r"RopeScaling.kind must be one of \('linear', 'llama3'\), got 'yarn'"),
+        (dict(kind="linear", factor=0.0), "RopeScaling.factor must be a finite float > 0, got 0.0"),
+        (dict(kind="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=4.0),
+         "RopeScaling.high_freq_factor=4.0 must exceed low_freq_factor=4.0"),
+        (dict(kind="llama3", factor=8.0, original_max_position_embeddings=0),
+         "RopeScaling.original_max_position_embeddings must be a positive int, got 0"),
+    ],
+)
+def test_bad_rope_scaling_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        eqx_ring.RopeScaling(**kwargs)
+
+
+def test_spec_with_rope_scaling_round_trips_through_json():
+    spec = AttentionSpec(rope_theta=5e5, rope_scaling=eqx_ring.RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
+    saved = json.loads(json.dumps(spec.to_dict()))
+    assert saved["rope_scaling"] == {"kind": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert AttentionSpec.from_dict(saved) == spec
+    assert AttentionSpec.from_dict(AttentionSpec().to_dict()).rope_scaling is None
 
 
 def test_spec_must_be_an_attention_spec():
