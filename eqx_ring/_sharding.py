@@ -176,9 +176,14 @@ def _dotted(keys: tuple) -> str:
     return ".".join(parts)
 
 
+def _is_param(leaf: object) -> bool:
+    """An array, or the shape of one (`eqx.filter_eval_shape` gives a model of those before any weight exists)."""
+    return eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
+
+
 def _declared_axes(path: tuple, leaf: object, scopes: tuple) -> tuple[str | None, ...] | None:
     """The logical axes of the array at `path`; `scopes` are its enclosing modules, nearest first."""
-    if not eqx.is_array(leaf) or not scopes:
+    if not _is_param(leaf) or not scopes:
         return None
     for module, depth in scopes:
         names = getattr(type(module), "param_axes", {}).get(_dotted(path[depth:]))
@@ -285,7 +290,7 @@ def _mesh_axes(name: str | None, path: tuple, mesh: Mesh, rules: Mapping[str, _R
     return axes
 
 
-def _spec(path: tuple, leaf: jax.Array, names: tuple[str | None, ...] | None, mesh: Mesh,
+def _spec(path: tuple, leaf: jax.Array | jax.ShapeDtypeStruct, names: tuple[str | None, ...] | None, mesh: Mesh,
           rules: Mapping[str, _Rule]) -> P:
     if names is None:
         return P(*(None,) * leaf.ndim)
@@ -320,7 +325,8 @@ def param_shardings(params: PyTree, mesh: Mesh, *, rules: Mapping[str, _Rule] = 
     **Arguments:**
 
     - `params`: a PyTree of arrays, e.g. a [`RingTransformer`][eqx_ring.RingTransformer] or its
-      optimizer state.
+      optimizer state, or of their shapes (`jax.ShapeDtypeStruct`s, as `eqx.filter_eval_shape`
+      gives): the shardings to build the arrays with.
     - `mesh`: a mesh with the axes the rules name, e.g. from [`make_mesh`][eqx_ring.sharding.make_mesh].
     - `rules`: logical axis name → a mesh axis, a tuple of mesh axes, or `None` (keyword only);
       default [`DEFAULT_RULES`][eqx_ring.sharding.DEFAULT_RULES].
@@ -328,7 +334,7 @@ def param_shardings(params: PyTree, mesh: Mesh, *, rules: Mapping[str, _Rule] = 
     **Returns:**
 
     A PyTree with the structure of `params`: a `jax.sharding.NamedSharding` on `mesh` for every
-    array leaf, `None` for every other leaf.
+    array (or array shape) leaf, `None` for every other leaf.
 
     **Raises:**
 
@@ -354,7 +360,7 @@ def param_shardings(params: PyTree, mesh: Mesh, *, rules: Mapping[str, _Rule] = 
     """
     entries, treedef = _walk(params)
     return jax.tree_util.tree_unflatten(treedef, [
-        NamedSharding(mesh, _spec(path, leaf, names, mesh, rules)) if eqx.is_array(leaf) else None
+        NamedSharding(mesh, _spec(path, leaf, names, mesh, rules)) if _is_param(leaf) else None
         for path, leaf, names in entries
     ])
 
@@ -368,7 +374,8 @@ def shard_params(params: PyTree, mesh: Mesh, *, rules: Mapping[str, _Rule] = DEF
     **Arguments:**
 
     - `params`: a PyTree of arrays, e.g. a [`RingTransformer`][eqx_ring.RingTransformer] or its
-      optimizer state.
+      optimizer state, or of their shapes (`jax.ShapeDtypeStruct`s, as `eqx.filter_eval_shape`
+      gives): the shardings to build the arrays with.
     - `mesh`: a mesh with the axes the rules name, e.g. from [`make_mesh`][eqx_ring.sharding.make_mesh].
     - `rules`: logical axis name → mesh axes (keyword only); default
       [`DEFAULT_RULES`][eqx_ring.sharding.DEFAULT_RULES].

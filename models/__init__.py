@@ -1,6 +1,13 @@
 """The eqx-ring model zoo: a VQ video tokenizer, the LWM-style video-text model, LLaMA-style LMs, and training."""
 
 from ._generate import generate as generate, respec as respec
+from ._hf import (
+    ARCHITECTURES as ARCHITECTURES,
+    config_from_hf as config_from_hf,
+    from_pretrained as from_pretrained,
+    hf_config as hf_config,
+    save_pretrained as save_pretrained,
+)
 from ._lm import PRESETS as PRESETS, LMConfig as LMConfig, RingLM as RingLM
 from ._needle import (
     NeedleConfig as NeedleConfig,

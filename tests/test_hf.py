@@ -1,0 +1,217 @@
+"""Hugging Face checkpoints: our logits and greedy tokens against transformers' own (tests/fixtures/hf), on one
+device and on an 8-device ring; save -> load; damaged folders named in the error."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import rel_err
+
+import eqx_ring
+import models
+from eqx_ring.sharding import make_mesh
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+NAMES = ("llama", "llama_tied", "llama3", "mistral", "qwen2")
+
+
+def golden(name):
+    return np.load(FIXTURES / name / "golden.npz")
+
+
+def logits_of(model, prompt, *, ring: int = 1, layout: str = "contiguous"):
+    tokens = eqx_ring.to_layout(jnp.asarray(prompt), layout, ring, axis=0)
+    logits = jax.jit(lambda m, t: m.transformer.logits(m(t)))(model, tokens)
+    return np.asarray(eqx_ring.from_layout(logits, layout, ring, axis=0))
+
+
+def test_fixture_folders_hold_each_feature():
+    configs = {name: json.loads((FIXTURES / name / "config.json").read_text()) for name in NAMES}
+    assert configs["llama_tied"]["tie_word_embeddings"] and configs["llama_tied"]["head_dim"] * 4 != 32
+    assert configs["llama_tied"]["torch_dtype"] == "bfloat16"
+    assert configs["llama3"]["rope_scaling"]["rope_type"] == "llama3"
+    assert (FIXTURES / "llama3" / "model.safetensors.index.json").exists()
+    assert configs["mistral"]["sliding_window"] < golden("mistral")["prompt"].size
+    assert configs["qwen2"]["architectures"] == ["Qwen2ForCausalLM"]
+    assert sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file()) < 2**20
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_and_greedy_tokens_equal_transformers_on_one_device(name):
+    expected = golden(name)
+    model = models.from_pretrained(FIXTURES / name, dtype=jnp.float32)
+    assert rel_err(logits_of(model, expected["prompt"]), expected["logits"]) <= 1e-4
+    greedy = models.generate(model, [expected["prompt"]], len(expected["greedy"]))
+    np.testing.assert_array_equal(np.asarray(greedy)[0], expected["greedy"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_equal_transformers_on_an_8_device_zigzag_ring(name):
+    expected = golden(name)
+    mesh = make_mesh(sp=8)
+    model = models.from_pretrained(FIXTURES / name, mesh=mesh, layout="zigzag", dtype=jnp.float32)
+    assert model.transformer.spec.ring_size == 8 and model.transformer.spec.layout == "zigzag"
+    assert rel_err(logits_of(model, expected["prompt"], ring=8, layout="zigzag"), expected["logits"]) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral"])
+def test_greedy_tokens_on_the_ring_equal_transformers(name):
+    expected = golden(name)
+    model = models.from_pretrained(FIXTURES / name, mesh=make_mesh(sp=8), layout="zigzag", dtype=jnp.float32)
+    greedy = models.generate(model, [expected["prompt"]], len(expected["greedy"]))
+    np.testing.assert_array_equal(np.asarray(greedy)[0], expected["greedy"])
+
+
+def test_weights_keep_their_stored_dtype_unless_told():
+    stored = models.from_pretrained(FIXTURES / "llama_tied")  # bfloat16 on disk
+    blocks = stored.transformer.blocks
+    assert stored.transformer.embedding.weight.dtype == jnp.bfloat16
+    assert blocks.attention.query_proj.weight.dtype == jnp.bfloat16 and blocks.ffn_norm.weight.dtype == jnp.float32
+    assert stored.transformer.lm_head is None  # tied
+    upcast = models.from_pretrained(FIXTURES / "llama_tied", dtype=jnp.float32)
+    assert upcast.transformer.embedding.weight.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(upcast.transformer.embedding.weight),
+                                  np.asarray(stored.transformer.embedding.weight, np.float32))
+
+
+def test_weights_are_placed_on_the_mesh_by_the_sharding_rules():
+    mesh = make_mesh(fsdp=2, tp=2, sp=2)
+    model = models.from_pretrained(FIXTURES / "llama", mesh=mesh)
+    expected = eqx_ring.sharding.param_shardings(model, mesh)
+    for array, sharding in zip(jax.tree.leaves(model), jax.tree.leaves(expected), strict=True):
+        assert array.sharding == sharding
+
+
+def arrays_equal(a, b) -> bool:
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    if len(leaves_a) != len(leaves_b):
+        return False
+    return all(x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(leaves_a, leaves_b, strict=True))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_then_load_gives_the_same_model(name, tmp_path):
+    model = models.from_pretrained(FIXTURES / name)
+    written = models.save_pretrained(model, tmp_path / "one")
+    assert sorted(Path(p).name for p in written) == ["config.json", "model.safetensors"]
+    again = models.from_pretrained(tmp_path / "one")
+    assert again.config == model.config and arrays_equal(again, model)
+    # The config transformers reads names the same architecture and computation as the original's.
+    original = json.loads((FIXTURES / name / "config.json").read_text())
+    saved = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert saved["architectures"] == original["architectures"]
+    assert models.config_from_hf(saved) == models.config_from_hf(original)
+
+
+def test_save_splits_into_shards_with_an_index(tmp_path):
+    model = models.from_pretrained(FIXTURES / "llama")
+    written = models.save_pretrained(model, tmp_path, max_shard_size=20_000)
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and all(f.stat().st_size < 20_000 + 4_096 for f in shards)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f.name for f in shards}
+    assert str(tmp_path / "model.safetensors.index.json") in written
+    assert arrays_equal(models.from_pretrained(tmp_path), model)
+
+
+def test_save_refuses_what_no_llama_family_model_computes(tmp_path, no_hook):
+    config = models.LMConfig(vocab_size=16, d_model=16, num_layers=1, num_heads=2,
+                             attention=eqx_ring.AttentionSpec(causal_block_size=4))
+    model = models.RingLM(config, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"LMConfig.attention.causal_block_size .* is not something a LLaMA-family"):
+        models.save_pretrained(model, tmp_path)
+    with pytest.raises(TypeError, match="model must be a models.RingLM, got int"):
+        models.save_pretrained(3, tmp_path)
+
+
+# ---- damaged folders --------------------------------------------------------------------------------
+
+
+def copy_fixture(name, tmp_path) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    return folder
+
+
+def edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_missing_shard_is_named(tmp_path):
+    folder = copy_fixture("llama3", tmp_path)
+    (folder / "model-00003-of-00005.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model-00003-of-00005.safetensors is missing: "
+                                                r"model.safetensors.index.json lists tensors in it"):
+        models.from_pretrained(folder)
+
+
+def test_a_truncated_file_is_named(tmp_path):
+    folder = copy_fixture("llama", tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file: .*not fully covered"):
+        models.from_pretrained(folder)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        models.from_pretrained(folder)
+
+
+def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = copy_fixture("llama", tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:40]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' in .*model.safetensors has shape "
+                                         r"\(40, 32\), but the config's model needs \(48, 32\)"):
+        models.from_pretrained(folder)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"holds no tensor 'model.layers.1.mlp.up_proj.weight', which the config"):
+        models.from_pretrained(folder)
+
+
+def test_a_tensor_the_model_has_no_place_for_is_named(tmp_path):
+    folder = copy_fixture("llama", tmp_path)
+    edit_config(folder, num_hidden_layers=1)
+    with pytest.raises(ValueError, match=r"holds tensors the config's model has no place for: "
+                                         r"\['model.layers.1.input_layernorm.weight'"):
+        models.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+         "rope_scaling.rope_type='yarn' is not supported; eqx-ring implements 'linear' and 'llama3'"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": -1.0}),
+         "rope_scaling: RopeScaling.factor must be a finite float > 0, got -1.0"),
+        (dict(architectures=["GPT2LMHeadModel"]), "architecture 'GPT2LMHeadModel' is not supported"),
+        (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+        (dict(attention_bias=True), "attention_bias=True is not supported"),
+        (dict(attention_dropout=0.1), "attention_dropout=0.1 is not supported"),
+        (dict(hidden_size=None), "hidden_size=None is not a int"),
+    ],
+)
+def test_a_config_key_that_cannot_be_honoured_is_named(tmp_path, changes, message):
+    folder = copy_fixture("llama", tmp_path)
+    edit_config(folder, **changes)
+    with pytest.raises(ValueError, match=r"config.json: " + message.replace("(", r"\(").replace("[", r"\[")):
+        models.from_pretrained(folder)
+
+
+def test_a_folder_without_config_or_weights_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        models.from_pretrained(tmp_path)
+    folder = copy_fixture("qwen2", tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="holds neither model.safetensors nor model.safetensors.index.json"):
+        models.from_pretrained(folder)
