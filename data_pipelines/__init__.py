@@ -1,5 +1,6 @@
 """grain data pipelines for eqx-ring: video-text sources, tokenizers, the LWM layout, packing, sharded batches."""
 
+from ._hf_text import VISION_TOKENS as VISION_TOKENS, HFTokenizer as HFTokenizer, text_examples as text_examples
 from ._lwm import TASKS as TASKS, lwm_sequence as lwm_sequence, vision_tokens as vision_tokens
 from ._needle import NeedleText as NeedleText, NeedleVideo as NeedleVideo
 from ._packing import (

@@ -215,3 +215,62 @@ def test_a_folder_without_config_or_weights_is_named(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="holds neither model.safetensors nor model.safetensors.index.json"):
         models.from_pretrained(folder)
+
+
+# ---- tokenizer and text examples --------------------------------------------------------------------
+
+
+def test_hf_tokenizer_gives_transformers_ids():
+    from data_pipelines import HFTokenizer, Tokenizer
+
+    expected = golden("llama")
+    tokenizer = HFTokenizer(FIXTURES / "llama")
+    assert isinstance(tokenizer, Tokenizer) and tokenizer.vocab_size == 96
+    ids = tokenizer.encode(str(expected["text"]))
+    np.testing.assert_array_equal(ids, expected["text_ids"])
+    assert ids.dtype == np.int32
+    assert tokenizer.decode(np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]])) == str(expected["text"])
+    # tokenizer_config.json's <s>, </s>; no padding token, so the unknown token pads.
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (1, 2, 0)
+    assert tokenizer.vision_start_id is None and tokenizer.eov_id is None
+
+
+def test_hf_tokenizer_adds_lwm_vision_tokens_when_asked():
+    from data_pipelines import VISION_TOKENS, HFTokenizer
+
+    tokenizer = HFTokenizer(FIXTURES / "llama", add_vision_tokens=True)
+    vision = (tokenizer.vision_start_id, tokenizer.vision_end_id, tokenizer.eof_id, tokenizer.eov_id)
+    assert sorted(vision) == list(range(96, 100)) and tokenizer.vocab_size == 100
+    ids = tokenizer.encode(f"{VISION_TOKENS[0]}a cat{VISION_TOKENS[3]}")
+    assert ids[0] == tokenizer.vision_start_id and ids[-1] == tokenizer.eov_id
+    assert tokenizer.decode(ids) == "a cat"
+
+
+def test_hf_tokenizer_errors_name_the_file(tmp_path):
+    from data_pipelines import HFTokenizer
+
+    with pytest.raises(FileNotFoundError, match="tokenizer.json is missing"):
+        HFTokenizer(tmp_path)
+    shutil.copy(FIXTURES / "llama" / "tokenizer.json", tmp_path)
+    with pytest.raises(ValueError, match="no BOS token: tokenizer_config.json has no bos_token in the vocabulary and "
+                                         "config.json no bos_token_id"):
+        HFTokenizer(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 5]}))
+    tokenizer = HFTokenizer(tmp_path)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (1, 2, 2)
+
+
+def test_text_examples_are_bos_text_eos_all_targets(no_hook):
+    from data_pipelines import HFTokenizer, text_examples
+
+    tokenizer = HFTokenizer(FIXTURES / "llama")
+    documents = ["Ring attention.", "Each device keeps one block.", "The lazy dog."]
+    examples = list(text_examples(documents, tokenizer, seed=3, num_epochs=2))
+    assert len(examples) == 6
+    texts = [tokenizer.decode(e["tokens"]) for e in examples]
+    assert sorted(texts[:3]) == sorted(documents) and sorted(texts[3:]) == sorted(documents)
+    for e in examples:
+        assert e["tokens"][0] == tokenizer.bos_id and e["tokens"][-1] == tokenizer.eos_id and e["loss_mask"].all()
+    with pytest.raises(ValueError, match=r"documents must be a non-empty sequence of str, got 1 items of types "
+                                         r"\['int'"):
+        text_examples([3], tokenizer)
