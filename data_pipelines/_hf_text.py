@@ -128,7 +128,7 @@ def text_examples(documents: Sequence[str], tokenizer: Tokenizer, *, seed: int =
                   num_epochs: int | None = 1) -> grain.MapDataset:
     """Documents as training examples: `<bos> text <eos>`, every token a target.
 
-    Tokenized lazily (one document when it is read), in the `{"tokens", "loss_mask"}` form that
+    Tokenized lazily (one document when it is read), in the `{"tokens", "loss_mask", "vision_mask"}` form that
     [`packed_batches`][data_pipelines.packed_batches] and
     [`global_packed_batches`][data_pipelines.global_packed_batches] pack; a document longer than a
     row is split over rows by their default `overflow="split"`.
@@ -142,8 +142,8 @@ def text_examples(documents: Sequence[str], tokenizer: Tokenizer, *, seed: int =
     - `shuffle`: shuffle the documents, anew each epoch (default `True`).
     - `num_epochs`: passes over the documents; `None` repeats forever (default 1).
 
-    **Returns:** a `grain.MapDataset` of dicts: `"tokens"` int32 `[length]` and `"loss_mask"` bool
-    `[length]`, all True.
+    **Returns:** a `grain.MapDataset` of dicts: `"tokens"` int32 `[length]`, `"loss_mask"` bool
+    `[length]`, all True, and `"vision_mask"` bool `[length]`, all False.
 
     **Raises:** `ValueError` if `documents` is empty or holds something other than strings.
     """
@@ -154,7 +154,7 @@ def text_examples(documents: Sequence[str], tokenizer: Tokenizer, *, seed: int =
 
     def example(text: str) -> dict[str, np.ndarray]:
         tokens = np.concatenate([[tokenizer.bos_id], tokenizer.encode(text), [tokenizer.eos_id]]).astype(np.int32)
-        return {"tokens": tokens, "loss_mask": np.ones(tokens.shape, bool)}
+        return {"tokens": tokens, "loss_mask": np.ones(tokens.shape, bool), "vision_mask": np.zeros(tokens.shape, bool)}
 
     dataset = grain.MapDataset.source(documents)
     if shuffle:

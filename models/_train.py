@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from eqx_ring import RMSNorm
+from eqx_ring import RMSNorm, RopeScaling
 from eqx_ring.sharding import batch_sharding, shard_params
 
 from ._checkpoint import open_checkpoints, restore_checkpoint, save_checkpoint
@@ -55,19 +55,25 @@ class Stage:
     - `rope_theta`: when given, replaces the model's RoPE base from this stage on (by
       [`respec`][models.respec]; LWM raises it with the context length); `None` (the default)
       keeps the previous stage's.
+    - `rope_scale`: when given, position interpolation from this stage on: RoPE's frequencies
+      divided by this factor (a `"linear"` [`RopeScaling`][eqx_ring.RopeScaling], replacing the
+      model's own scaling, if any; Chen et al. 2023 stretch a model's context by the ratio of the
+      new length to the old); `None` (the default) keeps the previous stage's.
 
     **Raises:** `ValueError`, naming the field and its value, if `seq_len` or `steps` is not a
-    positive int, or `rope_theta` is neither `None` nor a finite float > 0.
+    positive int, or `rope_theta` or `rope_scale` is neither `None` nor a finite float > 0.
     """
 
     seq_len: int
     steps: int
     rope_theta: float | None = None
+    rope_scale: float | None = None
 
     def __post_init__(self):
         require_int(self, "seq_len")
         require_int(self, "steps")
         require_float(self, "rope_theta", low=0.0, open_low=True, optional=True)
+        require_float(self, "rope_scale", low=0.0, open_low=True, optional=True)
 
 
 @dataclass(frozen=True)
@@ -469,13 +475,23 @@ def _position(stages, done: int) -> tuple[int, int]:
 
 
 def _stage_model(model, stages, index: int):
-    theta = next((s.rope_theta for s in reversed(stages[: index + 1]) if s.rope_theta is not None), None)
-    if theta is None:
+    """`model` with the RoPE settings of stage `index`: each the last one a stage up to it gave."""
+    changes = {}
+    for name in ("rope_theta", "rope_scale"):
+        value = next((getattr(s, name) for s in reversed(stages[: index + 1]) if getattr(s, name) is not None), None)
+        if value is not None:
+            changes[name] = value
+    if not changes:
         return model
     if not isinstance(model, RingModel):
-        raise TypeError(f"a stage's rope_theta={theta} respecifies the model, which must be a models.RingModel; got "
+        name, value = next(iter(changes.items()))
+        raise TypeError(f"a stage's {name}={value} respecifies the model, which must be a models.RingModel; got "
                         f"{type(model).__name__}")
-    return model if theta == model.spec.rope_theta else model.respec(rope_theta=theta)
+    if "rope_scale" in changes:
+        changes["rope_scaling"] = RopeScaling("linear", changes.pop("rope_scale"))
+    if all(getattr(model.spec, name) == value for name, value in changes.items()):
+        return model
+    return model.respec(**changes)
 
 
 def _with_leaves(tree, leaves):

@@ -270,7 +270,48 @@ def test_text_examples_are_bos_text_eos_all_targets(no_hook):
     texts = [tokenizer.decode(e["tokens"]) for e in examples]
     assert sorted(texts[:3]) == sorted(documents) and sorted(texts[3:]) == sorted(documents)
     for e in examples:
-        assert e["tokens"][0] == tokenizer.bos_id and e["tokens"][-1] == tokenizer.eos_id and e["loss_mask"].all()
+        assert e["tokens"][0] == tokenizer.bos_id and e["tokens"][-1] == tokenizer.eos_id
+        assert e["loss_mask"].all() and not e["vision_mask"].any()
     with pytest.raises(ValueError, match=r"documents must be a non-empty sequence of str, got 1 items of types "
                                          r"\['int'"):
         text_examples([3], tokenizer)
+
+
+# ---- context extension ------------------------------------------------------------------------------
+
+
+def test_fine_tuning_extends_the_context_stage_by_stage(tmp_path):
+    from data_pipelines import HFTokenizer, global_packed_batches, process_rows, text_examples
+    from eqx_ring.sharding import BATCH_AXES, shard_params
+
+    mesh = make_mesh(dp=2, sp=4)
+    model = models.from_pretrained(FIXTURES / "llama", mesh=mesh, layout="zigzag", dtype=jnp.float32)
+    model = shard_params(model, mesh)
+    tokenizer = HFTokenizer(FIXTURES / "llama")
+    documents = [str(golden("llama")["text"]) * 6, "The quick brown fox jumps over the lazy dog. " * 8]
+    seen = []
+
+    def batches(index, stage):
+        seen.append((index, stage.seq_len))
+        examples = text_examples(documents, tokenizer, seed=index, num_epochs=None)
+        return global_packed_batches(examples, seq_len=stage.seq_len, batch_size=2, pad_id=tokenizer.pad_id,
+                                     rows=process_rows(mesh, 2), layout="zigzag", ring_size=4,
+                                     vocab_size=model.config.vocab_size)
+
+    stages = (models.Stage(32, 2), models.Stage(64, 2, rope_theta=40_000.0), models.Stage(128, 2, rope_scale=2.0))
+    config = models.TrainConfig(stages=stages, batch_size=2, learning_rate=1e-3, warmup_steps=1, checkpoint_every=10)
+    result = models.train(model, lambda m, b: (m.loss(b, spmd_axis_name=BATCH_AXES), {}), batches, config,
+                          workdir=tmp_path, mesh=mesh, progress=False)
+    assert seen == [(0, 32), (1, 64), (2, 128)]
+    spec = result.model.transformer.spec
+    # The base raised in stage 1 is kept when stage 2 adds position interpolation.
+    assert spec.rope_theta == 40_000.0 and spec.rope_scaling == eqx_ring.RopeScaling("linear", 2.0)
+    assert result.model.config.attention.rope_scaling == spec.rope_scaling
+    assert [r["tokens"] for r in result.records] == [64, 64, 128, 128, 256, 256]
+    assert all(np.isfinite(r["loss"]) for r in result.records)
+    # The extended model is a Hugging Face checkpoint again, its scaling in config.json.
+    models.save_pretrained(result.model, tmp_path / "extended")
+    saved = json.loads((tmp_path / "extended" / "config.json").read_text())
+    assert saved["rope_theta"] == 40_000.0 and saved["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    reread = models.from_pretrained(tmp_path / "extended", layout="zigzag")
+    assert reread.config == result.model.config
