@@ -69,8 +69,8 @@ def hf_tensors(config) -> list[tuple[str, tuple[int, ...]]]:
 
 def write_checkpoint(folder: Path, shard_bytes: int) -> None:
     """Write (or keep, if already there with the same config and shards) the "1b" checkpoint in `folder`."""
-    config = models.LMConfig.preset("1b")
-    hf = {**models.hf_config(config), "torch_dtype": "bfloat16"}  # the dtype the tensors are stored in
+    config = models.LMConfig.preset("1b", param_dtype="bfloat16")
+    hf = models.hf_config(config)
     tensors = hf_tensors(config)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     sizes = [0]

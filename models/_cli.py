@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import _hf_cli
+
 
 def _int(text: str) -> int:
     try:
@@ -77,14 +79,18 @@ def _stages(text: str):
     for part in text.split(","):
         fields = part.split(":")
         try:
-            if len(fields) not in (2, 3):
+            if len(fields) not in (2, 3, 4):
                 raise argparse.ArgumentTypeError("")
             seq_len, steps = _positive_int(fields[0]), _positive_int(fields[1])
-            theta = _positive_float(fields[2]) if len(fields) == 3 else None
+            scales = [_positive_float(f[1:]) for f in fields[2:] if f.startswith("x")]
+            thetas = [_positive_float(f) for f in fields[2:] if not f.startswith("x")]
+            if len(scales) > 1 or len(thetas) > 1:
+                raise argparse.ArgumentTypeError("")
         except argparse.ArgumentTypeError:
-            raise argparse.ArgumentTypeError(f"a stage is SEQ_LEN:STEPS[:ROPE_THETA] with SEQ_LEN and STEPS positive "
-                                             f"ints and ROPE_THETA a positive number, got {part!r}") from None
-        stages.append(Stage(seq_len, steps, theta))
+            raise argparse.ArgumentTypeError(f"a stage is SEQ_LEN:STEPS[:ROPE_THETA][:xSCALE] with SEQ_LEN and STEPS "
+                                             f"positive ints, ROPE_THETA and SCALE (position interpolation) positive "
+                                             f"numbers, got {part!r}") from None
+        stages.append(Stage(seq_len, steps, thetas[0] if thetas else None, scales[0] if scales else None))
     return tuple(stages)
 
 
@@ -99,7 +105,7 @@ def _show(value) -> str:
     """A config value as its flag writes it."""
     if isinstance(value, tuple):  # stages
         return ",".join(f"{s.seq_len}:{s.steps}" + (f":{s.rope_theta:g}" if s.rope_theta is not None else "")
-                        for s in value)
+                        + (f":x{s.rope_scale:g}" if s.rope_scale is not None else "") for s in value)
     return {"bfloat16": "on", "float32": "off"}.get(value, str(value)) if isinstance(value, str) else str(value)
 
 
@@ -176,14 +182,25 @@ def _parser() -> argparse.ArgumentParser:
             if type_ is None:
                 group.add_argument(flag, action="store_true", default=None, help=default)
             else:
-                metavar = "SEQ:STEPS[:THETA],..." if flag == "--stages" else None
+                metavar = "SEQ:STEPS[:THETA][:xSCALE],..." if flag == "--stages" else None
                 group.add_argument(flag, type=type_, metavar=metavar, help=default)
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     recipe(command("demo", "Train the tiny VQ and video-text LM on MovingShapes with ring attention, then caption "
                            "held-out videos and draw videos from captions."))
     train = command("train", "Run one training stage (resumes from the workdir's checkpoints).")
-    train.add_argument("stage", choices=("vq", "lm"), help="vq: the frame tokenizer; lm: the video-text LM")
+    train.add_argument("stage", choices=("vq", "lm"), help="vq: the frame tokenizer; lm: the video-text LM, or with "
+                                                          "--init a pretrained text LM")
+    pretrained = train.add_argument_group(
+        "fine-tuning a pretrained model", "lm --init DIR --text FILE... --stages ...: fine-tune a Hugging Face "
+        "LLaMA-family model (or a zoo RingLM) on text files, one document each, over context-extension stages "
+        "(SEQ:STEPS[:THETA][:xSCALE]: raise RoPE's base as LWM did, or interpolate positions by SCALE), on --mesh "
+        "(default 1,1,1,-1: every device on the sequence ring, zigzag order); writes WORKDIR/lm.json and the "
+        "Hugging Face folder WORKDIR/hf. Defaults: --batch-size 1, --learning-rate 1e-5, warmup a tenth of the "
+        "steps (at most 50); only the flags " + ", ".join(_hf_cli.INIT_FLAGS) + " apply.")
+    pretrained.add_argument("--init", type=Path, metavar="DIR", help="the pretrained model: a Hugging Face folder "
+                                                                      "or a zoo file")
+    pretrained.add_argument("--text", nargs="+", metavar="FILE", help="UTF-8 text files to train on")
     recipe(train)
     evaluate = command("eval", "Caption the held-out videos and print per-attribute accuracy.")
     recipe(evaluate)
@@ -192,13 +209,33 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--index", type=_nonnegative_int, nargs="+", default=None,
                          help="held-out video indices, below --eval-videos (default: 0 1 2 3, those that exist)")
     recipe(caption)
-    generate = command("generate", "Generate videos from captions and save their frames as a PNG grid.")
-    generate.add_argument("captions", nargs="+", help='e.g. "a red circle moves left"')
+    generate = command("generate", "Generate videos from captions and save their frames as a PNG grid; with --model, "
+                                   "continue text prompts with a pretrained LM.")
+    generate.add_argument("captions", nargs="+", metavar="TEXT",
+                          help='captions, e.g. "a red circle moves left"; with --model, prompts')
+    text = generate.add_argument_group("text generation", "--model PATH: a Hugging Face LLaMA-family folder or a "
+                                                          "zoo RingLM, on one device unless --mesh is given")
+    text.add_argument("--model", type=Path, metavar="PATH", help="the text model")
+    text.add_argument("--tokenizer", type=Path, metavar="DIR",
+                      help="a folder with the model's tokenizer.json (default: the model's own folder)")
+    text.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to add (default: %(default)s)")
     generate.add_argument("--out", type=Path, default=None,
                           help="PNG path, its folders created (default: WORKDIR/generate.png)")
-    generate.add_argument("--temperature", type=_nonnegative_float, default=0.8,
-                          help="sampling temperature, 0 for greedy (default: %(default)s)")
+    generate.add_argument("--temperature", type=_nonnegative_float, default=None,
+                          help="sampling temperature, 0 for greedy (default: 0.8 for videos, 0 with --model)")
     recipe(generate)
+    convert = commands.add_parser(
+        "convert", help="Convert a Hugging Face LLaMA-family folder to a zoo file, or a zoo RingLM to a Hugging Face "
+                        "folder (that transformers loads).",
+        description="Convert SOURCE, a Hugging Face folder (Llama, Mistral, Qwen2) or a zoo RingLM (.json), to the "
+                    "other format at DEST: a zoo path (DEST.json and DEST.eqx) or a folder.")
+    convert.set_defaults(subparser=convert)
+    convert.add_argument("source", type=Path, help="a Hugging Face model folder or a zoo .json")
+    convert.add_argument("dest", type=Path, help="the zoo path (without extension) or the folder to write")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                         help="the weights' dtype (default: as stored; RMSNorm scales stay float32)")
+    convert.add_argument("--tokenizer", type=Path, metavar="DIR",
+                         help="zoo to folder: copy this folder's tokenizer files into DEST")
     needle = commands.add_parser(
         "needle", help="The long-context job: train a video-text model to find a needle frame in videos of up to "
                        "8,192 tokens with ring attention, beside a sliding-window control, and draw the heatmap.",
@@ -482,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         _check_folder(sub.error, "--out", args.out)
         return _bench(args.out, args.quick)
     multi_process = _check_multi_process(parser, args)
+    pretrained = _pretrained_command(args)
+    if pretrained is not None:
+        if multi_process:
+            stop(f"{args.command} {'--init ' if args.command == 'train' else ''}runs in one process")
+        return pretrained(args, stop)
     if args.command == "needle":
         if multi_process:
             stop("needle runs in one process (its meshes use this process's devices)")
@@ -569,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, ids in zip(names, lm.caption(codes, tokenizer), strict=True):
             echo(f"{name}\n  -> {tokenizer.decode(ids)}")
     elif args.command == "generate":
-        _demo.generate_grid(lm, vq, args.captions, args.out, temperature=args.temperature, seed=config.seed)
+        temperature = 0.8 if args.temperature is None else args.temperature
+        _demo.generate_grid(lm, vq, args.captions, args.out, temperature=temperature, seed=config.seed)
         echo(f"wrote {args.out}")
     return 0
 
@@ -615,6 +658,36 @@ def _needle(args: argparse.Namespace, stop) -> int:
     run_needle(config, args.workdir, eval_only=args.eval_only, seed=args.seed, out=args.out,
                progress=not args.no_progress and sys.stderr.isatty(), echo=functools.partial(print, flush=True))
     return 0
+
+
+def _pretrained_command(args: argparse.Namespace):
+    """The function that runs a command on a pretrained text model (convert, generate --model, train lm --init),
+    once its flags are checked; `None` for the video-text commands."""
+    import jax
+
+    sub = args.subparser
+    if args.command == "convert":
+        runner = _hf_cli.convert
+    elif args.command == "generate" and args.model is not None:
+        unused = [flag for flag, *_ in _RECIPE if flag not in ("--mesh", "--seed") and getattr(args, _dest(flag))]
+        if unused:
+            sub.error(f"argument {unused[0]}: generate --model continues text; {unused[0]} is a video-model flag")
+        runner = _hf_cli.generate_text
+    elif args.command == "train" and (args.init is not None or args.text is not None):
+        if args.init is None or args.text is None or args.stage != "lm":
+            sub.error("argument --init: fine-tuning needs `train lm --init DIR --text FILE... --stages ...`")
+        unused = [flag for flag, *_ in _RECIPE if flag not in _hf_cli.INIT_FLAGS and getattr(args, _dest(flag))]
+        if unused:
+            sub.error(f"argument {unused[0]}: train lm --init fine-tunes the pretrained model, whose sizes are its "
+                      f"own; only {', '.join(_hf_cli.INIT_FLAGS)} apply")
+        if args.stages is None:
+            sub.error("argument --stages: train lm --init needs its context stages, e.g. --stages 4096:200:5e5")
+        _check_folder(sub.error, "--workdir", args.workdir)
+        runner = _hf_cli.finetune
+    else:
+        return None
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    return runner
 
 
 def _load(stop, workdir: Path, name: str, **build_kwargs):

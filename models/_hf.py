@@ -1,5 +1,6 @@
 """Hugging Face checkpoints of the LLaMA family (Llama 2/3, Mistral, Qwen2) read into and written from `RingLM`."""
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from jax.typing import DTypeLike
 from eqx_ring import AttentionSpec, RopeScaling
 from eqx_ring.sharding import param_shardings
 
-from ._lm import LMConfig, RingLM
+from ._lm import PARAM_DTYPES, LMConfig, RingLM
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 """The `config.json` `"architectures"` [`from_pretrained`][models.from_pretrained] reads."""
@@ -169,17 +170,20 @@ class _Checkpoint:
                 if self.files.get(name) != file:
                     raise ValueError(f"{index} puts {name!r} in {file}, which does not hold it")
 
-    def read(self, names: list[str], index: tuple[slice, ...]) -> list[np.ndarray]:
-        """`tensor[index]` of each of `names`, each file opened once."""
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[index]` of the tensor `name`."""
         from safetensors import safe_open
 
-        out: dict[str, np.ndarray] = {}
-        for file in dict.fromkeys(self.files[n] for n in names):
-            with safe_open(self.directory / file, framework="numpy") as f:
-                for name in names:
-                    if self.files[name] == file:
-                        out[name] = f.get_slice(name)[index]
-        return [out[n] for n in names]
+        with safe_open(self.directory / self.files[name], framework="numpy") as f:
+            return f.get_slice(name)[index]
+
+
+def _aligned_empty(shape: list[int], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on a 64-byte boundary."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _numpy_dtype(safetensors_dtype: str) -> np.dtype:
@@ -209,9 +213,10 @@ def from_pretrained(directory: str | os.PathLike, *, mesh: Mesh | None = None, l
     - `mesh`: a mesh to place the weights on and to run the ring over (its `"sp"` axis), or `None`
       (default) for the default device.
     - `layout`: the ring layout of the model's spec (default `"contiguous"`); inputs must be in it.
-    - `dtype`: the weights' dtype; default `None`: as stored (e.g. bfloat16).
+    - `dtype`: the weights' dtype; default `None`: as stored (e.g. bfloat16), that of the
+      embedding when the tensors differ.
 
-    **Returns:** the `RingLM`.
+    **Returns:** the `RingLM`, its config's `param_dtype` the weights' dtype.
 
     **Raises:** `FileNotFoundError` naming a missing `config.json` or weights file; `ValueError`
     naming the key or file for a config [`config_from_hf`][models.config_from_hf] refuses, a
@@ -226,6 +231,13 @@ def from_pretrained(directory: str | os.PathLike, *, mesh: Mesh | None = None, l
         raise FileNotFoundError(f"{config_path} is missing: a Hugging Face model folder has one")
     config = config_from_hf(json.loads(config_path.read_text()), layout=layout, where=str(config_path))
     checkpoint = _Checkpoint(directory)
+    embedding = "model.embed_tokens.weight"
+    if embedding not in checkpoint.shapes:
+        raise ValueError(f"{directory} holds no tensor {embedding!r}, which the config's model needs")
+    param_dtype = np.dtype(dtype or _numpy_dtype(checkpoint.dtypes[embedding]))
+    if param_dtype.name not in PARAM_DTYPES:
+        raise ValueError(f"dtype must be one of {PARAM_DTYPES}, got {param_dtype.name}")
+    config = dataclasses.replace(config, param_dtype=param_dtype.name)
     skeleton = eqx.filter_eval_shape(lambda: RingLM(config, mesh=mesh, key=jax.random.key(0)))
     shardings = (param_shardings(skeleton, mesh) if mesh is not None
                  else jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), skeleton))
@@ -247,16 +259,19 @@ def from_pretrained(directory: str | os.PathLike, *, mesh: Mesh | None = None, l
                 raise ValueError(f"{name!r} in {directory / checkpoint.files[name]} has shape "
                                  f"{checkpoint.shapes[name]}, but the config's model needs {expected}")
         used.update(names)
-        stored = _numpy_dtype(checkpoint.dtypes[names[0]])
-        # Norm scales stay float32 (RMSNorm's own choice); the rest keeps the stored dtype unless told.
-        target = np.dtype(np.float32) if path.endswith("norm.weight") else np.dtype(dtype or stored)
+        target = leaf.dtype  # the config's param_dtype; float32 for the RMSNorm scales
 
-        def read(index, names=names, stacked=stacked, target=target):
+        def read(index, names=names, stacked=stacked, target=target, shape=leaf.shape):
+            # Filled one tensor (one layer) at a time into a 64-byte-aligned buffer, which the CPU backend adopts
+            # as the device array instead of copying it: peak host memory 1.17x the checkpoint's size instead of
+            # 1.50x for the 1B preset (benchmarks/hf_load.py).
+            out = _aligned_empty([len(range(n)[i]) for n, i in zip(shape, index, strict=True)], target)
             if stacked:
-                layers = range(config.num_layers)[index[0]]
-                parts = checkpoint.read([names[i] for i in layers], index[1:])
-                return np.stack(parts).astype(target, copy=False)
-            return checkpoint.read(names, index)[0].astype(target, copy=False)
+                for j, layer in enumerate(range(config.num_layers)[index[0]]):
+                    out[j] = checkpoint.read(names[layer], index[1:])
+            else:
+                out[...] = checkpoint.read(names[0], index)
+            return out
 
         arrays.append(jax.make_array_from_callback(leaf.shape, sharding, read))
     unused = sorted(n for n in set(checkpoint.shapes) - used
@@ -267,7 +282,7 @@ def from_pretrained(directory: str | os.PathLike, *, mesh: Mesh | None = None, l
     return jax.tree_util.tree_unflatten(treedef, arrays)
 
 
-def hf_config(config: LMConfig, *, dtype: DTypeLike = np.float32) -> dict[str, Any]:
+def hf_config(config: LMConfig) -> dict[str, Any]:
     """The Hugging Face `config.json` of a model of `config`: the inverse of [`config_from_hf`][models.config_from_hf].
 
     The architecture is the one that computes the same function: `Qwen2ForCausalLM` with
@@ -275,8 +290,7 @@ def hf_config(config: LMConfig, *, dtype: DTypeLike = np.float32) -> dict[str, A
 
     **Arguments:**
 
-    - `config`: the [`LMConfig`][models.LMConfig].
-    - `dtype`: recorded as `torch_dtype` (default float32).
+    - `config`: the [`LMConfig`][models.LMConfig]; its `param_dtype` is recorded as `torch_dtype`.
 
     **Returns:** the `config.json` fields, a `dict`.
 
@@ -314,8 +328,7 @@ def hf_config(config: LMConfig, *, dtype: DTypeLike = np.float32) -> dict[str, A
         # Transformers sizes its position tables and caches by this; RoPE itself has no limit.
         "max_position_embeddings": max(4096, (scaling.original_max_position_embeddings * math.ceil(scaling.factor)
                                               if scaling is not None and scaling.kind == "llama3" else 0)),
-        "torch_dtype": {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(
-            np.dtype(dtype), "bfloat16"),
+        "torch_dtype": config.param_dtype,
     }
 
 
@@ -358,7 +371,7 @@ def save_pretrained(model: RingLM, directory: str | os.PathLike, *, max_shard_si
 
     if not isinstance(model, RingLM):
         raise TypeError(f"model must be a models.RingLM, got {type(model).__name__}")
-    config = hf_config(model.config, dtype=model.transformer.embedding.weight.dtype)
+    config = hf_config(model.config)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -119,6 +119,9 @@ def token_count(batch: Mapping[str, Any], count: Callable[[Mapping[str, Any]], A
     return count(whole) * (batch["tokens"].shape[0] / whole["tokens"].shape[0])
 
 
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class LMConfig:
     """Hyperparameters of a [`RingLM`][models.RingLM]; JSON-serialisable (`dataclasses.asdict`).
@@ -141,6 +144,9 @@ class LMConfig:
       must then divide evenly.
     - `qkv_bias`: biases on the query, key and value projections (Qwen2's); default `False`.
     - `norm_eps`: the RMSNorms' epsilon (default `1e-6`; LLaMA-family checkpoints give theirs).
+    - `param_dtype`: the weights' dtype, `"float32"` (default), `"bfloat16"` or `"float16"`; the
+      RMSNorm scales are float32 whatever it is. Zoo files record it, so a bfloat16 checkpoint
+      loads as one.
     - `tie_embeddings`: use the embedding matrix as the LM head.
     - `remat_policy`: a name in `jax.checkpoint_policies` each block is rematerialised with
       (e.g. `"nothing_saveable"`, `"dots_saveable"`), or `None` for no rematerialisation.
@@ -151,9 +157,9 @@ class LMConfig:
 
     **Raises:** `ValueError`, naming the field and its value, for a size or head count that is not a
     positive int, `num_heads` not dividing `d_model` (without `head_dim`), a `norm_eps` that is not a
-    finite float >= 0, a `qkv_bias` that is not a bool, `num_kv_heads` not dividing `num_heads`, an
-    unknown `remat_policy`, a `tie_embeddings` that is not a bool, or an `attention` that is not a
-    valid spec, holds a mesh or head axis, or has RoPE over an odd head size.
+    finite float >= 0, a `qkv_bias` that is not a bool, an unknown `param_dtype`, `num_kv_heads` not
+    dividing `num_heads`, an unknown `remat_policy`, a `tie_embeddings` that is not a bool, or an
+    `attention` that is not a valid spec, holds a mesh or head axis, or has RoPE over an odd head size.
     """
 
     vocab_size: int = 263
@@ -165,6 +171,7 @@ class LMConfig:
     head_dim: int | None = None
     qkv_bias: bool = False
     norm_eps: float = 1e-6
+    param_dtype: str = "float32"
     tie_embeddings: bool = False
     remat_policy: str | None = "nothing_saveable"
     attention: AttentionSpec = AttentionSpec()
@@ -174,6 +181,8 @@ class LMConfig:
         require_int(self, "head_dim", optional=True)
         require_float(self, "norm_eps", low=0.0)
         check_transformer_fields(self, self.head_dim)
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"LMConfig.param_dtype must be one of {PARAM_DTYPES}, got {self.param_dtype!r}")
         for name in ("tie_embeddings", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LMConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -275,7 +284,8 @@ class RingLM(RingModel):
         """
         self.transformer = build_transformer(config, mesh=mesh, head_axis=head_axis,
                                              tie_embeddings=config.tie_embeddings, key=key, head_dim=config.head_dim,
-                                             qkv_bias=config.qkv_bias, norm_eps=config.norm_eps)
+                                             qkv_bias=config.qkv_bias, norm_eps=config.norm_eps,
+                                             dtype=jnp.dtype(config.param_dtype))
         self.config = config
 
     def loss(self, batch: Mapping[str, Any], *, spmd_axis_name: tuple[str, ...] | None = None,
