@@ -89,11 +89,10 @@ def convert(args: argparse.Namespace, stop) -> int:
     from ._zoo import save
 
     dtype = None if args.dtype is None else jnp.dtype(args.dtype)
+    if is_hf_folder(args.source) and args.tokenizer is not None:
+        stop("argument --tokenizer: a zoo file holds no tokenizer; keep using the folder's with generate --tokenizer")
     model = load_model(args.source, stop, dtype=dtype)
     if is_hf_folder(args.source):
-        if args.tokenizer is not None:
-            stop("argument --tokenizer: a zoo file holds no tokenizer; keep using the folder's with "
-                 "generate --tokenizer")
         paths = list(save(args.dest, model))
     else:
         if dtype is not None:
@@ -213,7 +212,8 @@ def finetune(args: argparse.Namespace, stop) -> int:
     if is_hf_folder(args.init):
         paths += copy_tokenizer(args.init, args.workdir / "hf", stop)
     spec = result.model.transformer.spec
-    echo(f"fine-tuned {total} steps over stages {', '.join(str(s.seq_len) for s in args.stages)} tokens; last loss "
-         f"{result.records[-1]['loss']:.4f}; rope_theta {spec.rope_theta:g}, rope_scaling {spec.rope_scaling}")
+    scaling = "none" if spec.rope_scaling is None else f"{spec.rope_scaling.kind} x{spec.rope_scaling.factor:g}"
+    echo(f"fine-tuned {total} steps over stages of {', '.join(str(s.seq_len) for s in args.stages)} tokens; last "
+         f"loss {result.records[-1]['loss']:.4f}; rope_theta {spec.rope_theta:g}, rope_scaling {scaling}")
     echo("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -23,10 +23,11 @@ def records(workdir):
 
 
 @pytest.mark.parametrize("command",
-                         [[], ["demo"], ["train"], ["eval"], ["caption"], ["generate"], ["needle"], ["bench"]])
+                         [[], ["demo"], ["train"], ["eval"], ["caption"], ["generate"], ["needle"], ["bench"],
+                          ["convert"]])
 def test_help(command):
     out = run(*command, "--help")
-    option = "--out" if command == ["bench"] else "--workdir"
+    option = {"bench": "--out", "convert": "--dtype"}.get(command[0] if command else "", "--workdir")
     assert "usage: eqx-ring" in out and option in (out if command else option)
 
 
