@@ -36,20 +36,16 @@ class HFTokenizer:
     tokenizer (the model's embedding must then cover the larger `vocab_size`); otherwise they are
     `None` and only text pipelines can use the tokenizer.
 
-    **Arguments:**
-
-    - `directory`: the model folder holding `tokenizer.json`.
-    - `add_vision_tokens`: add missing vision tokens (default `False`).
-
-    **Raises:** `FileNotFoundError` naming `tokenizer.json` if it is missing; `ValueError` naming
-    the file and key when no BOS or EOS token can be found.
-
     **Example:**
 
     ```python
+    from pathlib import Path
+
+    import models
     from data_pipelines import HFTokenizer, Tokenizer
 
-    tokenizer = HFTokenizer("tests/fixtures/hf/llama")  # a tiny byte-level BPE
+    # The repository's tiny Llama checkpoint: a byte-level BPE of 96 tokens.
+    tokenizer = HFTokenizer(Path(models.__file__).resolve().parents[1] / "tests/fixtures/hf/llama")
     ids = tokenizer.encode("Ring attention")
     assert isinstance(tokenizer, Tokenizer) and tokenizer.decode(ids) == "Ring attention"
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.vision_start_id) == (1, 2, None)
@@ -57,6 +53,14 @@ class HFTokenizer:
     """
 
     def __init__(self, directory: str | Path, *, add_vision_tokens: bool = False):
+        """**Arguments:**
+
+        - `directory`: the model folder holding `tokenizer.json`.
+        - `add_vision_tokens`: add missing vision tokens (default `False`).
+
+        **Raises:** `FileNotFoundError` naming `tokenizer.json` if it is missing; `ValueError` naming
+        the file and key when no BOS or EOS token can be found.
+        """
         from tokenizers import AddedToken, Tokenizer as RustTokenizer
 
         directory = Path(directory)
