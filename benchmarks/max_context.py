@@ -71,7 +71,8 @@ def step_bytes(variant: str, n: int, seq: int, args) -> int:
     whole = variant == "vanilla"
     chunk = seq if whole else args.chunk
     ffn_chunk = seq if variant in ("vanilla", "memory-efficient attn") else args.ffn_chunk
-    tuning = eqx_ring.KernelTuning(query_chunk_size=chunk, key_chunk_size=chunk, ffn_chunk_size=ffn_chunk)
+    tuning = eqx_ring.KernelTuning(query_chunk_size=chunk, key_chunk_size=chunk, ffn_chunk_size=ffn_chunk,
+                                   kv_pieces=args.kv_pieces if ring else 1)
     spec = eqx_ring.AttentionSpec(layout="zigzag", mesh=mesh, tuning=tuning)
     model = eqx_ring.RingTransformer(
         args.vocab, args.d_model, args.layers, args.heads, spec=spec, hidden_size=4 * args.d_model,
@@ -142,6 +143,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--ffn-chunk", type=int, default=2048)
+    parser.add_argument("--kv-pieces", type=int, default=1, help="ring attention's kv_pieces (KernelTuning)")
     parser.add_argument("--million", action="store_true", help="also: does T = 2^20 fit 8 devices (ring)?")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG here")

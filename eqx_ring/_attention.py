@@ -441,12 +441,12 @@ class RingAttention(eqx.Module):
             key_chunk_size=tuning.key_chunk_size,
             implementation=tuning.implementation,
         )
-        if inside:
-            return ring_attention(q, k, v, axis_name=spec.seq_axis, layout=spec.layout, segment_ids=segment_ids,
-                                  **kernel_kw)
-        if spec.mesh is None:
+        if spec.mesh is None and not inside:
             return blockwise_attention(q, k, v, segment_ids=segment_ids, **kernel_kw)
-        ring = partial(ring_attention, axis_name=spec.seq_axis, layout=spec.layout, **kernel_kw)
+        ring = partial(ring_attention, axis_name=spec.seq_axis, layout=spec.layout, kv_pieces=tuning.kv_pieces,
+                       **kernel_kw)
+        if inside:
+            return ring(q, k, v, segment_ids=segment_ids)
         qkv_spec = P(spec.seq_axis, spec.head_axis, None)
         # Pallas's interpreter (the fused kernel off GPU, for tests) trips jax 0.10's varying-axes check.
         check_vma = not fused_is_interpreted(tuning.implementation)

@@ -119,6 +119,7 @@ class Settings(NamedTuple):
     scale: float
     axis_name: Hashable | None
     layout: str
+    kv_pieces: int = 1  # each device's key/value block goes round the ring in this many pieces, one after another
 
 
 def _ring_size_and_index(settings: Settings):
@@ -167,17 +168,30 @@ def _ring_backward(settings: Settings, block: KeyValueBlock, dq, dkv, step):
     return dq, dkv
 
 
+def _piece(block: KeyValueBlock, j, size: int) -> KeyValueBlock:
+    """Keys `j * size .. (j + 1) * size` of `block`, with their segment ids and bias."""
+    return KeyValueBlock(*(None if x is None else lax.dynamic_slice_in_dim(x, j * size, size, 1) for x in block))
+
+
 def _forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids):
     n, r = _ring_size_and_index(settings)
     queries = Queries(q, shard_positions(r, q.shape[1], settings.layout, n), q_segment_ids)
+    local_len, pieces = block.k.shape[1], settings.kv_pieces
+    size = local_len // pieces
 
-    def key_positions(s):  # the block in hand at step s started on device r - s
-        return shard_positions((r - s) % n, block.k.shape[1], settings.layout, n)
+    def ring(j, state):
+        """Fold piece `j` of every device's block into `state`: one ring of pieces."""
 
-    def step(s, block, state):
-        return settings.kernel.forward_step(settings.masks, settings.scale, queries, block, key_positions(s), state)
+        def step(s, piece, state):  # the piece in hand at step s started on device r - s
+            positions = lax.dynamic_slice_in_dim(shard_positions((r - s) % n, local_len, settings.layout, n),
+                                                 j * size, size)
+            return settings.kernel.forward_step(settings.masks, settings.scale, queries, piece, positions, state)
 
-    state = _ring_forward(settings, block, settings.kernel.start_forward(q), step)
+        return _ring_forward(settings, _piece(block, j, size), state, step)
+
+    state = settings.kernel.start_forward(q)
+    # One piece at a time, so that only pieces travel: the blocks in flight are 1/pieces of a block.
+    state = ring(0, state) if pieces == 1 else lax.fori_loop(0, pieces, ring, state)
     return settings.kernel.finish_forward(state)
 
 
@@ -185,18 +199,36 @@ def _backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, o, lse
     n, r = _ring_size_and_index(settings)
     queries = Queries(q, shard_positions(r, q.shape[1], settings.layout, n), q_segment_ids)
     delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(jnp.float32), o.astype(jnp.float32))
+    local_len, pieces = block.k.shape[1], settings.kv_pieces
+    size = local_len // pieces
+    upstream, dq, dkv_zero = settings.kernel.start_backward(queries, Upstream(do, lse, delta), _piece(block, 0, size))
 
-    def key_positions(s):
-        return shard_positions((r - s) % n, block.k.shape[1], settings.layout, n)
+    def ring(j, dq):
+        """dq with piece `j` of every block folded in, and the gradients of this device's piece `j`."""
 
-    upstream, dq, dkv = settings.kernel.start_backward(queries, Upstream(do, lse, delta), block)
+        def step(s, piece, dq, dkv):
+            positions = lax.dynamic_slice_in_dim(shard_positions((r - s) % n, local_len, settings.layout, n),
+                                                 j * size, size)
+            return settings.kernel.backward_step(settings.masks, settings.scale, queries, upstream, piece, positions,
+                                                 dq, dkv)
 
-    def step(s, block, dq, dkv):
-        return settings.kernel.backward_step(settings.masks, settings.scale, queries, upstream, block,
-                                             key_positions(s), dq, dkv)
+        return _ring_backward(settings, _piece(block, j, size), dq, dkv_zero, step)
 
-    dq, dkv = _ring_backward(settings, block, dq, dkv, step)
-    return settings.kernel.finish_backward(settings.scale, dq, dkv)
+    if pieces == 1:
+        return settings.kernel.finish_backward(settings.scale, *ring(0, dq))
+
+    def ring_and_keep(j, carry):
+        dq, dk, dv, dbias = carry
+        dq, dkv = ring(j, dq)
+        # Only this piece's dk, dv, dbias are used: XLA drops the finishing of dq here.
+        finished = settings.kernel.finish_backward(settings.scale, dq, dkv)
+        dk, dv, dbias = (None if x is None else lax.dynamic_update_slice_in_dim(x, y, j * size, 1)
+                         for x, y in zip((dk, dv, dbias), finished[1:], strict=True))
+        return dq, dk, dv, dbias
+
+    zeros = tuple(None if x is None else jnp.zeros_like(x, jnp.float32) for x in (block.k, block.v, block.bias))
+    dq, dk, dv, dbias = lax.fori_loop(0, pieces, ring_and_keep, (dq, *zeros))
+    return Gradients(settings.kernel.finish_backward(settings.scale, dq, dkv_zero).dq, dk, dv, dbias)
 
 
 def _fold_vmap_into_batch(fn: Callable) -> Callable:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from ._checks import check_mask_args, check_qkv, check_scale
+from ._checks import check_mask_args, check_positive_int, check_qkv, check_scale
 from ._kernel import Kernel, Settings, attention
 from ._kernel_pallas import PallasKernel, interpreted
 from ._kernel_xla import XlaKernel
@@ -39,7 +39,7 @@ def _choose_kernel(implementation: str | None, query_chunk_size, key_chunk_size,
 
 
 def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, segment_ids, kv_segment_ids,
-         key_bias, sliding_window, scale, query_chunk_size, key_chunk_size, implementation):
+         key_bias, sliding_window, scale, query_chunk_size, key_chunk_size, implementation, kv_pieces=1):
     dims = check_qkv(q, k, v)
     if axis_name is not None:
         check_layout(layout, dims.q_len * num_shards, num_shards,
@@ -60,9 +60,15 @@ def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, s
     halves = 2 if layout == "zigzag" and num_shards > 1 else 1
     where = where if halves == 1 else f"{where}/2 (one zigzag half)"
     scale = float(dims.head_dim**-0.5) if scale is None else check_scale(scale, static=True)
+    check_positive_int("kv_pieces", kv_pieces)
+    if dims.kv_len % kv_pieces or (kv_pieces > 1 and kv_pieces % halves):
+        raise ValueError(f"kv_pieces={kv_pieces} must divide the local kv_seq = {dims.kv_len}"
+                         + (" and be even with layout='zigzag' (a piece must lie in one half of the shard)"
+                            if halves == 2 else ""))
     kernel = _choose_kernel(implementation, query_chunk_size, key_chunk_size, dims.q_len // halves,
-                            dims.kv_len // halves, dims.head_dim, where)
-    settings = Settings(kernel=kernel, masks=masks, scale=scale, axis_name=axis_name, layout=layout)
+                            dims.kv_len // max(halves, kv_pieces), dims.head_dim, where)
+    settings = Settings(kernel=kernel, masks=masks, scale=scale, axis_name=axis_name, layout=layout,
+                        kv_pieces=kv_pieces)
     batch = -1 if dims.batch else 1
     groups = dims.q_heads // dims.kv_heads
     q_grouped = q.reshape(batch, dims.q_len, dims.kv_heads, groups, dims.head_dim)
@@ -182,6 +188,7 @@ def ring_attention(
     query_chunk_size: int = 512,
     key_chunk_size: int = 512,
     implementation: str | None = None,
+    kv_pieces: int = 1,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention over a sequence split across the devices of mesh axis `axis_name`.
 
@@ -231,6 +238,13 @@ def ring_attention(
       which is slow and meant for tests), or `None` (default): `"pallas"` on a GPU when `head_dim`
       is a power of two >= 16 and the local sequence splits into tiles of 16 or more, `"xla"`
       otherwise. Both give the same result.
+    - `kv_pieces`: each device's key/value block goes round the ring in this many pieces, one
+      ring after another (default 1: whole blocks). What travels, the block in hand and the one
+      arriving (and in the backward pass their float32 dk/dv), is then `1/kv_pieces` of a block:
+      the memory they take falls by that factor, the bytes sent stay the same, in `kv_pieces`
+      times as many smaller steps. It must divide the local `kv_seq` (be even with
+      `layout="zigzag"`, so that a piece lies in one half of the shard), and the key chunk must
+      divide a piece. See [Benchmarks](../benchmarks.md#the-memory-floor).
 
     **Returns:**
 
@@ -276,4 +290,5 @@ def ring_attention(
     return _run(q, k, v, axis_name=axis_name, num_shards=n, layout=layout, causal=causal,
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
-                query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation)
+                query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation,
+                kv_pieces=kv_pieces)

@@ -31,17 +31,22 @@ class KernelTuning:
     - `implementation`: the attention kernel: `"xla"`, `"pallas"` (fused, for GPUs) or `None`
       (default: the fused kernel on a GPU when the shapes suit it); see
       [`blockwise_attention`][eqx_ring.blockwise_attention].
+    - `kv_pieces`: on a ring, each device's key/value block travels in this many pieces (default
+      1), which divides the memory of the blocks in flight by it; see
+      [`ring_attention`][eqx_ring.ring_attention].
 
-    **Raises:** `ValueError` if a chunk size is not a positive int or `implementation` is unknown.
+    **Raises:** `ValueError` if a chunk size or `kv_pieces` is not a positive int or
+    `implementation` is unknown.
     """
 
     query_chunk_size: int = 512
     key_chunk_size: int = 512
     ffn_chunk_size: int = 2048
     implementation: str | None = None
+    kv_pieces: int = 1
 
     def __post_init__(self):
-        for name in ("query_chunk_size", "key_chunk_size", "ffn_chunk_size"):
+        for name in ("query_chunk_size", "key_chunk_size", "ffn_chunk_size", "kv_pieces"):
             check_positive_int(name, getattr(self, name))
         if self.implementation not in (None, *IMPLEMENTATIONS):
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {self.implementation!r}")

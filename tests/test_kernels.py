@@ -12,6 +12,8 @@ from helpers import CASES, T, make_inputs, rel_err, ring_fn, value_and_grads
 import eqx_ring
 
 LAYOUTS = ["contiguous", "zigzag", "striped"]
+# The fused Pallas path (issue 10), in Pallas's interpreter on CPU (see below).
+PALLAS_CPU = jax.default_backend() != "gpu"
 DATA_ARGS = ("segment_ids", "kv_segment_ids", "key_bias")
 
 
@@ -50,6 +52,33 @@ def test_ring_f32(n, layout, case):
     check(lambda **s: ring_fn(n, layout, query_chunk_size=8, key_chunk_size=4, **s), case)
 
 
+# kv_pieces: each block travels in pieces, one ring per piece (T=256: 32 tokens per device on 8, 64 on 4).
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(("n", "layout", "pieces"), [(8, "zigzag", 2), (4, "zigzag", 4), (4, "contiguous", 8),
+                                                     (2, "striped", 4), (1, "contiguous", 2)])
+def test_ring_in_kv_pieces_f32(n, layout, pieces, case):
+    check(lambda **s: ring_fn(n, layout, query_chunk_size=8, key_chunk_size=4, kv_pieces=pieces, **s), case)
+
+
+def test_ring_in_kv_pieces_bf16_and_pallas():
+    check(lambda **s: ring_fn(4, "zigzag", query_chunk_size=16, key_chunk_size=8, kv_pieces=4, **s), "segments",
+          dtype=jnp.bfloat16, out_tol=2e-2, grad_tol=2e-2)
+    check(lambda **s: ring_fn(4, "zigzag", check_vma=not PALLAS_CPU, implementation="pallas", kv_pieces=2, **s),
+          "causal")
+
+
+@pytest.mark.parametrize(("layout", "pieces", "message"), [
+    ("contiguous", 3, "kv_pieces=3 must divide the local kv_seq = 64"),
+    ("zigzag", 1.5, "kv_pieces must be a positive int, got 1.5"),
+    ("zigzag", 0, "kv_pieces must be a positive int, got 0"),
+])
+def test_bad_kv_pieces_are_named(no_hook, layout, pieces, message):
+    qkv, ct, kw = make_inputs("causal")
+    static, data = split(kw)
+    with pytest.raises(ValueError, match=message):
+        value_and_grads(ring_fn(4, layout, kv_pieces=pieces, **static), qkv, ct, data)
+
+
 @pytest.mark.parametrize("case", ["causal", "segments", "gqa", "window"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_ring_bf16(layout, case):
@@ -63,11 +92,8 @@ def test_blockwise_bf16(case):
           dtype=jnp.bfloat16, out_tol=2e-2, grad_tol=2e-2)
 
 
-# The fused Pallas path (issue 10), in Pallas's interpreter on CPU: the same checks as above. On a GPU the
-# tests above already run it, as implementation=None picks it there.
-PALLAS_CPU = jax.default_backend() != "gpu"
-
-
+# The fused Pallas path in Pallas's interpreter on CPU: the same checks as above. On a GPU the tests above
+# already run it, as implementation=None picks it there.
 @pytest.mark.parametrize("case", list(CASES))
 def test_blockwise_pallas(case):
     check(lambda **s: partial(eqx_ring.blockwise_attention, implementation="pallas", **s), case)

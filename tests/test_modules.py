@@ -185,6 +185,22 @@ def test_layouts_give_the_natural_order_result(layout):
     assert rel_err(eqx_ring.from_layout(np.asarray(out), layout, 4, axis=0), jit_call(attn, x, spec=single)) <= 1e-5
 
 
+def test_kv_pieces_from_the_spec_reach_the_ring():
+    attn = eqx_ring.RingAttention(D_MODEL, 4, num_kv_heads=2, key=jax.random.key(0))
+    mesh = make_mesh(sp=4, devices=jax.devices()[:4])
+    tuning = KernelTuning(query_chunk_size=8, key_chunk_size=4, kv_pieces=4)
+    spec = AttentionSpec(mesh=mesh, layout="zigzag", tuning=tuning)
+    x = x_input()
+    ids, positions = packed()
+    out = jit_call(attn, eqx_ring.to_layout(x, "zigzag", 4, axis=0), spec=spec,
+                   positions=eqx_ring.to_layout(positions, "zigzag", 4, axis=0),
+                   segment_ids=eqx_ring.to_layout(ids, "zigzag", 4, axis=0))
+    expected = attention_reference(attn, x, spec=spec, positions=positions, segment_ids=ids)
+    assert rel_err(eqx_ring.from_layout(out, "zigzag", 4, axis=0), expected) <= 1e-5
+    with pytest.raises(ValueError, match="kv_pieces=3 must divide the local kv_seq = 16"):
+        jit_call(attn, x, spec=spec.replace(layout="contiguous", tuning=KernelTuning(8, 4, kv_pieces=3)))
+
+
 def test_ring_attention_gradients_equal_single_device():
     mesh = make_mesh(sp=4, devices=jax.devices()[:4])
     attn = eqx_ring.RingAttention(D_MODEL, 4, num_kv_heads=2, key=jax.random.key(0))
