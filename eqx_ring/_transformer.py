@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 
@@ -18,6 +19,8 @@ from ._ffn import BlockwiseFFN, RMSNorm
 from ._layout import layout_positions, layout_slot, shard_positions
 from ._spec import AttentionSpec, KernelTuning
 
+# The name under which offload_residuals marks each block's input for jax.checkpoint's offloading policy.
+_BLOCK_INPUT = "eqx_ring.block_input"
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
@@ -327,6 +330,7 @@ class RingTransformer(eqx.Module):
     num_layers: int = eqx.field(static=True)
     scan_layers: bool = eqx.field(static=True)
     remat_policy: str | None = eqx.field(static=True)
+    offload_residuals: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -344,6 +348,7 @@ class RingTransformer(eqx.Module):
         tie_embeddings: bool = False,
         scan_layers: bool = True,
         remat_policy: str | None = "nothing_saveable",
+        offload_residuals: bool = False,
         norm_eps: float = 1e-6,
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
@@ -372,6 +377,13 @@ class RingTransformer(eqx.Module):
           `"nothing_saveable"`, `"dots_saveable"`, `"dots_with_no_batch_dims_saveable"`,
           `"everything_saveable"`), or `None` for no rematerialisation.
           Default `"nothing_saveable"`.
+        - `offload_residuals`: keep what the backward pass needs of each block, its input (with
+          `remat_policy="nothing_saveable"`, the only residual), in the host's pinned memory
+          instead of the accelerator's, fetched back when the block's backward runs
+          (`jax.checkpoint_policies.save_and_offload_only_these_names`). Default `False`. The
+          results are the same; what it saves is the accelerator memory of `num_layers` inputs.
+          Needs `remat_policy="nothing_saveable"` and a backend with a `"pinned_host"` memory
+          (GPU, TPU; the CPU backend accepts it, with host and device memory the same).
         - `norm_eps`: the RMSNorms' epsilon (default `1e-6`).
         - `dtype`: parameter dtype; defaults to float32 (the RMSNorm scales are always float32).
         - `key`: a `jax.random.PRNGKey` for the initialisation.
@@ -379,7 +391,8 @@ class RingTransformer(eqx.Module):
         **Raises:**
 
         `ValueError` if `vocab_size`, `d_model`, `num_layers`, `num_heads` or `hidden_size` is not
-        a positive int, `norm_eps` is negative or not finite, `remat_policy` is unknown, the head
+        a positive int, `norm_eps` is negative or not finite, `remat_policy` is unknown or
+        `offload_residuals` is asked for without `remat_policy="nothing_saveable"`, the head
         sizes are invalid (see [`RingAttention`][eqx_ring.RingAttention]) or do not suit `spec`
         (RoPE needs an even `head_dim`; `spec.head_axis` must divide `num_kv_heads`), or the FFN
         arguments are invalid (see [`BlockwiseFFN`][eqx_ring.BlockwiseFFN]); `TypeError` if
@@ -415,10 +428,14 @@ class RingTransformer(eqx.Module):
         self.num_layers = num_layers
         self.scan_layers = scan_layers
         self.remat_policy = remat_policy
+        self.offload_residuals = offload_residuals
 
     def __check_init__(self):
         if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be None or one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.offload_residuals and self.remat_policy != "nothing_saveable":
+            raise ValueError(f"offload_residuals=True offloads each block's input, the one residual of "
+                             f"remat_policy='nothing_saveable'; got remat_policy={self.remat_policy!r}")
         attention = (self.blocks if self.scan_layers else self.blocks[0]).attention
         check_spec(self.spec, attention.num_heads, attention.num_kv_heads, attention.head_dim)
 
@@ -690,11 +707,25 @@ class RingTransformer(eqx.Module):
         if bad is not None:
             x = jnp.where(bad[:, None], jnp.nan, x)
 
+        offload = self.offload_residuals and not with_cache
+
         def layer(x, block):
+            if offload:
+                x = checkpoint_name(x, _BLOCK_INPUT)
             y, keys, values = block.prefill(x, spec=spec, positions=positions, segment_ids=segment_ids)
             return y, ((keys, values) if with_cache else None)
 
-        if self.remat_policy is not None and not with_cache:
+        if offload:
+            kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+            if "pinned_host" not in kinds:
+                raise ValueError(f"offload_residuals=True moves residuals to the 'pinned_host' memory, which the "
+                                 f"{jax.default_backend()} backend lacks (its memories: {sorted(kinds)}); use "
+                                 "offload_residuals=False here")
+            policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+                names_which_can_be_saved=(), names_which_can_be_offloaded=(_BLOCK_INPUT,), offload_src="device",
+                offload_dst="pinned_host")
+            layer = eqx.filter_checkpoint(layer, policy=policy)
+        elif self.remat_policy is not None and not with_cache:
             layer = eqx.filter_checkpoint(layer, policy=getattr(jax.checkpoint_policies, self.remat_policy))
         if self.scan_layers:
             params, static = eqx.partition(self.blocks, eqx.is_array)

@@ -488,6 +488,42 @@ def test_transformer_scan_remat_and_unrolled_agree():
     assert tree_rel_err(grads_s.embedding, grads_u.embedding) <= 1e-5
 
 
+def test_offloaded_residuals_give_the_same_loss_and_gradients_on_a_mesh():
+    tokens = jax.random.randint(jax.random.key(3), (2, T + 1), 0, 48)
+    mesh = make_mesh(dp=2, sp=4)
+    spec = AttentionSpec(mesh=mesh, layout="zigzag", tuning=KernelTuning(16, 16, 16))
+    tokens_in = jnp.concatenate([eqx_ring.to_layout(tokens[:, :-1], "zigzag", 4, axis=1), tokens[:, -1:]], axis=1)
+    kept, offloaded = transformer(spec=spec), transformer(spec=spec, offload_residuals=True)
+
+    def loss(model, tokens):
+        hidden = jax.vmap(model, spmd_axis_name=("dp", "fsdp"))(tokens[:, :-1])
+        return eqx_ring.chunked_cross_entropy(hidden, model.head_weight, jnp.roll(tokens[:, :-1], -1, axis=1))
+
+    (loss_k, grads_k), (loss_o, grads_o) = (eqx.filter_jit(eqx.filter_value_and_grad(loss))(m, tokens_in)
+                                            for m in (kept, offloaded))
+    assert loss_k == loss_o and tree_rel_err(grads_o, grads_k) == 0
+    # The policy moves each block's input to pinned host memory and back (on this CPU backend the same memory).
+    jaxpr = str(jax.make_jaxpr(eqx.filter_grad(loss))(offloaded, tokens_in))
+    assert "offload_only_these_names" in jaxpr and "device_put" in jaxpr
+    assert "device_put" not in str(jax.make_jaxpr(eqx.filter_grad(loss))(kept, tokens_in))
+
+
+def test_offloading_is_refused_where_it_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match="offload_residuals=True offloads each block's input, the one residual of "
+                                         "remat_policy='nothing_saveable'; got remat_policy='dots_saveable'"):
+        transformer(offload_residuals=True, remat_policy="dots_saveable")
+    model = transformer(offload_residuals=True)
+
+    class NoHostMemory:
+        def addressable_memories(self):
+            return [type("Memory", (), {"kind": "device"})()]
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [NoHostMemory()])
+    with pytest.raises(ValueError, match=r"offload_residuals=True moves residuals to the 'pinned_host' memory, which "
+                                         r"the cpu backend lacks \(its memories: \['device'\]\)"):
+        jax.make_jaxpr(model)(jnp.arange(T))
+
+
 def test_transformer_logits_and_tied_head():
     model = transformer(tie_embeddings=True)
     assert model.lm_head is None and model.head_weight is model.embedding.weight
