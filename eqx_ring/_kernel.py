@@ -129,42 +129,60 @@ def _ring_size_and_index(settings: Settings):
     return lax.axis_size(settings.axis_name), lax.axis_index(settings.axis_name)
 
 
-def _send_to_next(tree, settings: Settings, n: int):
-    """Send a pytree one step along the ring: device i -> i + 1."""
-    perm = [(i, (i + 1) % n) for i in range(n)]
+def _send(tree, settings: Settings, n: int, hops: int = 1):
+    """Send a pytree `hops` steps along the ring: device i -> i + hops."""
+    perm = [(i, (i + hops) % n) for i in range(n)]
     return jax.tree.map(lambda x: lax.ppermute(x, settings.axis_name, perm), tree)
 
 
-def _ring_forward(settings: Settings, block: KeyValueBlock, state, step):
-    """Fold every key/value block of the ring into `state` with `step(s, block, state)`."""
+def _steps(settings: Settings, n: int, block_len: int) -> int:
+    """How many blocks after its own each device must see: n - 1, or fewer when a sliding window on the
+    contiguous layout hides the blocks of devices further back (the window-aware ring).
+
+    On the contiguous layout device r holds positions [r·L, (r + 1)·L); the block of device r - s ends at
+    (r - s + 1)·L - 1, which a query at r·L or later sees only if it lies within the window, i.e. if
+    (s - 1)·L + 1 < w: the blocks with s <= ceil((w - 1) / L). (The other layouts spread each shard over the
+    whole sequence, so every block holds keys some window sees.)
+    """
+    window = settings.masks.sliding_window
+    if window is None or settings.layout != "contiguous":
+        return n - 1
+    return min(n - 1, -(-(window - 1) // block_len))
+
+
+def _ring_forward(settings: Settings, block: KeyValueBlock, state, step, block_len: int):
+    """Fold every visible key/value block of the ring into `state` with `step(s, block, state)`."""
     n, _ = _ring_size_and_index(settings)
-    if n > 1:
+    steps = _steps(settings, n, block_len)
+    if steps > 0:
 
         def body(carry, s):
             block, state = carry
-            arriving = _send_to_next(block, settings, n)  # issued before this step's compute, which it overlaps
+            arriving = _send(block, settings, n)  # issued before this step's compute, which it overlaps
             return (arriving, step(s, block, state)), None
 
-        (block, state), _ = lax.scan(body, (block, state), jnp.arange(n - 1))
-    return step(n - 1, block, state)
+        (block, state), _ = lax.scan(body, (block, state), jnp.arange(steps))
+    return step(steps, block, state)
 
 
-def _ring_backward(settings: Settings, block: KeyValueBlock, dq, dkv, step):
-    """Run `step(s, block, dq, dkv)` on every block; each block's `dkv` travels with it and comes home."""
+def _ring_backward(settings: Settings, block: KeyValueBlock, dq, dkv, step, block_len: int):
+    """Run `step(s, block, dq, dkv)` on every visible block; each block's `dkv` travels with it and comes home."""
     n, _ = _ring_size_and_index(settings)
-    if n > 1:
+    steps = _steps(settings, n, block_len)
+    if steps > 0:
 
         def body(carry, s):
             block, dq, dkv = carry
-            arriving = _send_to_next(block, settings, n)
+            arriving = _send(block, settings, n)
             dq, dkv = step(s, block, dq, dkv)
             # The gradient accumulators travel with their block, one step behind its k/v.
-            return (arriving, dq, _send_to_next(dkv, settings, n)), None
+            return (arriving, dq, _send(dkv, settings, n)), None
 
-        (block, dq, dkv), _ = lax.scan(body, (block, dq, dkv), jnp.arange(n - 1))
-    dq, dkv = step(n - 1, block, dq, dkv)
+        (block, dq, dkv), _ = lax.scan(body, (block, dq, dkv), jnp.arange(steps))
+    dq, dkv = step(steps, block, dq, dkv)
     if n > 1:
-        dkv = _send_to_next(dkv, settings, n)  # the last hop brings each block's gradients home
+        # One hop brings each block's gradients home after a full ring; after fewer steps, n - steps hops at once.
+        dkv = _send(dkv, settings, n, hops=n - steps)
     return dq, dkv
 
 
@@ -187,7 +205,7 @@ def _forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids):
                                                  j * size, size)
             return settings.kernel.forward_step(settings.masks, settings.scale, queries, piece, positions, state)
 
-        return _ring_forward(settings, _piece(block, j, size), state, step)
+        return _ring_forward(settings, _piece(block, j, size), state, step, local_len)
 
     state = settings.kernel.start_forward(q)
     # One piece at a time, so that only pieces travel: the blocks in flight are 1/pieces of a block.
@@ -212,7 +230,7 @@ def _backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, o, lse
             return settings.kernel.backward_step(settings.masks, settings.scale, queries, upstream, piece, positions,
                                                  dq, dkv)
 
-        return _ring_backward(settings, _piece(block, j, size), dq, dkv_zero, step)
+        return _ring_backward(settings, _piece(block, j, size), dq, dkv_zero, step, local_len)
 
     if pieces == 1:
         return settings.kernel.finish_backward(settings.scale, *ring(0, dq))

@@ -228,6 +228,25 @@ def test_ring_sends_each_block_n_minus_1_times(n):
     assert _transfers(bwd.jaxpr) == 2 * (n - 1) + 2 * (n - 1) + 2 * n
 
 
+@pytest.mark.parametrize(("n", "window", "steps"), [(8, 24, 1), (8, 33, 1), (8, 34, 2), (8, 100, 4), (8, 256, 7),
+                                                     (4, 1, 0)])
+def test_window_aware_ring_sends_only_the_blocks_a_window_can_see(n, window, steps):
+    # T=256: 32 tokens per device on 8 (64 on 4); a window of w needs the ceil((w - 1) / 32) blocks behind.
+    (q, k, v), ct, kw = make_inputs(dict(sliding_window=window, causal=True))
+    f = ring_fn(n, "contiguous", query_chunk_size=8, key_chunk_size=8, causal=True, sliding_window=window)
+    fwd = jax.make_jaxpr(f)(q, k, v)
+    assert _transfers(fwd.jaxpr) == 2 * steps
+    grad = jax.grad(lambda q, k, v: jnp.vdot(f(q, k, v), ct), argnums=(0, 1, 2))
+    # k, v `steps` times forward and backward, dk, dv as often plus one send home (none on a ring of one).
+    assert _transfers(jax.make_jaxpr(grad)(q, k, v).jaxpr) == 2 * steps + 2 * steps + 2 * (steps + (n > 1))
+    if window > 1:  # (a window of 1 sees the token itself only: dq is 0, and a relative error undefined)
+        check(lambda **s: ring_fn(n, "contiguous", query_chunk_size=8, key_chunk_size=8, **s),
+              dict(sliding_window=window, causal=True))
+    # The other layouts spread every shard over the sequence: all n - 1 blocks still travel.
+    zigzag = ring_fn(n, "zigzag", query_chunk_size=8, key_chunk_size=8, causal=True, sliding_window=window)
+    assert _transfers(jax.make_jaxpr(zigzag)(q, k, v).jaxpr) == 2 * (n - 1)
+
+
 def test_vmap_folds_into_the_batch_inside_shard_map():
     """vmap over examples with sharded segment ids: exact, per-example grads too, and blocks still skipped."""
     (q, k, v), ct, kw = make_inputs("segments", batch=2)
