@@ -226,7 +226,9 @@ def ring_attention(
     - `key_bias`: local `[*#batch, kv_seq]` floats added to the scores of each key, broadcast over
       queries and heads (e.g. `-inf` for padding). Default `None`: no bias.
     - `sliding_window`: `w`; query `i` sees key `j` only if `i - w < j <= i`. Default `None`:
-      no window.
+      no window. With `layout="contiguous"` the ring is window-aware: each device runs only the
+      `ceil((w - 1) / kv_seq)` steps whose blocks its queries can see, instead of n - 1, so the
+      transfers and steps fall with the window (`benchmarks/window_ring.py`).
     - `scale`: multiplies `q·k`; default `None` means `head_dim ** -0.5`.
     - `query_chunk_size`: queries per chunk (default 512); must divide the local `q_seq`, or half
       of it with `layout="zigzag"` on more than one device (a longer chunk is shortened to it).
