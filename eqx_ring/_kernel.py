@@ -7,9 +7,11 @@ implement it, each in its own module with its own tile sizes and checks:
 - `PallasKernel` (`_kernel_pallas.py`): fused Pallas kernels, one launch per ring step forward and
   two backward, lowered to Triton on GPU.
 
-This module owns everything the paths share: the ring (blocks travel n − 1 times forward; in the
-backward pass their gradient accumulators travel with them and come home), the true positions of
-every block, `delta = rowsum(do · o)`, the `jax.custom_vjp` and its batching rule.
+This module owns everything the paths share: the ring (blocks travel n − 1 times forward, fewer when
+a sliding window on the contiguous layout cannot see further back; in the backward pass their gradient
+accumulators travel with them and come home; with `kv_pieces` a block goes round in pieces, one ring per
+piece), the true positions of every block, `delta = rowsum(do · o)`, the `jax.custom_vjp` and its
+batching rule.
 `blockwise_attention` is a ring of one device. Shapes (B = flattened batch, K = kv heads,
 G = q heads per kv head, D = head dim):
 
