@@ -244,7 +244,8 @@ def test_zoo_loads_first_format_files_with_a_warning(tmp_path):
     # Formats 1 and 2 kept the attention settings as flat config fields.
     attention = meta["config"].pop("attention")
     meta["config"] |= {k: attention[k] for k in ("rope_theta", "causal_block_size", "layout")} | attention["tuning"]
-    del meta["config"]["implementation"]
+    for newer in ("implementation", "kv_pieces"):  # tuning fields added after format 2
+        del meta["config"][newer]
     with open(json_path, "w") as f:
         json.dump(meta, f)
     with pytest.warns(UserWarning, match="covers the weights but not the config"):
