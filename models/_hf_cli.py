@@ -96,7 +96,7 @@ def convert(args: argparse.Namespace, stop) -> int:
         paths = list(save(args.dest, model))
     else:
         if dtype is not None:
-            model = jax_cast(model, dtype)
+            model = with_param_dtype(model, dtype)
         paths = save_pretrained(model, args.dest)
         if args.tokenizer is not None:
             paths += copy_tokenizer(args.tokenizer, args.dest, stop)
@@ -104,19 +104,21 @@ def convert(args: argparse.Namespace, stop) -> int:
     return 0
 
 
-def jax_cast(model, dtype):
-    """`model` with its floating weights (but the RMSNorm scales, which stay float32) in `dtype`."""
+def with_param_dtype(model, dtype):
+    """`model` rebuilt with `param_dtype=dtype` in its config, its weights cast to the dtypes that config gives
+    (the RMSNorm scales stay float32), so that the config and the weights agree."""
+    import dataclasses
+
     import equinox as eqx
     import jax
 
-    from eqx_ring import RMSNorm
+    from ._lm import RingLM
 
-    def norms(tree):
-        return [n.weight for n in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, RMSNorm))
-                if isinstance(n, RMSNorm)]
-
-    cast = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model)
-    return eqx.tree_at(norms, cast, norms(model))
+    config = dataclasses.replace(model.config, param_dtype=jax.numpy.dtype(dtype).name)
+    skeleton = eqx.filter_eval_shape(lambda: RingLM(config, mesh=model.spec.mesh, key=jax.random.key(0)))
+    leaves, treedef = jax.tree_util.tree_flatten(skeleton)
+    return jax.tree_util.tree_unflatten(treedef, [x.astype(s.dtype) for s, x in
+                                                  zip(leaves, jax.tree.leaves(model), strict=True)])
 
 
 def copy_tokenizer(source: Path, dest: Path, stop) -> list[str]:
