@@ -7,12 +7,14 @@ implement it, each in its own module with its own tile sizes and checks:
 - `PallasKernel` (`_kernel_pallas.py`): fused Pallas kernels, one launch per ring step forward and
   two backward, lowered to Triton on GPU.
 
-This module owns everything the paths share: the ring (blocks travel n − 1 times forward, fewer when
-a sliding window on the contiguous layout cannot see further back; in the backward pass their gradient
-accumulators travel with them and come home; with `kv_pieces` a block goes round in pieces, one ring per
-piece), the true positions of every block, `delta = rowsum(do · o)`, the `jax.custom_vjp` and its
-batching rule.
-`blockwise_attention` is a ring of one device. Shapes (B = flattened batch, K = kv heads,
+This module owns everything the paths share: how key/value blocks reach the queries (strategy "ring":
+blocks travel n − 1 times forward, fewer when a sliding window on the contiguous layout cannot see further
+back; in the backward pass their gradient accumulators travel with them and come home; with `kv_pieces` a
+block goes round in pieces, one ring per piece. Strategy "allgather": every device gathers the whole k/v,
+`kv_pieces` kv heads' worth at a time, and scatters their gradients back), the true positions of every
+block, `delta = rowsum(do · o)`, the `jax.custom_vjp` and its batching rule.
+`blockwise_attention` is a ring of one device. Ulysses' all-to-all happens outside (in `_ring.py`): the
+kernel then sees `gathered` consecutive shards of the sequence as its local block. Shapes (B = flattened batch, K = kv heads,
 G = q heads per kv head, D = head dim):
 
     q, o, do, dq      [B, Lq, K, G, D]    q's dtype in, float32 out of a path
@@ -121,7 +123,21 @@ class Settings(NamedTuple):
     scale: float
     axis_name: Hashable | None
     layout: str
-    kv_pieces: int = 1  # each device's key/value block goes round the ring in this many pieces, one after another
+    # "ring": each device's key/value block goes round the ring in `kv_pieces` pieces, one after another;
+    # "allgather": every device gathers all keys/values, `kv_pieces` slices of the kv heads one after another.
+    kv_pieces: int = 1
+    strategy: str = "ring"
+    # The local sequence is `gathered` consecutive shards of a layout over (axis size × gathered) shards:
+    # 1 on a plain ring, the all-to-all group's size under Ulysses (alone, or within a hybrid's ring).
+    gathered: int = 1
+
+
+def block_positions(settings: "Settings", shard, n: int, length: int):
+    """True positions of the `length` slots that member `shard` (maybe traced) of an `n`-device ring holds."""
+    g = settings.gathered
+    if g == 1:
+        return shard_positions(shard, length, settings.layout, n)
+    return jnp.concatenate([shard_positions(shard * g + d, length // g, settings.layout, n * g) for d in range(g)])
 
 
 def _ring_size_and_index(settings: Settings):
@@ -194,8 +210,10 @@ def _piece(block: KeyValueBlock, j, size: int) -> KeyValueBlock:
 
 
 def _forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids):
+    if settings.strategy == "allgather":
+        return _allgather_forward(settings, q, block, q_segment_ids)
     n, r = _ring_size_and_index(settings)
-    queries = Queries(q, shard_positions(r, q.shape[1], settings.layout, n), q_segment_ids)
+    queries = Queries(q, block_positions(settings, r, n, q.shape[1]), q_segment_ids)
     local_len, pieces = block.k.shape[1], settings.kv_pieces
     size = local_len // pieces
 
@@ -203,7 +221,7 @@ def _forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids):
         """Fold piece `j` of every device's block into `state`: one ring of pieces."""
 
         def step(s, piece, state):  # the piece in hand at step s started on device r - s
-            positions = lax.dynamic_slice_in_dim(shard_positions((r - s) % n, local_len, settings.layout, n),
+            positions = lax.dynamic_slice_in_dim(block_positions(settings, (r - s) % n, n, local_len),
                                                  j * size, size)
             return settings.kernel.forward_step(settings.masks, settings.scale, queries, piece, positions, state)
 
@@ -216,9 +234,11 @@ def _forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids):
 
 
 def _backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, o, lse, do) -> Gradients:
-    n, r = _ring_size_and_index(settings)
-    queries = Queries(q, shard_positions(r, q.shape[1], settings.layout, n), q_segment_ids)
     delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(jnp.float32), o.astype(jnp.float32))
+    if settings.strategy == "allgather":
+        return _allgather_backward(settings, q, block, q_segment_ids, Upstream(do, lse, delta))
+    n, r = _ring_size_and_index(settings)
+    queries = Queries(q, block_positions(settings, r, n, q.shape[1]), q_segment_ids)
     local_len, pieces = block.k.shape[1], settings.kv_pieces
     size = local_len // pieces
     upstream, dq, dkv_zero = settings.kernel.start_backward(queries, Upstream(do, lse, delta), _piece(block, 0, size))
@@ -227,7 +247,7 @@ def _backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, o, lse
         """dq with piece `j` of every block folded in, and the gradients of this device's piece `j`."""
 
         def step(s, piece, dq, dkv):
-            positions = lax.dynamic_slice_in_dim(shard_positions((r - s) % n, local_len, settings.layout, n),
+            positions = lax.dynamic_slice_in_dim(block_positions(settings, (r - s) % n, n, local_len),
                                                  j * size, size)
             return settings.kernel.backward_step(settings.masks, settings.scale, queries, upstream, piece, positions,
                                                  dq, dkv)
@@ -249,6 +269,88 @@ def _backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, o, lse
     zeros = tuple(None if x is None else jnp.zeros_like(x, jnp.float32) for x in (block.k, block.v, block.bias))
     dq, dk, dv, dbias = lax.fori_loop(0, pieces, ring_and_keep, (dq, *zeros))
     return Gradients(settings.kernel.finish_backward(settings.scale, dq, dkv_zero).dq, dk, dv, dbias)
+
+
+def _one_piece_after_another(count: int, fetch: Callable, use: Callable, carry):
+    """`carry = use(j, fetch(j), carry)` for j < count, fetching piece j + 1 before piece j is used.
+
+    Issued first, the next piece's collective overlaps this piece's compute (as the ring's sends do),
+    and only two pieces are ever fetched at once.
+    """
+    fetched = fetch(0)
+    if count > 1:
+
+        def body(c, j):
+            fetched, carry = c
+            return (fetch(j + 1), use(j, fetched, carry)), None
+
+        (fetched, carry), _ = lax.scan(body, (fetched, carry), jnp.arange(count - 1))
+    return use(count - 1, fetched, carry)
+
+
+def _gather(x, settings: Settings):
+    """`x` ([B, L, ...]) of every device on the axis, concatenated along the sequence in device (layout) order."""
+    return None if x is None else lax.all_gather(x, settings.axis_name, axis=1, tiled=True)
+
+
+def _allgather_setup(settings: Settings, q, block: KeyValueBlock):
+    """(query positions, every key's position, heads per piece, fetch of piece j, the gathered bias)."""
+    n, r = _ring_size_and_index(settings)
+    local_len = block.k.shape[1]
+    key_positions = jnp.concatenate([shard_positions(d, local_len, settings.layout, n) for d in range(n)])
+    segments, bias = _gather(block.segment_ids, settings), _gather(block.bias, settings)
+    heads = block.k.shape[2] // settings.kv_pieces
+
+    def fetch(j):
+        k, v = (_gather(lax.dynamic_slice_in_dim(x, j * heads, heads, 2), settings) for x in (block.k, block.v))
+        return KeyValueBlock(k, v, segments, bias)
+
+    return shard_positions(r, q.shape[1], settings.layout, n), key_positions, heads, fetch, bias
+
+
+def _allgather_forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids):
+    """Every key/value gathered, a slice of kv heads at a time, and attended to in one step per slice."""
+    q_positions, key_positions, heads, fetch, _ = _allgather_setup(settings, q, block)
+    kernel = settings.kernel
+
+    def use(j, gathered: KeyValueBlock, carry):
+        o, lse = carry
+        q_j = lax.dynamic_slice_in_dim(q, j * heads, heads, 2)
+        state = kernel.forward_step(settings.masks, settings.scale, Queries(q_j, q_positions, q_segment_ids),
+                                    gathered, key_positions, kernel.start_forward(q_j))
+        o_j, lse_j = kernel.finish_forward(state)
+        return lax.dynamic_update_slice_in_dim(o, o_j, j * heads, 2), lax.dynamic_update_slice_in_dim(lse, lse_j,
+                                                                                                       j * heads, 1)
+
+    # zeros_like keeps the inputs' varying mesh axes, which a scan's carry must match.
+    carry = (jnp.zeros_like(q, jnp.float32), jnp.zeros_like(jnp.moveaxis(q[..., 0], 1, -1), jnp.float32))
+    return _one_piece_after_another(settings.kv_pieces, fetch, use, carry)
+
+
+def _allgather_backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, upstream: Upstream) -> Gradients:
+    """The gradients of `_allgather_forward`: k/v gathered again slice by slice, their gradients scattered home."""
+    q_positions, key_positions, heads, fetch, bias = _allgather_setup(settings, q, block)
+    kernel = settings.kernel
+
+    def scatter(x):  # the sum over devices of each device's gradient of the gathered keys, back to their owner
+        return lax.psum_scatter(x, settings.axis_name, scatter_dimension=1, tiled=True)
+
+    def use(j, gathered: KeyValueBlock, carry):
+        dq, dk, dv, dbias = carry
+        queries = Queries(lax.dynamic_slice_in_dim(q, j * heads, heads, 2), q_positions, q_segment_ids)
+        up = Upstream(lax.dynamic_slice_in_dim(upstream.do, j * heads, heads, 2),
+                      *(lax.dynamic_slice_in_dim(x, j * heads, heads, 1) for x in (upstream.lse, upstream.delta)))
+        up, dq_j, dkv = kernel.start_backward(queries, up, gathered)
+        dq_j, dkv = kernel.backward_step(settings.masks, settings.scale, queries, up, gathered, key_positions,
+                                         dq_j, dkv)
+        grads = kernel.finish_backward(settings.scale, dq_j, dkv)
+        dq, dk, dv = (lax.dynamic_update_slice_in_dim(x, y, j * heads, 2)
+                      for x, y in ((dq, grads.dq), (dk, scatter(grads.dk)), (dv, scatter(grads.dv))))
+        return dq, dk, dv, None if dbias is None else dbias + grads.dbias
+
+    zeros = tuple(None if x is None else jnp.zeros_like(x, jnp.float32) for x in (q, block.k, block.v, bias))
+    dq, dk, dv, dbias = _one_piece_after_another(settings.kv_pieces, fetch, use, zeros)
+    return Gradients(dq, dk, dv, None if dbias is None else scatter(dbias))
 
 
 def _fold_vmap_into_batch(fn: Callable) -> Callable:

@@ -1,5 +1,6 @@
 """Public entry points of the fast kernels: one device (`blockwise_attention`) and the ring."""
 
+import math
 from collections.abc import Hashable
 
 import jax
@@ -38,10 +39,17 @@ def _choose_kernel(implementation: str | None, query_chunk_size, key_chunk_size,
     return XlaKernel.for_shapes(query_chunk_size, key_chunk_size, q_len, kv_len, where)
 
 
-def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, segment_ids, kv_segment_ids,
-         key_bias, sliding_window, scale, query_chunk_size, key_chunk_size, implementation, kv_pieces=1):
+STRATEGIES = ("ring", "allgather", "ulysses", "hybrid")
+
+
+def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_ids, kv_segment_ids,
+         key_bias, sliding_window, scale, query_chunk_size, key_chunk_size, implementation, kv_pieces=None):
+    """Attention of local shards; `axes` maps "ring" (or "allgather") and "ulysses" to (mesh axis, size) or None."""
     dims = check_qkv(q, k, v)
-    if axis_name is not None:
+    ring_axis, ring_n = axes.get("ring") or (None, 1)
+    a2a_axis, a2a_n = axes.get("ulysses") or (None, 1)
+    num_shards = ring_n * a2a_n
+    if axes:
         check_layout(layout, dims.q_len * num_shards, num_shards,
                      what=f"q_seq (local {dims.q_len} × {num_shards} devices)")
         check_layout(layout, dims.kv_len * num_shards, num_shards,
@@ -55,33 +63,81 @@ def _run(q, k, v, *, axis_name, num_shards, layout, causal, causal_block_size, s
         kv_segment_ids=kv_segment_ids,
         key_bias=key_bias,
     )
-    where = "" if num_shards == 1 else f" (the local shard of {num_shards} devices on axis {axis_name!r})"
+    named = " × ".join(f"{name!r}" for name, _ in axes.values())
+    where = "" if num_shards == 1 else f" (the local shard of {num_shards} devices on {named})"
     # A zigzag shard holds two far-apart halves; a chunk inside one half keeps causal skipping exact.
     halves = 2 if layout == "zigzag" and num_shards > 1 else 1
     where = where if halves == 1 else f"{where}/2 (one zigzag half)"
     scale = float(dims.head_dim**-0.5) if scale is None else check_scale(scale, static=True)
-    check_positive_int("kv_pieces", kv_pieces)
-    if dims.kv_len % kv_pieces or (kv_pieces > 1 and kv_pieces % halves):
-        raise ValueError(f"kv_pieces={kv_pieces} must divide the local kv_seq = {dims.kv_len}"
-                         + (" and be even with layout='zigzag' (a piece must lie in one half of the shard)"
-                            if halves == 2 else ""))
-    kernel = _choose_kernel(implementation, query_chunk_size, key_chunk_size, dims.q_len // halves,
-                            dims.kv_len // max(halves, kv_pieces), dims.head_dim, where)
-    settings = Settings(kernel=kernel, masks=masks, scale=scale, axis_name=axis_name, layout=layout,
-                        kv_pieces=kv_pieces)
+    kv_pieces = _check_pieces(strategy, kv_pieces, dims, halves)
+    if dims.q_heads % a2a_n:
+        raise ValueError(f"strategy={strategy!r} splits the {dims.q_heads} query heads over the {a2a_n} devices of "
+                         f"axis {a2a_axis!r} (all-to-all): {a2a_n} must divide {dims.q_heads}")
+    # Pieces of the kv sequence (a ring's) or of its heads (allgather's): a kernel's key block is a piece of a run.
+    kv_run = dims.kv_len // (halves if strategy == "allgather" else max(halves, kv_pieces))
+    kernel = _choose_kernel(implementation, query_chunk_size, key_chunk_size, dims.q_len // halves, kv_run,
+                            dims.head_dim, where)
+    settings = Settings(kernel=kernel, masks=masks, scale=scale, axis_name=ring_axis, layout=layout,
+                        kv_pieces=kv_pieces, strategy="allgather" if strategy == "allgather" else "ring",
+                        gathered=a2a_n)
     batch = -1 if dims.batch else 1
     groups = dims.q_heads // dims.kv_heads
     q_grouped = q.reshape(batch, dims.q_len, dims.kv_heads, groups, dims.head_dim)
     k_flat = k.reshape(batch, dims.kv_len, dims.kv_heads, dims.head_dim)
     v_flat = v.reshape(batch, dims.kv_len, dims.kv_heads, dims.head_dim)
-
-    def flat(x, n):
-        return None if x is None else x.reshape(batch, n)
-
-    bias = None if bias is None else bias.astype(jnp.float32)
-    o = attention(settings, q_grouped, k_flat, v_flat, flat(bias, dims.kv_len), flat(q_seg, dims.q_len),
-                  flat(k_seg, dims.kv_len))
+    q_seg, k_seg = (None if x is None else x.reshape(batch, n) for x, n in ((q_seg, dims.q_len), (k_seg, dims.kv_len)))
+    bias = None if bias is None else bias.astype(jnp.float32).reshape(batch, dims.kv_len)
+    if a2a_axis is None:
+        o = attention(settings, q_grouped, k_flat, v_flat, bias, q_seg, k_seg)
+        return o.reshape(q.shape)
+    o = _ulysses(settings, a2a_axis, a2a_n, q_grouped, k_flat, v_flat, bias, q_seg, k_seg)
     return o.reshape(q.shape)
+
+
+def _check_pieces(strategy: str, kv_pieces: int | None, dims, halves: int) -> int:
+    """`kv_pieces`, checked against what it slices: the local kv sequence on a ring, the kv heads under allgather."""
+    if strategy == "allgather":
+        kv_pieces = dims.kv_heads if kv_pieces is None else kv_pieces
+        check_positive_int("kv_pieces", kv_pieces)
+        if dims.kv_heads % kv_pieces:
+            raise ValueError(f"kv_pieces={kv_pieces} must divide the {dims.kv_heads} kv heads: with "
+                             "strategy='allgather' the keys and values are gathered that many slices of heads at a time")
+        return kv_pieces
+    kv_pieces = 1 if kv_pieces is None else kv_pieces
+    check_positive_int("kv_pieces", kv_pieces)
+    if strategy == "ulysses" and kv_pieces != 1:
+        raise ValueError(f"kv_pieces={kv_pieces} splits what travels around a ring, and strategy='ulysses' has none; "
+                         "leave it None (or use strategy='hybrid')")
+    if dims.kv_len % kv_pieces or (kv_pieces > 1 and kv_pieces % halves):
+        raise ValueError(f"kv_pieces={kv_pieces} must divide the local kv_seq = {dims.kv_len}"
+                         + (" and be even with layout='zigzag' (a piece must lie in one half of the shard)"
+                            if halves == 2 else ""))
+    return kv_pieces
+
+
+def _ulysses(settings: Settings, axis: Hashable, n: int, q, k, v, bias, q_seg, k_seg):
+    """DeepSpeed-Ulysses: all-to-all from sequence- to head-sharded, attention over the `n` shards, and back.
+
+    Each device ends up with every token of `1/n` of the heads, in the layout order of the shards it
+    gathered (so `settings.gathered = n` gives their true positions), and runs `settings`' kernel on them:
+    alone, or as one member of a ring over `settings.axis_name` (the hybrid). With GQA each kv head is
+    repeated `n / gcd(kv_heads, n)` times, the least that gives every device whole kv heads for its query
+    heads (none when `n` divides the kv heads).
+    """
+    kv_heads, groups = q.shape[2], q.shape[3]
+    repeat = n // math.gcd(kv_heads, n)
+    q = q.reshape(*q.shape[:2], kv_heads * repeat, groups // repeat, q.shape[4])
+    k, v = (jnp.repeat(x, repeat, axis=2) for x in (k, v))
+
+    def to_heads(x):  # [B, L, H, ...] -> [B, n·L, H/n, ...]
+        return lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
+
+    def gather(x):
+        return None if x is None else lax.all_gather(x, axis, axis=1, tiled=True)
+
+    o = attention(settings, to_heads(q), to_heads(k), to_heads(v), gather(bias), gather(q_seg), gather(k_seg))
+    o = lax.all_to_all(o, axis, split_axis=1, concat_axis=2, tiled=True)
+    return o.reshape(*o.shape[:2], kv_heads, groups, o.shape[4])
 
 
 def blockwise_attention(
@@ -164,7 +220,7 @@ def blockwise_attention(
     assert jnp.allclose(out, eqx_ring.dot_product_attention(q, k, v, causal=True), atol=1e-5)
     ```
     """
-    return _run(q, k, v, axis_name=None, num_shards=1, layout="contiguous", causal=causal,
+    return _run(q, k, v, strategy="ring", axes={}, layout="contiguous", causal=causal,
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
                 query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation)
@@ -188,7 +244,8 @@ def ring_attention(
     query_chunk_size: int = 512,
     key_chunk_size: int = 512,
     implementation: str | None = None,
-    kv_pieces: int = 1,
+    kv_pieces: int | None = None,
+    strategy: str = "ring",
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention over a sequence split across the devices of mesh axis `axis_name`.
 
@@ -282,14 +339,25 @@ def ring_attention(
     assert jnp.allclose(out, eqx_ring.dot_product_attention(q, k, v, causal=True), atol=1e-5)
     ```
     """
-    try:
-        n = lax.axis_size(axis_name)
-    except NameError:
-        raise ValueError(
-            f"axis_name={axis_name!r} is not a bound mesh axis: call ring_attention inside "
-            "jax.shard_map over a mesh that has this axis"
-        ) from None
-    return _run(q, k, v, axis_name=axis_name, num_shards=n, layout=layout, causal=causal,
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "hybrid":
+        if not (isinstance(axis_name, tuple) and len(axis_name) == 2):
+            raise ValueError("strategy='hybrid' runs a ring over one mesh axis and the all-to-all over another: "
+                             f"axis_name must be a pair (ring_axis, all_to_all_axis), got {axis_name!r}")
+        named = dict(zip(("ring", "ulysses"), axis_name, strict=True))
+    else:
+        named = {"ulysses" if strategy == "ulysses" else "ring": axis_name}
+    axes = {}
+    for role, name in named.items():
+        try:
+            axes[role] = (name, lax.axis_size(name))
+        except NameError:
+            raise ValueError(
+                f"axis_name={axis_name!r}: {name!r} is not a bound mesh axis: call ring_attention inside "
+                "jax.shard_map over a mesh that has this axis"
+            ) from None
+    return _run(q, k, v, strategy=strategy, axes=axes, layout=layout, causal=causal,
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
                 query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation,
