@@ -33,6 +33,13 @@ def check_spec(spec, num_heads: int, num_kv_heads: int, head_dim: int) -> Attent
     return spec
 
 
+def inside_shard_map(spec: AttentionSpec) -> bool:
+    """Whether we are traced inside a caller's `shard_map` in which the spec's sequence axes are manual."""
+    axes = spec.sequence_axes
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    return all(a in manual for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 class RingAttention(eqx.Module):
     """Multi-head self-attention with RoPE, GQA and masks, computed exactly in O(chunk²) memory.
 
@@ -279,11 +286,11 @@ class RingAttention(eqx.Module):
             if ids is not None:
                 check_array(name, ids, (seq,), ("seq",), kind="int")
         # Manual axes are those of a caller's shard_map we are traced inside.
-        inside = spec.seq_axis in jax.sharding.get_abstract_mesh().manual_axes
+        inside = inside_shard_map(spec)
         ring = _ring_size(spec, seq, inside)
         if positions is None:
             if inside:
-                positions = shard_positions(jax.lax.axis_index(spec.seq_axis), seq, spec.layout, ring)
+                positions = shard_positions(jax.lax.axis_index(spec.sequence_axes), seq, spec.layout, ring)
             else:
                 positions = jnp.asarray(layout_positions(seq, spec.layout, ring))
         q, k, v = self._project(x, positions, spec)
@@ -370,9 +377,9 @@ class RingAttention(eqx.Module):
             o, keys, values = local(q, k, v, keys, values, segment_ids, index, segment, seq_axis=None)
         else:
             check_layout(spec.layout, keys.shape[0], spec.ring_size, what="cache length")
-            cache, one = P(spec.seq_axis), P()
+            cache, one = P(spec.sequence_axes), P()
             o, keys, values = jax.shard_map(
-                partial(local, seq_axis=spec.seq_axis), mesh=spec.mesh,
+                partial(local, seq_axis=spec.sequence_axes), mesh=spec.mesh,
                 in_specs=(one, one, one, cache, cache, cache, one, one), out_specs=(one, cache, cache),
             )(q, k, v, keys, values, segment_ids, index, segment)
         return self.output_proj(o.reshape(self.num_heads * self.head_dim)), keys, values
@@ -389,7 +396,7 @@ class RingAttention(eqx.Module):
         return index
 
     def _decode_local(self, q, k, v, keys, values, segment_ids, index, segment, *, layout: str,
-                      sliding_window: int | None, seq_axis: str | None):
+                      sliding_window: int | None, seq_axis: str | tuple[str, str] | None):
         """One query against this device's cache slots; merged over the ring `seq_axis` (`None`: no ring)."""
         n = 1 if seq_axis is None else jax.lax.axis_size(seq_axis)
         shard = 0 if seq_axis is None else jax.lax.axis_index(seq_axis)
@@ -443,11 +450,11 @@ class RingAttention(eqx.Module):
         )
         if spec.mesh is None and not inside:
             return blockwise_attention(q, k, v, segment_ids=segment_ids, **kernel_kw)
-        ring = partial(ring_attention, axis_name=spec.seq_axis, layout=spec.layout, kv_pieces=tuning.kv_pieces,
-                       **kernel_kw)
+        ring = partial(ring_attention, axis_name=spec.sequence_axes, layout=spec.layout, kv_pieces=tuning.kv_pieces,
+                       strategy=spec.strategy, **kernel_kw)
         if inside:
             return ring(q, k, v, segment_ids=segment_ids)
-        qkv_spec = P(spec.seq_axis, spec.head_axis, None)
+        qkv_spec = P(spec.sequence_axes, spec.head_axis, None)
         # Pallas's interpreter (the fused kernel off GPU, for tests) trips jax 0.10's varying-axes check.
         check_vma = not fused_is_interpreted(tuning.implementation)
         if segment_ids is None:
@@ -457,14 +464,14 @@ class RingAttention(eqx.Module):
         def with_ids(q, k, v, ids):
             return ring(q, k, v, segment_ids=ids)
 
-        return jax.shard_map(with_ids, mesh=spec.mesh, in_specs=(qkv_spec,) * 3 + (P(spec.seq_axis),),
+        return jax.shard_map(with_ids, mesh=spec.mesh, in_specs=(qkv_spec,) * 3 + (P(spec.sequence_axes),),
                              out_specs=qkv_spec, check_vma=check_vma)(q, k, v, segment_ids)
 
 
 def _ring_size(spec: AttentionSpec, seq: int, inside: bool) -> int:
     """Devices on the sequence ring for a `seq`-long input (1 without one); checks that `seq` splits over them."""
     if inside:
-        return jax.lax.axis_size(spec.seq_axis)
+        return jax.lax.axis_size(spec.sequence_axes)
     if spec.mesh is not None:
-        check_layout(spec.layout, seq, spec.ring_size, what=f"x seq (split over {spec.seq_axis!r})")
+        check_layout(spec.layout, seq, spec.ring_size, what=f"x seq (split over {spec.sequence_axes!r})")
     return spec.ring_size

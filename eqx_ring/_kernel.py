@@ -14,8 +14,8 @@ block goes round in pieces, one ring per piece. Strategy "allgather": every devi
 `kv_pieces` kv heads' worth at a time, and scatters their gradients back), the true positions of every
 block, `delta = rowsum(do · o)`, the `jax.custom_vjp` and its batching rule.
 `blockwise_attention` is a ring of one device. Ulysses' all-to-all happens outside (in `_ring.py`): the
-kernel then sees `gathered` consecutive shards of the sequence as its local block. Shapes (B = flattened batch, K = kv heads,
-G = q heads per kv head, D = head dim):
+kernel then sees `gathered` consecutive shards of the sequence as its local block. Shapes (B = flattened
+batch, K = kv heads, G = q heads per kv head, D = head dim):
 
     q, o, do, dq      [B, Lq, K, G, D]    q's dtype in, float32 out of a path
     k, v, dk, dv      [B, Lk, K, D]       k's dtype in (they travel around the ring), float32 out

@@ -100,8 +100,8 @@ def _check_pieces(strategy: str, kv_pieces: int | None, dims, halves: int) -> in
         kv_pieces = dims.kv_heads if kv_pieces is None else kv_pieces
         check_positive_int("kv_pieces", kv_pieces)
         if dims.kv_heads % kv_pieces:
-            raise ValueError(f"kv_pieces={kv_pieces} must divide the {dims.kv_heads} kv heads: with "
-                             "strategy='allgather' the keys and values are gathered that many slices of heads at a time")
+            raise ValueError(f"kv_pieces={kv_pieces} must divide the {dims.kv_heads} kv heads: with strategy="
+                             "'allgather' the keys and values are gathered that many slices of heads at a time")
         return kv_pieces
     kv_pieces = 1 if kv_pieces is None else kv_pieces
     check_positive_int("kv_pieces", kv_pieces)
@@ -260,6 +260,26 @@ def ring_attention(
     [`dot_product_attention`][eqx_ring.dot_product_attention] on the unsharded, naturally ordered
     sequence, in value and gradient. With GQA, k/v travel with their own (fewer) heads.
 
+    The ring is one of four ways to reach the other devices' keys, chosen by `strategy`; all of
+    them take the same local shards in any layout, compute masks from true positions and give the
+    same result (see [Benchmarks](../benchmarks.md#four-ways-to-split-attention) for when to use
+    which):
+
+    - `"ring"` (default): the above.
+    - `"allgather"`: every device gathers all keys and values (with their segment ids and bias),
+      `kv_pieces` slices of kv heads one after another, the next slice's gather issued before the
+      current one is attended to, and attends to them in one step; their gradients are reduced
+      back to their owners with a reduce-scatter. What MaxText and PyTorch do by default.
+    - `"ulysses"`: DeepSpeed-Ulysses. Two all-to-alls turn the sequence-sharded q, k, v into
+      head-sharded ones over the whole sequence, each device attends with the blockwise kernel
+      over its `q_heads / n` heads, and one all-to-all brings the output back. The axis size must
+      divide `q_heads`; with GQA each kv head is repeated `n / gcd(kv_heads, n)` times, the least
+      that gives every device the kv heads its query heads read.
+    - `"hybrid"`: Ulysses over the second axis of `axis_name = (ring_axis, all_to_all_axis)` and a
+      ring over the first: each all-to-all group holds consecutive shards and the ring runs between
+      the groups (USP / LoongTrain's 2-D attention). The sequence is split over both axes, the
+      ring's major (`P(..., (ring_axis, all_to_all_axis))`).
+
     **Arguments:**
 
     Shapes are those of the local shard: `q_seq` and `kv_seq` are the global lengths divided by
@@ -269,7 +289,8 @@ def ring_attention(
     - `k`: local keys, `[*batch, kv_seq, kv_heads, head_dim]`; `q_heads` must be a multiple of
       `kv_heads` (grouped-query attention).
     - `v`: local values, `[*batch, kv_seq, kv_heads, head_dim]`, the same shape and dtype as `k`.
-    - `axis_name`: the `shard_map` mesh axis the sequence is split over.
+    - `axis_name`: the `shard_map` mesh axis the sequence is split over; for
+      `strategy="hybrid"`, a pair `(ring_axis, all_to_all_axis)` of them.
     - `layout`: `"contiguous"` (default), `"zigzag"` or `"striped"`; the last two balance causal
       work across devices. It must be the layout the inputs were put in.
     - `causal`: query `i` sees key `j` only if `j // causal_block_size <= i // causal_block_size`.
@@ -303,7 +324,11 @@ def ring_attention(
       the memory they take falls by that factor, the bytes sent stay the same, in `kv_pieces`
       times as many smaller steps. It must divide the local `kv_seq` (be even with
       `layout="zigzag"`, so that a piece lies in one half of the shard), and the key chunk must
-      divide a piece. See [Benchmarks](../benchmarks.md#the-memory-floor).
+      divide a piece. See [Benchmarks](../benchmarks.md#the-memory-floor). With
+      `strategy="allgather"` the keys and values are gathered in this many slices of kv heads
+      instead, so it must divide `kv_heads`; `"ulysses"` has no ring and takes none. Default
+      `None`: 1 on a ring, one kv head at a time for the all-gather.
+    - `strategy`: `"ring"` (default), `"allgather"`, `"ulysses"` or `"hybrid"`, as above.
 
     **Returns:**
 
@@ -313,7 +338,9 @@ def ring_attention(
     **Raises:**
 
     `ValueError` if `axis_name` is not bound (not inside `shard_map` over it), if the layout is
-    unknown or does not split the global sequence over the devices, and as
+    unknown or does not split the global sequence over the devices, if `strategy` is unknown, if
+    the hybrid's `axis_name` is not a pair, if Ulysses' axis does not divide `q_heads`, if
+    `kv_pieces` does not divide what it slices, and as
     [`blockwise_attention`][eqx_ring.blockwise_attention] for chunk sizes and `implementation`
     (with the local sequence); `TypeError` as it for `scale`; and the errors of
     [`dot_product_attention`][eqx_ring.dot_product_attention] for bad shapes, dtypes or masks.

@@ -72,9 +72,10 @@ It is read-only; derive other rules from it, e.g. `{**DEFAULT_RULES, "embed": No
 
 
 def make_mesh(
-    dp: int | str = 1, fsdp: int = -1, tp: int = 1, sp: int = 1, *, devices: Sequence[jax.Device] | None = None
+    dp: int | str = 1, fsdp: int = -1, tp: int = 1, sp: int = 1, *, usp: int | None = None,
+    devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A mesh with axes `("dp", "fsdp", "tp", "sp")` of type `AxisType.Auto`.
+    """A mesh with axes `("dp", "fsdp", "tp", "sp")` of type `AxisType.Auto` (and `"usp"` last, if asked for).
 
     One size may be `-1`: it takes all the devices the others leave (by default `fsdp` does). `dp`
     may instead be an LWM-style string of the four sizes, e.g. `make_mesh("1,-1,4,1")`. The axes are
@@ -94,13 +95,17 @@ def make_mesh(
     - `tp`: size of the tensor-parallel (heads / hidden) axis; default 1.
     - `sp`: size of the sequence-parallel axis, the ring of [`ring_attention`][eqx_ring.ring_attention];
       default 1.
+    - `usp`: the size of a fifth axis `"usp"`, the all-to-all axis of `strategy="hybrid"` (keyword
+      only): the sequence is then split over `("sp", "usp")`, `"sp"` major, so that each all-to-all
+      group is `usp` neighbouring devices (on GPUs, within a node) and the ring runs across the
+      groups. Default `None`: no such axis.
     - `devices`: the devices to lay out (keyword only); default `None` means `jax.devices()`, every
       process's devices.
 
     **Returns:**
 
     A `jax.sharding.Mesh` of shape `(dp, fsdp, tp, sp)` with axis names
-    [`AXES`][eqx_ring.sharding.AXES].
+    [`AXES`][eqx_ring.sharding.AXES], or `(dp, fsdp, tp, sp, usp)` with `AXES + ("usp",)`.
 
     **Raises:**
 
@@ -118,6 +123,7 @@ def make_mesh(
     mesh = make_mesh(tp=2, sp=2)  # 8 devices: fsdp=-1 takes the 8 / (1 * 2 * 2) = 2 left over
     assert dict(mesh.shape) == {"dp": 1, "fsdp": 2, "tp": 2, "sp": 2}
     assert dict(make_mesh("2,1,1,-1").shape) == {"dp": 2, "fsdp": 1, "tp": 1, "sp": 4}
+    assert dict(make_mesh(fsdp=1, sp=-1, usp=4).shape) == {"dp": 1, "fsdp": 1, "tp": 1, "sp": 2, "usp": 4}
     plain = make_mesh("!1,-1,4,1")  # LWM's "!": the devices in their own order
     assert plain.devices.flatten().tolist() == jax.devices()
     ```
@@ -146,6 +152,10 @@ def make_mesh(
     for name, size in sizes.items():
         if isinstance(size, bool) or not isinstance(size, numbers.Integral):
             raise TypeError(f"{name} must be an int (a size, or -1), got {size!r}")
+    if usp is not None:
+        if isinstance(usp, bool) or not isinstance(usp, numbers.Integral) or usp < 1:
+            raise ValueError(f"usp must be a positive int or None, got {usp!r}")
+        sizes["usp"] = usp
     inferred = [name for name, size in sizes.items() if size == -1]
     if len(inferred) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
         raise ValueError(f"mesh sizes must be positive ints with at most one -1, got {sizes}")
@@ -156,11 +166,12 @@ def make_mesh(
         sizes[inferred[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but {len(devices)} are given")
-    shape = tuple(int(sizes[a]) for a in AXES)
-    axis_types = (AxisType.Auto,) * len(AXES)
+    names = tuple(sizes)
+    shape = tuple(int(sizes[a]) for a in names)
+    axis_types = (AxisType.Auto,) * len(names)
     if in_given_order:
-        return Mesh(np.array(devices, dtype=object).reshape(shape), AXES, axis_types=axis_types)
-    return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+        return Mesh(np.array(devices, dtype=object).reshape(shape), names, axis_types=axis_types)
+    return jax.make_mesh(shape, names, axis_types=axis_types, devices=devices)
 
 
 def _dotted(keys: tuple) -> str:
@@ -411,7 +422,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
     Its spec is `P(("dp", "fsdp"), "sp")`: the batch is split over
     [`BATCH_AXES`][eqx_ring.sharding.BATCH_AXES] and the sequence, which must already be in the
-    model's layout ([`to_layout`][eqx_ring.to_layout]), over `"sp"`.
+    model's layout ([`to_layout`][eqx_ring.to_layout]), over `"sp"`; over `("sp", "usp")` when the
+    mesh has the hybrid's `"usp"` axis (see [`make_mesh`][eqx_ring.sharding.make_mesh]).
 
     **Arguments:**
 
@@ -422,7 +434,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
     A `jax.sharding.NamedSharding` on `mesh`, for `jax.device_put` or `eqx.filter_shard`.
     """
-    return NamedSharding(mesh, P(BATCH_AXES, "sp"))
+    return NamedSharding(mesh, P(BATCH_AXES, ("sp", "usp") if "usp" in mesh.axis_names else "sp"))
 
 
 def initialize_distributed(

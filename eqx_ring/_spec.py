@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from ._checks import check_positive_int, is_positive_int
 from ._layout import LAYOUTS
-from ._ring import IMPLEMENTATIONS
+from ._ring import IMPLEMENTATIONS, STRATEGIES
 from ._rope import RopeScaling
 
 
@@ -31,11 +31,12 @@ class KernelTuning:
     - `implementation`: the attention kernel: `"xla"`, `"pallas"` (fused, for GPUs) or `None`
       (default: the fused kernel on a GPU when the shapes suit it); see
       [`blockwise_attention`][eqx_ring.blockwise_attention].
-    - `kv_pieces`: on a ring, each device's key/value block travels in this many pieces (default
-      1), which divides the memory of the blocks in flight by it; see
-      [`ring_attention`][eqx_ring.ring_attention].
+    - `kv_pieces`: on a ring, each device's key/value block travels in this many pieces, which
+      divides the memory of the blocks in flight by it; with `strategy="allgather"`, the keys and
+      values are gathered this many slices of kv heads at a time. Default `None`: 1 on a ring, one
+      kv head at a time for the all-gather; see [`ring_attention`][eqx_ring.ring_attention].
 
-    **Raises:** `ValueError` if a chunk size or `kv_pieces` is not a positive int or
+    **Raises:** `ValueError` if a chunk size or `kv_pieces` (unless `None`) is not a positive int or
     `implementation` is unknown.
     """
 
@@ -43,11 +44,13 @@ class KernelTuning:
     key_chunk_size: int = 512
     ffn_chunk_size: int = 2048
     implementation: str | None = None
-    kv_pieces: int = 1
+    kv_pieces: int | None = None
 
     def __post_init__(self):
-        for name in ("query_chunk_size", "key_chunk_size", "ffn_chunk_size", "kv_pieces"):
+        for name in ("query_chunk_size", "key_chunk_size", "ffn_chunk_size"):
             check_positive_int(name, getattr(self, name))
+        if self.kv_pieces is not None:
+            check_positive_int("kv_pieces", self.kv_pieces)
         if self.implementation not in (None, *IMPLEMENTATIONS):
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {self.implementation!r}")
 
@@ -79,7 +82,14 @@ class AttentionSpec:
     - `layout`: the order of the sequence on the ring: `"contiguous"` (default), `"zigzag"` or
       `"striped"`; inputs must be in it (see [`to_layout`][eqx_ring.to_layout]).
     - `mesh`: a mesh to run the ring over, or `None` (default) for one device.
-    - `seq_axis`: the mesh axis the sequence is split over (default `"sp"`).
+    - `seq_axis`: the mesh axis the sequence is split over (default `"sp"`); with
+      `strategy="hybrid"`, the axis of the ring.
+    - `strategy`: how attention reaches keys on other devices (see
+      [`ring_attention`][eqx_ring.ring_attention]): `"ring"` (default), `"allgather"`, `"ulysses"`
+      or `"hybrid"` (Ulysses' all-to-all over `ulysses_axis` within a ring over `seq_axis`; the
+      sequence is split over both, `seq_axis` major). All compute the same attention.
+    - `ulysses_axis`: the all-to-all axis of `strategy="hybrid"` (default `"usp"`, the axis
+      [`make_mesh`][eqx_ring.sharding.make_mesh]`(usp=...)` adds); unused by the other strategies.
     - `head_axis`: a mesh axis to split the heads over (tensor parallelism), or `None` (default);
       needs a `mesh`.
     - `tuning`: the [`KernelTuning`][eqx_ring.KernelTuning] (default: its defaults).
@@ -87,8 +97,9 @@ class AttentionSpec:
     **Raises:** `ValueError` if `causal_block_size` or `sliding_window` is not a positive int (or
     `None` for the window), if `causal_block_size != 1` without `causal`, if `rope_theta` is not a
     positive finite number or `None`, if `rope_scaling` is given without `rope_theta`, if `layout` is
-    unknown, if `head_axis` is given without a `mesh`, or if `seq_axis` / `head_axis` is not an axis
-    of `mesh`; `TypeError` if `causal` is not a bool, `mesh` not a `jax.sharding.Mesh`,
+    unknown, if `head_axis` is given without a `mesh`, if `seq_axis` / `head_axis` (or, for the
+    hybrid, `ulysses_axis`) is not an axis of `mesh`, if `strategy` is unknown, or if the hybrid's
+    two axes are one; `TypeError` if `causal` is not a bool, `mesh` not a `jax.sharding.Mesh`,
     `rope_scaling` not a `RopeScaling` or `tuning` not a `KernelTuning`.
 
     **Example:**
@@ -114,6 +125,8 @@ class AttentionSpec:
     seq_axis: str = "sp"
     head_axis: str | None = None
     tuning: KernelTuning = KernelTuning()
+    strategy: str = "ring"
+    ulysses_axis: str = "usp"
 
     def __post_init__(self):
         if not isinstance(self.tuning, KernelTuning):
@@ -144,17 +157,39 @@ class AttentionSpec:
         if self.head_axis is not None and self.mesh is None:
             raise ValueError(f"head_axis={self.head_axis!r} splits the heads over a mesh axis, so it needs a mesh; "
                              "got mesh=None (inside your own shard_map, split the heads there and pass head_axis=None)")
-        for name, axis in (("seq_axis", self.seq_axis), ("head_axis", self.head_axis)):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        hybrid = self.strategy == "hybrid"
+        if hybrid and self.ulysses_axis == self.seq_axis:
+            raise ValueError(f"strategy='hybrid' needs two mesh axes, the ring's seq_axis and the all-to-all's "
+                             f"ulysses_axis; both are {self.seq_axis!r}")
+        for name, axis in (("seq_axis", self.seq_axis), ("head_axis", self.head_axis),
+                           ("ulysses_axis", self.ulysses_axis if hybrid else None)):
             if self.mesh is not None and axis is not None and axis not in self.mesh.axis_names:
                 raise ValueError(f"{name}={axis!r} is not an axis of the mesh, whose axes are {self.mesh.axis_names}")
 
     @property
+    def sequence_axes(self) -> str | tuple[str, str]:
+        """The mesh axes the sequence is split over: `seq_axis`, or `(seq_axis, ulysses_axis)` for the hybrid.
+
+        Use it in a `PartitionSpec` (`P(None, spec.sequence_axes)` for `[batch, seq]`) and as the
+        `axis_name` of [`ring_attention`][eqx_ring.ring_attention].
+
+        **Returns:** a `str`, or a pair of them.
+        """
+        return (self.seq_axis, self.ulysses_axis) if self.strategy == "hybrid" else self.seq_axis
+
+    @property
     def ring_size(self) -> int:
-        """Devices on the sequence ring: the size of `seq_axis` in `mesh`, 1 without a mesh.
+        """Devices the sequence is split over: the size of `seq_axis` in `mesh` (times that of
+        `ulysses_axis` for the hybrid), 1 without a mesh. The layout splits the sequence into this many shards.
 
         **Returns:** an `int`.
         """
-        return 1 if self.mesh is None else int(self.mesh.shape[self.seq_axis])
+        if self.mesh is None:
+            return 1
+        axes = self.sequence_axes
+        return math.prod(int(self.mesh.shape[a]) for a in ((axes,) if isinstance(axes, str) else axes))
 
     @property
     def head_shards(self) -> int:

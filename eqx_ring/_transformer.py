@@ -14,7 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 
-from ._attention import RingAttention, check_spec
+from ._attention import RingAttention, check_spec, inside_shard_map
 from ._ffn import BlockwiseFFN, RMSNorm
 from ._layout import layout_positions, layout_slot, shard_positions
 from ._spec import AttentionSpec, KernelTuning
@@ -569,9 +569,9 @@ class RingTransformer(eqx.Module):
         with jax.named_scope("eqx_ring.RingTransformer.prefill"):
             bad = self._check_inputs(tokens, positions, segment_ids)
             spec = self._spec(tuning)
-            seq, layout, seq_axis = tokens.shape[0], spec.layout, spec.seq_axis
+            seq, layout, seq_axis = tokens.shape[0], spec.layout, spec.sequence_axes
             # Inside a caller's shard_map (its manual axes) `tokens` is this device's shard of the sequence.
-            inside = seq_axis in jax.sharding.get_abstract_mesh().manual_axes
+            inside = inside_shard_map(spec)
             ring = lax.axis_size(seq_axis) if inside else spec.ring_size
             size = seq * ring if inside else seq
             length = _check_length(length, size)
@@ -625,8 +625,8 @@ class RingTransformer(eqx.Module):
         removes it).
         """
         self._check_decodable()
-        seq_axis = self.spec.seq_axis
-        if seq_axis in jax.sharding.get_abstract_mesh().manual_axes:
+        seq_axis = self.spec.sequence_axes
+        if inside_shard_map(self.spec):
             # The step computes which slot is the token's from the whole cache's layout, not a shard's.
             raise ValueError(f"decode_step runs in the global view: call it outside a shard_map over "
                              f"seq_axis={seq_axis!r} (with a mesh, the cache stays split over it)")

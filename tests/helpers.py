@@ -48,17 +48,21 @@ def make_inputs(case, *, dtype=jnp.float32, t=T, batch=2, head_dim=16, seed=0):
     return (q, k, v), ct, kw
 
 
-def ring_fn(n, layout, *, check_vma=True, **static):
+def ring_fn(n, layout, *, check_vma=True, usp=None, **static):
     """Global natural-order attention through ring_attention on an n-device 'sp' mesh.
 
-    Pallas's interpreter (the fused path off GPU) trips shard_map's varying-axes check on
-    jax 0.10 inside its own loops, so interpreted runs pass `check_vma=False`.
+    With `usp`, the mesh is (n / usp) × usp devices with axes ("sp", "usp"), the sequence split
+    over both (pass `strategy="hybrid"`). Pallas's interpreter (the fused path off GPU) trips
+    shard_map's varying-axes check on jax 0.10 inside its own loops, so interpreted runs pass
+    `check_vma=False`.
     """
-    mesh = jax.make_mesh((n,), ("sp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
-    seq = P(None, "sp")
+    shape, names = ((n,), ("sp",)) if usp is None else ((n // usp, usp), ("sp", "usp"))
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=jax.devices()[:n])
+    axis = names[0] if usp is None else names
+    seq = P(None, axis)
 
     def local(q, k, v, seg, kv_seg, bias):
-        return eqx_ring.ring_attention(q, k, v, axis_name="sp", layout=layout, segment_ids=seg,
+        return eqx_ring.ring_attention(q, k, v, axis_name=axis, layout=layout, segment_ids=seg,
                                        kv_segment_ids=kv_seg, key_bias=bias, **static)
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(seq,) * 6, out_specs=seq, check_vma=check_vma)

@@ -50,10 +50,10 @@ def test_make_mesh_errors(args, message):
 VOCAB, D_MODEL, T, BATCH = 64, 32, 128, 4
 
 
-def build(mesh=None, layout="contiguous", head_axis=None, **kw):
+def build(mesh=None, layout="contiguous", head_axis=None, strategy="ring", **kw):
     """The 2-layer model of the train-step tests; the same key gives the same weights on every mesh."""
     tuning = eqx_ring.KernelTuning(query_chunk_size=16, key_chunk_size=16, ffn_chunk_size=32)
-    spec = eqx_ring.AttentionSpec(layout=layout, mesh=mesh, head_axis=head_axis, tuning=tuning)
+    spec = eqx_ring.AttentionSpec(layout=layout, mesh=mesh, head_axis=head_axis, tuning=tuning, strategy=strategy)
     return eqx_ring.RingTransformer(VOCAB, D_MODEL, 2, 4, spec=spec, num_kv_heads=2, hidden_size=64,
                                     key=jax.random.key(0), **kw)
 
@@ -138,12 +138,29 @@ MESHES = {"1": (1, 1, 1, 1), "sp8": (1, 1, 1, 8), "dp2_sp4": (2, 1, 1, 4), "fsdp
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_train_step_equals_single_device(mesh_name, layout, single_device_step):
-    dp, fsdp, tp, sp = MESHES[mesh_name]
-    mesh = make_mesh(dp, fsdp, tp, sp, devices=jax.devices()[: dp * fsdp * tp * sp])
-    model = shard_params(build(mesh, layout, head_axis="tp" if tp > 1 else None), mesh)
+    check_train_step(MESHES[mesh_name], layout, "ring", single_device_step)
+
+
+# (dp, fsdp, tp, sp[, usp]) per strategy; the model has 4 query and 2 kv heads.
+STRATEGY_MESHES = [
+    ("allgather", (1, 1, 1, 8), "zigzag"), ("allgather", (1, 2, 2, 2), "contiguous"),
+    ("ulysses", (2, 1, 1, 4), "zigzag"), ("ulysses", (1, 2, 2, 2), "striped"),  # 2 local q heads over sp=2
+    ("hybrid", (2, 1, 1, 2, 2), "zigzag"), ("hybrid", (1, 1, 1, 2, 4), "contiguous"),
+]
+
+
+@pytest.mark.parametrize(("strategy", "sizes", "layout"), STRATEGY_MESHES)
+def test_train_step_with_each_strategy_equals_single_device(strategy, sizes, layout, single_device_step):
+    check_train_step(sizes, layout, strategy, single_device_step)
+
+
+def check_train_step(sizes, layout, strategy, single_device_step):
+    dp, fsdp, tp, sp, usp = (*sizes, None) if len(sizes) == 4 else sizes
+    mesh = make_mesh(dp, fsdp, tp, sp, usp=usp, devices=jax.devices()[: dp * fsdp * tp * sp * (usp or 1)])
+    model = shard_params(build(mesh, layout, head_axis="tp" if tp > 1 else None, strategy=strategy), mesh)
     opt_state = OPTIMIZER.init(eqx.filter(model, eqx.is_array))
     # The pipeline puts every per-token array in the ring's layout once.
-    batch = [eqx_ring.to_layout(a, layout, sp, axis=1) for a in packed_batch()]
+    batch = [eqx_ring.to_layout(a, layout, model.spec.ring_size, axis=1) for a in packed_batch()]
     new_model, _, loss, grads = make_train_step(mesh)(model, opt_state, *batch)
     _, _, ref_loss, ref_grads = single_device_step
     assert rel_err(loss, ref_loss) <= 1e-5
