@@ -2,26 +2,25 @@
 
     python benchmarks/strategies.py --json strategies.json
 
-Causal attention fwd+bwd (B=1, D=64, float32, zigzag layout, chunks of 512) on 8 simulated CPU devices with
-`ring_attention(strategy=...)`: `"ring"`, `"allgather"` (one kv head's keys and values gathered at a time, the
-default `kv_pieces`), `"ulysses"` (all-to-all over the 8 devices) and `"hybrid"` (all-to-all within groups of 4 on
-axis "usp", a ring of 2 groups on "sp"), for 32 query heads over 8 kv heads (GQA) and over 32 (MHA), at each --seqs.
+Causal attention fwd+bwd, returning the output and dq, dk, dv (B=1, D=64, float32, zigzag layout, chunks of 512),
+on 8 simulated CPU devices with `ring_attention(strategy=...)`: `"ring"`, `"allgather"` (one kv head's keys and
+values gathered at a time, the default `kv_pieces`), `"ulysses"` (all-to-all over the 8 devices) and `"hybrid"`
+(all-to-all within groups of 4 on axis "usp", a ring of 2 groups on "sp"), for 32 query heads over 8 kv heads
+(GQA) and over 32 (MHA), at each --seqs.
 
 - Memory: per-device arguments + outputs + temporaries of the compiled program (`memory_analysis()`).
 - Bytes moved: what one device sends, read from the compiled HLO's collectives (each collective's size times the
   trip counts of the loops around it): a collective-permute sends its operand; an all-gather, all-to-all or
-  reduce-scatter over a group of g devices sends (g - 1) / g of the gathered / exchanged / reduced array; an
-  all-reduce 2 (g - 1) / g of it (a ring all-reduce).
+  reduce-scatter over a group of g devices sends (g - 1) / g of the gathered / exchanged / reduced (unscattered)
+  array; an all-reduce 2 (g - 1) / g of it (a ring all-reduce).
 - Time: median of --reps interleaved rounds, each program compiled and run once first, for the lengths in
   --time-seqs only (one fwd+bwd at 32K tokens and 32 heads takes minutes on 2 cores). Run it on a quiet machine.
 """
 
 import argparse
 import json
-import os
 import re
 import statistics
-import sys
 import time
 from functools import partial
 
@@ -31,9 +30,6 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import fwd_bwd
 
 import eqx_ring
 
@@ -85,6 +81,8 @@ def sent_bytes(hlo: str) -> int:
             found = _COLLECTIVE.search(line)
             if found:
                 size, op, g = _array_bytes(found.group(1)), found.group(2), _group_size(line)
+                if op == "reduce-scatter":  # its result is one device's 1/g of the reduced array
+                    size *= g
                 sent += size if op == "collective-permute" else size * (g - 1) / g * (2 if op == "all-reduce" else 1)
             trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
             body = re.search(r"body=%?([\w.\-]+)", line)
@@ -109,7 +107,12 @@ def program(strategy: str, t: int, heads: tuple[int, int]):
         mesh, axis = jax.make_mesh((N,), ("sp",), axis_types=(AxisType.Auto,)), "sp"
     attend = partial(eqx_ring.ring_attention, axis_name=axis, layout=LAYOUT, causal=True, strategy=strategy,
                      query_chunk_size=CHUNK, key_chunk_size=CHUNK)
-    f = fwd_bwd(jax.shard_map(attend, mesh=mesh, in_specs=P(None, axis), out_specs=P(None, axis)))
+    attend = jax.shard_map(attend, mesh=mesh, in_specs=P(None, axis), out_specs=P(None, axis))
+
+    def f(q, k, v, ct):  # the output too, as in a train step where it feeds the next layer
+        out, pullback = jax.vjp(attend, q, k, v)
+        return out, pullback(ct)
+
     sharding = NamedSharding(mesh, P(None, axis))
     hq, hk = heads
     shapes = [jax.ShapeDtypeStruct((B, t, h, D), jnp.float32, sharding=sharding) for h in (hq, hk, hk, hq)]

@@ -117,8 +117,13 @@ def test_incomplete_multi_process_flags_are_refused(flags, message):
 
 def test_bench_quick_runs_every_benchmark_script(tmp_path):
     out = run("bench", "--quick", "--out", str(tmp_path), timeout=600)
-    for name in ("load_balance", "max_context", "memory_scaling", "attention_memory", "attention"):
+    for name in ("load_balance", "max_context", "memory_scaling", "attention_memory", "attention", "strategies"):
         assert (tmp_path / f"{name}.txt").stat().st_size > 0, name
+    rows = json.loads((tmp_path / "strategies.json").read_text())["rows"]
+    sent = {(r["heads"], r["strategy"]): r["sent_bytes"] for r in rows}
+    assert {s for _, s in sent} == {"ring", "allgather", "ulysses", "hybrid"}
+    # With as many kv heads as query heads, Ulysses' all-to-alls move far less than the ring's blocks.
+    assert sent["MHA 32", "ulysses"] < sent["MHA 32", "ring"] / 4
     for name in ("max_context.png", "memory_scaling.png", "attention_memory.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     balance = (tmp_path / "load_balance.txt").read_text()

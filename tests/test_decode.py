@@ -17,19 +17,23 @@ from eqx_ring.sharding import make_mesh
 SIZE = 32  # cache slots: 8 per device on 4 devices
 
 
-def transformer(mesh=None, layout="contiguous", window=None):
+def transformer(mesh=None, layout="contiguous", window=None, strategy="ring"):
     chunk = 4 if mesh is not None else 64  # zigzag on 4 devices: half a shard is 4 slots
     tuning = eqx_ring.KernelTuning(query_chunk_size=chunk, key_chunk_size=chunk, ffn_chunk_size=SIZE)
-    spec = eqx_ring.AttentionSpec(sliding_window=window, layout=layout, mesh=mesh, tuning=tuning)
+    spec = eqx_ring.AttentionSpec(sliding_window=window, layout=layout, mesh=mesh, tuning=tuning, strategy=strategy)
     return eqx_ring.RingTransformer(97, 32, 2, 4, spec=spec, num_kv_heads=2, hidden_size=64, key=jax.random.key(0))
 
 
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("prompt_len", [13, 16], ids=["ends-inside-a-shard", "ends-at-a-shard-boundary"])
-@pytest.mark.parametrize(("n", "layout"), [(1, "contiguous"), (4, "contiguous"), (4, "zigzag"), (4, "striped")])
-def test_every_step_equals_full_recomputation(n, layout, prompt_len, window):
-    mesh = None if n == 1 else make_mesh(dp=1, fsdp=1, tp=1, sp=n, devices=jax.devices()[:n])
-    model = transformer(mesh, layout, window)
+@pytest.mark.parametrize(("n", "layout", "strategy"), [
+    (1, "contiguous", "ring"), (4, "contiguous", "ring"), (4, "zigzag", "ring"), (4, "striped", "ring"),
+    # Prefill runs the strategy; decoding merges every device's part of the cache, whatever it was.
+    (4, "zigzag", "allgather"), (4, "contiguous", "ulysses"), (4, "zigzag", "hybrid")])
+def test_every_step_equals_full_recomputation(n, layout, strategy, prompt_len, window):
+    hybrid = dict(sp=2, usp=2) if strategy == "hybrid" else dict(sp=n)
+    mesh = None if n == 1 else make_mesh(dp=1, fsdp=1, tp=1, **hybrid, devices=jax.devices()[:n])
+    model = transformer(mesh, layout, window, strategy)
     reference = transformer(window=window)  # same weights, one device, natural order
     tokens = jax.random.randint(jax.random.key(1), (SIZE,), 0, 97)
     # What recomputing the whole sequence at step t gives is the causal pass's row t.
@@ -40,7 +44,7 @@ def test_every_step_equals_full_recomputation(n, layout, prompt_len, window):
     prefill = eqx.filter_jit(lambda m, t, p, s: m.prefill(t, length=prompt_len, positions=p, segment_ids=s))
     hidden, cache = prefill(model, *(jnp.asarray(a, jnp.int32) for a in laid))
     if mesh is not None:  # the cache stays split over the ring
-        assert cache.keys.sharding.spec[1] == "sp"
+        assert cache.keys.sharding.spec[1] == model.spec.sequence_axes
     last = eqx_ring.layout_slot(prompt_len - 1, SIZE, layout, n)
     got = [model.logits(hidden[last])]
     step = eqx.filter_jit(lambda m, t, c: m.decode_step(t, c))
@@ -81,6 +85,17 @@ def test_generate_on_a_ring_equals_one_device(layout):
             hidden = single(jnp.asarray(sequence + [0] * (32 - len(sequence)), jnp.int32))
             assert token == int(single.transformer.logits(hidden[len(sequence) - 1]).argmax())
             sequence.append(int(token))
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ulysses", "hybrid"])
+def test_generate_under_each_strategy_equals_one_device(strategy):
+    single = models.RingLM(LM, key=jax.random.key(2))
+    hybrid = dict(sp=2, usp=2) if strategy == "hybrid" else dict(sp=4)
+    mesh = make_mesh(dp=2, fsdp=1, tp=1, **hybrid)
+    prompts = [np.arange(5) + 3, np.arange(11) % 7 + 1]
+    other = models.respec(single, mesh=mesh, layout="zigzag", strategy=strategy)
+    np.testing.assert_array_equal(np.asarray(models.generate(other, prompts, 9)),
+                                  np.asarray(models.generate(single, prompts, 9)))
 
 
 def test_sampling_options():

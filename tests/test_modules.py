@@ -284,6 +284,10 @@ def test_bad_hyperparameters_are_named(kwargs, message):
         (dict(sliding_window=0), "sliding_window must be a positive int or None, got 0"),
         (dict(rope_theta=None, rope_scaling=eqx_ring.RopeScaling("linear", 2.0)),
          "rope_scaling rescales RoPE's frequencies, so it needs a rope_theta; got rope_theta=None"),
+        (dict(strategy="spiral"), r"strategy must be one of \('ring', 'allgather', 'ulysses', 'hybrid'\)"),
+        (dict(mesh="sp8", strategy="hybrid"), "ulysses_axis='usp' is not an axis of the mesh"),
+        (dict(strategy="hybrid", ulysses_axis="sp"), "strategy='hybrid' needs two mesh axes"),
+        (dict(tuning=dict(kv_pieces=0)), "kv_pieces must be a positive int, got 0"),
     ],
 )
 def test_bad_spec_settings_are_named(kwargs, message):
@@ -324,6 +328,13 @@ def test_a_spec_the_heads_do_not_suit_is_named_at_the_call(layer, spec, message)
 def test_bad_rope_scaling_is_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         eqx_ring.RopeScaling(**kwargs)
+
+
+def test_sequence_axes_and_shards_follow_the_strategy():
+    spec = AttentionSpec(mesh=make_mesh(fsdp=1, sp=2, usp=4), strategy="hybrid")
+    assert spec.sequence_axes == ("sp", "usp") and spec.ring_size == 8
+    assert spec.replace(strategy="ulysses").sequence_axes == "sp" and spec.replace(strategy="ulysses").ring_size == 2
+    assert AttentionSpec.from_dict(spec.to_dict()) == spec.replace(mesh=None)  # the strategy is saved
 
 
 def test_spec_with_rope_scaling_round_trips_through_json():

@@ -31,6 +31,15 @@ def test_make_mesh(args, shape):
     assert mesh.axis_types == (AxisType.Auto,) * 4
 
 
+def test_make_mesh_with_the_hybrids_axis():
+    mesh = make_mesh(dp=2, fsdp=1, sp=-1, usp=2)
+    assert mesh.axis_names == ("dp", "fsdp", "tp", "sp", "usp") and tuple(mesh.shape.values()) == (2, 1, 1, 2, 2)
+    assert batch_sharding(mesh).spec == P(BATCH_AXES, ("sp", "usp"))
+    assert batch_sharding(make_mesh(sp=8)).spec == P(BATCH_AXES, "sp")
+    with pytest.raises(ValueError, match="usp must be a positive int or None, got 0"):
+        make_mesh(sp=2, usp=0)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
