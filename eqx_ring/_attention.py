@@ -372,7 +372,8 @@ class RingAttention(eqx.Module):
         """`decode_step` on checked arguments ([`RingTransformer`][eqx_ring.RingTransformer] checks the index once
         per token, not once per layer)."""
         q, k, v = self._project(x[None], position[None], spec)
-        local = partial(self._decode_local, layout=spec.layout, sliding_window=spec.sliding_window)
+        local = partial(self._decode_local, layout=spec.layout, sliding_window=spec.sliding_window,
+                        attention_chunk_size=spec.attention_chunk_size)
         if spec.mesh is None:
             o, keys, values = local(q, k, v, keys, values, segment_ids, index, segment, seq_axis=None)
         else:
@@ -396,7 +397,8 @@ class RingAttention(eqx.Module):
         return index
 
     def _decode_local(self, q, k, v, keys, values, segment_ids, index, segment, *, layout: str,
-                      sliding_window: int | None, seq_axis: str | tuple[str, str] | None):
+                      sliding_window: int | None, attention_chunk_size: int | None,
+                      seq_axis: str | tuple[str, str] | None):
         """One query against this device's cache slots; merged over the ring `seq_axis` (`None`: no ring)."""
         n = 1 if seq_axis is None else jax.lax.axis_size(seq_axis)
         shard = 0 if seq_axis is None else jax.lax.axis_index(seq_axis)
@@ -407,6 +409,8 @@ class RingAttention(eqx.Module):
         visible = (true <= index) & (jnp.where(write, segment, segment_ids) == segment)
         if sliding_window is not None:
             visible &= index - true < sliding_window
+        if attention_chunk_size is not None:
+            visible &= index // attention_chunk_size == true // attention_chunk_size
         group = self.num_heads // self.num_kv_heads
         qg = q[0].reshape(self.num_kv_heads, group, self.head_dim).astype(jnp.float32) * self.head_dim**-0.5
         scores = jnp.einsum("kgd,tkd->kgt", qg, keys.astype(jnp.float32))
@@ -444,6 +448,7 @@ class RingAttention(eqx.Module):
             causal=spec.causal,
             causal_block_size=spec.causal_block_size,
             sliding_window=spec.sliding_window,
+            attention_chunk_size=spec.attention_chunk_size,
             query_chunk_size=tuning.query_chunk_size,
             key_chunk_size=tuning.key_chunk_size,
             implementation=tuning.implementation,

@@ -21,6 +21,7 @@ def dot_product_attention(
     key_bias: Float[Array, "*#batch kv_seq"] | None = None,
     sliding_window: int | None = None,
     scale: float | None = None,
+    attention_chunk_size: int | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Dense multi-head attention with every mask of the library; materializes the scores.
 
@@ -49,6 +50,8 @@ def dot_product_attention(
     - `sliding_window`: `w`; query `i` sees key `j` only if `i - w < j <= i`. Default `None`:
       no window.
     - `scale`: multiplies `q·k`; default `None` means `head_dim ** -0.5`.
+    - `attention_chunk_size`: `c`; query `i` sees key `j` only if `i // c == j // c` (Llama 4's
+      chunked attention; combine with `causal=True` for its causal chunks). Default `None`: no chunks.
 
     **Returns:**
 
@@ -86,6 +89,7 @@ def dot_product_attention(
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
         key_bias=key_bias,
+        attention_chunk_size=attention_chunk_size,
     )
     scale = dims.head_dim**-0.5 if scale is None else check_scale(scale, static=False)
     groups = dims.q_heads // dims.kv_heads

@@ -154,15 +154,16 @@ def _send(tree, settings: Settings, n: int, hops: int = 1):
 
 
 def _steps(settings: Settings, n: int, block_len: int) -> int:
-    """How many blocks after its own each device must see: n - 1, or fewer when a sliding window on the
-    contiguous layout hides the blocks of devices further back (the window-aware ring).
+    """How many blocks after its own each device must see: n - 1, or fewer when a sliding window (or causal
+    chunked attention) on the contiguous layout hides the blocks of devices further back (the window-aware ring).
 
     On the contiguous layout device r holds positions [r·L, (r + 1)·L); the block of device r - s ends at
     (r - s + 1)·L - 1, which a query at r·L or later sees only if it lies within the window, i.e. if
-    (s - 1)·L + 1 < w: the blocks with s <= ceil((w - 1) / L). (The other layouts spread each shard over the
-    whole sequence, so every block holds keys some window sees.)
+    (s - 1)·L + 1 < w: the blocks with s <= ceil((w - 1) / L). A causal query sees at most the c - 1 keys
+    before it in its chunk of c, so chunks bound the steps as a window of c does. (The other layouts spread
+    each shard over the whole sequence, so every block holds keys some window sees.)
     """
-    window = settings.masks.sliding_window
+    window = settings.masks.lookback
     if window is None or settings.layout != "contiguous":
         return n - 1
     return min(n - 1, -(-(window - 1) // block_len))

@@ -16,11 +16,20 @@ class MaskSpec(NamedTuple):
     causal: bool
     causal_block_size: int
     sliding_window: int | None
+    attention_chunk_size: int | None = None  # i sees j only if i // c == j // c (Llama 4's chunked attention)
 
     @property
     def positional(self) -> bool:
         """Whether a mask depends on positions (`False`: only segments, if any, can hide a key)."""
-        return self.causal or self.sliding_window is not None
+        return self.causal or self.sliding_window is not None or self.attention_chunk_size is not None
+
+    @property
+    def lookback(self) -> int | None:
+        """How far back a query can see, if a mask bounds it (keys at `i - lookback < j <= i`); else `None`."""
+        bounds = [self.sliding_window] if self.sliding_window is not None else []
+        if self.attention_chunk_size is not None and self.causal:
+            bounds.append(self.attention_chunk_size)
+        return min(bounds, default=None)
 
 
 def visible(
@@ -42,6 +51,8 @@ def visible(
         mask = and_also(mask, kp // frame <= qp // frame)
     if spec.sliding_window is not None:
         mask = and_also(mask, (qp - spec.sliding_window < kp) & (kp <= qp))
+    if spec.attention_chunk_size is not None:
+        mask = and_also(mask, qp // spec.attention_chunk_size == kp // spec.attention_chunk_size)
     if q_seg is not None:
         mask = and_also(mask, q_seg[..., :, None] == k_seg[..., None, :])
     return mask
@@ -70,6 +81,10 @@ def classify(
         w = spec.sliding_window
         none |= (k_lo > q_hi) | (k_hi <= q_lo - w)
         every &= (k_hi <= q_lo) & (k_lo > q_hi - w)
+    if spec.attention_chunk_size is not None:
+        c = spec.attention_chunk_size
+        none |= (k_hi // c < q_lo // c) | (k_lo // c > q_hi // c)
+        every &= (q_lo // c == q_hi // c) & (k_lo // c == k_hi // c) & (q_lo // c == k_lo // c)
     if q_seg is not None:
         qs_lo, qs_hi = q_seg.min(-1), q_seg.max(-1)
         ks_lo, ks_hi = k_seg.min(-1), k_seg.max(-1)

@@ -43,7 +43,8 @@ STRATEGIES = ("ring", "allgather", "ulysses", "hybrid")
 
 
 def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_ids, kv_segment_ids,
-         key_bias, sliding_window, scale, query_chunk_size, key_chunk_size, implementation, kv_pieces=None):
+         key_bias, sliding_window, scale, query_chunk_size, key_chunk_size, implementation, kv_pieces=None,
+         attention_chunk_size=None):
     """Attention of local shards; `axes` maps "ring" (or "allgather") and "ulysses" to (mesh axis, size) or None."""
     dims = check_qkv(q, k, v)
     ring_axis, ring_n = axes.get("ring") or (None, 1)
@@ -62,6 +63,7 @@ def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
         key_bias=key_bias,
+        attention_chunk_size=attention_chunk_size,
     )
     named = " × ".join(f"{name!r}" for name, _ in axes.values())
     where = "" if num_shards == 1 else f" (the local shard of {num_shards} devices on {named})"
@@ -156,6 +158,7 @@ def blockwise_attention(
     query_chunk_size: int = 512,
     key_chunk_size: int = 512,
     implementation: str | None = None,
+    attention_chunk_size: int | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention on one device in O(chunk²) extra memory (Blockwise Parallel Transformer).
 
@@ -196,6 +199,9 @@ def blockwise_attention(
       which is slow and meant for tests), or `None` (default): `"pallas"` on a GPU when `head_dim`
       is a power of two >= 16 and the local sequence splits into tiles of 16 or more, `"xla"`
       otherwise. Both give the same result.
+    - `attention_chunk_size`: `c`; query `i` sees key `j` only if `i // c == j // c` (Llama 4's
+      chunked attention; with `causal=True`, causal within each chunk). Chunk pairs it hides are not
+      computed. Default `None`: no chunks.
 
     **Returns:**
 
@@ -223,7 +229,8 @@ def blockwise_attention(
     return _run(q, k, v, strategy="ring", axes={}, layout="contiguous", causal=causal,
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
-                query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation)
+                query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation,
+                attention_chunk_size=attention_chunk_size)
 
 
 def ring_attention(
@@ -246,6 +253,7 @@ def ring_attention(
     implementation: str | None = None,
     kv_pieces: int | None = None,
     strategy: str = "ring",
+    attention_chunk_size: int | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention over a sequence split across the devices of mesh axis `axis_name`.
 
@@ -329,6 +337,10 @@ def ring_attention(
       instead, so it must divide `kv_heads`; `"ulysses"` has no ring and takes none. Default
       `None`: 1 on a ring, one kv head at a time for the all-gather.
     - `strategy`: `"ring"` (default), `"allgather"`, `"ulysses"` or `"hybrid"`, as above.
+    - `attention_chunk_size`: `c`; query `i` sees key `j` only if `i // c == j // c` (Llama 4's
+      chunked attention; with `causal=True`, causal within each chunk). Default `None`: no chunks.
+      Like a window, causal chunks on the contiguous layout limit the ring to the
+      `ceil((c - 1) / kv_seq)` steps whose blocks a chunk can reach.
 
     **Returns:**
 
@@ -388,4 +400,4 @@ def ring_attention(
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
                 query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation,
-                kv_pieces=kv_pieces)
+                kv_pieces=kv_pieces, attention_chunk_size=attention_chunk_size)

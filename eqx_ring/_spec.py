@@ -76,6 +76,8 @@ class AttentionSpec:
     - `causal_block_size`: tokens per causal block (default 1: ordinary causal attention); needs `causal`.
     - `sliding_window`: attend only to the last `sliding_window` tokens (itself included); default
       `None`: no window.
+    - `attention_chunk_size`: attend only within chunks of this many tokens (Llama 4's chunked
+      attention: `i` sees `j` only if `i // c == j // c`, with `causal` as set); default `None`: no chunks.
     - `rope_theta`: RoPE base (default `10_000.0`), or `None` for no rotary embedding.
     - `rope_scaling`: a [`RopeScaling`][eqx_ring.RopeScaling] of RoPE's frequencies (position
       interpolation or Llama 3's), or `None` (default) for none; needs `rope_theta`.
@@ -94,8 +96,8 @@ class AttentionSpec:
       needs a `mesh`.
     - `tuning`: the [`KernelTuning`][eqx_ring.KernelTuning] (default: its defaults).
 
-    **Raises:** `ValueError` if `causal_block_size` or `sliding_window` is not a positive int (or
-    `None` for the window), if `causal_block_size != 1` without `causal`, if `rope_theta` is not a
+    **Raises:** `ValueError` if `causal_block_size`, `sliding_window` or `attention_chunk_size` is not
+    a positive int (or `None` for the last two), if `causal_block_size != 1` without `causal`, if `rope_theta` is not a
     positive finite number or `None`, if `rope_scaling` is given without `rope_theta`, if `layout` is
     unknown, if `head_axis` is given without a `mesh`, if `seq_axis` / `head_axis` (or, for the
     hybrid, `ulysses_axis`) is not an axis of `mesh`, if `strategy` is unknown, or if the hybrid's
@@ -118,6 +120,7 @@ class AttentionSpec:
     causal: bool = True
     causal_block_size: int = 1
     sliding_window: int | None = None
+    attention_chunk_size: int | None = None
     rope_theta: float | None = 10_000.0
     rope_scaling: RopeScaling | None = None
     layout: str = "contiguous"
@@ -139,6 +142,8 @@ class AttentionSpec:
                              "needs causal=True; got causal=False")
         if self.sliding_window is not None and not is_positive_int(self.sliding_window):
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if self.attention_chunk_size is not None and not is_positive_int(self.attention_chunk_size):
+            raise ValueError(f"attention_chunk_size must be a positive int or None, got {self.attention_chunk_size!r}")
         theta = self.rope_theta
         if theta is not None and (isinstance(theta, bool) or not isinstance(theta, numbers.Real)
                                   or not math.isfinite(theta) or theta <= 0):

@@ -4,7 +4,7 @@ import numpy as np
 
 
 def numpy_attention(q, k, v, *, causal=False, causal_block_size=1, segment_ids=None, kv_segment_ids=None,
-                    key_bias=None, sliding_window=None, scale=None):
+                    key_bias=None, sliding_window=None, scale=None, attention_chunk_size=None):
     """q [B, Tq, H, D], k/v [B, Tk, Hk, D]; loops over batch, heads and queries."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, tq, h, d = q.shape
@@ -23,6 +23,8 @@ def numpy_attention(q, k, v, *, causal=False, causal_block_size=1, segment_ids=N
                     keep &= j // causal_block_size <= i // causal_block_size
                 if sliding_window is not None:
                     keep &= (i - sliding_window < j) & (j <= i)
+                if attention_chunk_size is not None:
+                    keep &= j // attention_chunk_size == i // attention_chunk_size
                 if segment_ids is not None:
                     keep &= np.asarray(kv_segment_ids)[bi] == np.asarray(segment_ids)[bi, i]
                 s = k[bi, :, kh] @ q[bi, i, hi] * scale

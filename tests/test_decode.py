@@ -17,24 +17,25 @@ from eqx_ring.sharding import make_mesh
 SIZE = 32  # cache slots: 8 per device on 4 devices
 
 
-def transformer(mesh=None, layout="contiguous", window=None, strategy="ring"):
+def transformer(mesh=None, layout="contiguous", window=None, strategy="ring", attention_chunk=None):
     chunk = 4 if mesh is not None else 64  # zigzag on 4 devices: half a shard is 4 slots
     tuning = eqx_ring.KernelTuning(query_chunk_size=chunk, key_chunk_size=chunk, ffn_chunk_size=SIZE)
-    spec = eqx_ring.AttentionSpec(sliding_window=window, layout=layout, mesh=mesh, tuning=tuning, strategy=strategy)
+    spec = eqx_ring.AttentionSpec(sliding_window=window, layout=layout, mesh=mesh, tuning=tuning, strategy=strategy,
+                                  attention_chunk_size=attention_chunk)
     return eqx_ring.RingTransformer(97, 32, 2, 4, spec=spec, num_kv_heads=2, hidden_size=64, key=jax.random.key(0))
 
 
-@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize(("window", "attention_chunk"), [(None, None), (5, None), (None, 6)])
 @pytest.mark.parametrize("prompt_len", [13, 16], ids=["ends-inside-a-shard", "ends-at-a-shard-boundary"])
 @pytest.mark.parametrize(("n", "layout", "strategy"), [
     (1, "contiguous", "ring"), (4, "contiguous", "ring"), (4, "zigzag", "ring"), (4, "striped", "ring"),
     # Prefill runs the strategy; decoding merges every device's part of the cache, whatever it was.
     (4, "zigzag", "allgather"), (4, "contiguous", "ulysses"), (4, "zigzag", "hybrid")])
-def test_every_step_equals_full_recomputation(n, layout, strategy, prompt_len, window):
+def test_every_step_equals_full_recomputation(n, layout, strategy, prompt_len, window, attention_chunk):
     hybrid = dict(sp=2, usp=2) if strategy == "hybrid" else dict(sp=n)
     mesh = None if n == 1 else make_mesh(dp=1, fsdp=1, tp=1, **hybrid, devices=jax.devices()[:n])
-    model = transformer(mesh, layout, window, strategy)
-    reference = transformer(window=window)  # same weights, one device, natural order
+    model = transformer(mesh, layout, window, strategy, attention_chunk)
+    reference = transformer(window=window, attention_chunk=attention_chunk)  # same weights, one device
     tokens = jax.random.randint(jax.random.key(1), (SIZE,), 0, 97)
     # What recomputing the whole sequence at step t gives is the causal pass's row t.
     expected = reference.logits(eqx.filter_jit(lambda m, t: m(t))(reference, tokens))
