@@ -91,12 +91,15 @@ class RingAttention(eqx.Module):
         "value_proj.weight": ("kv_heads", "embed"), "value_proj.bias": ("kv_heads",),
         # The d_model-wide bias is added to an output whose d_model is whole: it stays whole.
         "output_proj.weight": ("embed", "heads"), "output_proj.bias": (None,),
+        # One logit per query head, split over the heads as the queries are.
+        "sinks": ("heads",),
     }
 
     query_proj: eqx.nn.Linear
     key_proj: eqx.nn.Linear
     value_proj: eqx.nn.Linear
     output_proj: eqx.nn.Linear
+    sinks: Float[Array, " {self.num_heads}"] | None
     d_model: int = eqx.field(static=True)
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
@@ -111,6 +114,7 @@ class RingAttention(eqx.Module):
         head_dim: int | None = None,
         use_bias: bool = False,
         qkv_bias: bool | None = None,
+        use_sinks: bool = False,
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
     ):
@@ -123,6 +127,9 @@ class RingAttention(eqx.Module):
         - `use_bias`: whether the four projections have biases (default `False`).
         - `qkv_bias`: whether the query, key and value projections have biases, the output one's
           following `use_bias` (Qwen2 has these three only); default `None`: `use_bias`.
+        - `use_sinks`: whether each query head has a learnable sink logit, `sinks` (`[num_heads]`,
+          initialised to 0), that joins every softmax denominator of its head with no value
+          (gpt-oss's attention sinks); default `False`.
         - `dtype`: parameter dtype; defaults to float32.
         - `key`: a `jax.random.PRNGKey` for the initialisation.
 
@@ -151,6 +158,7 @@ class RingAttention(eqx.Module):
         self.key_proj = qkv(d_model, num_kv_heads * head_dim, key=kk)
         self.value_proj = qkv(d_model, num_kv_heads * head_dim, key=vk)
         self.output_proj = eqx.nn.Linear(num_heads * head_dim, d_model, use_bias=use_bias, dtype=dtype, key=ok)
+        self.sinks = jnp.zeros(num_heads, jnp.float32 if dtype is None else dtype) if use_sinks else None
         self.d_model = d_model
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -375,14 +383,14 @@ class RingAttention(eqx.Module):
         local = partial(self._decode_local, layout=spec.layout, sliding_window=spec.sliding_window,
                         attention_chunk_size=spec.attention_chunk_size)
         if spec.mesh is None:
-            o, keys, values = local(q, k, v, keys, values, segment_ids, index, segment, seq_axis=None)
+            o, keys, values = local(q, k, v, keys, values, segment_ids, index, segment, self.sinks, seq_axis=None)
         else:
             check_layout(spec.layout, keys.shape[0], spec.ring_size, what="cache length")
             cache, one = P(spec.sequence_axes), P()
             o, keys, values = jax.shard_map(
                 partial(local, seq_axis=spec.sequence_axes), mesh=spec.mesh,
-                in_specs=(one, one, one, cache, cache, cache, one, one), out_specs=(one, cache, cache),
-            )(q, k, v, keys, values, segment_ids, index, segment)
+                in_specs=(one, one, one, cache, cache, cache, one, one, one), out_specs=(one, cache, cache),
+            )(q, k, v, keys, values, segment_ids, index, segment, self.sinks)
         return self.output_proj(o.reshape(self.num_heads * self.head_dim)), keys, values
 
     @staticmethod
@@ -396,7 +404,7 @@ class RingAttention(eqx.Module):
             raise ValueError(f"{message}, got index={known}")
         return index
 
-    def _decode_local(self, q, k, v, keys, values, segment_ids, index, segment, *, layout: str,
+    def _decode_local(self, q, k, v, keys, values, segment_ids, index, segment, sinks, *, layout: str,
                       sliding_window: int | None, attention_chunk_size: int | None,
                       seq_axis: str | tuple[str, str] | None):
         """One query against this device's cache slots; merged over the ring `seq_axis` (`None`: no ring)."""
@@ -424,6 +432,9 @@ class RingAttention(eqx.Module):
             weight = jnp.where(seen, jnp.exp(m - m_all), 0.0)
             l = jax.lax.psum(l * weight, seq_axis)
             o = jax.lax.psum(o * weight[..., None], seq_axis)
+            m = m_all
+        if sinks is not None:
+            l = l + jnp.exp(sinks.astype(jnp.float32).reshape(self.num_kv_heads, group) - m)
         # The token always sees itself, so l > 0 after the merge.
         return (o / l[..., None]).reshape(1, self.num_heads, self.head_dim).astype(q.dtype), keys, values
 
@@ -454,23 +465,22 @@ class RingAttention(eqx.Module):
             implementation=tuning.implementation,
         )
         if spec.mesh is None and not inside:
-            return blockwise_attention(q, k, v, segment_ids=segment_ids, **kernel_kw)
+            return blockwise_attention(q, k, v, segment_ids=segment_ids, sinks=self.sinks, **kernel_kw)
         ring = partial(ring_attention, axis_name=spec.sequence_axes, layout=spec.layout, kv_pieces=tuning.kv_pieces,
                        strategy=spec.strategy, **kernel_kw)
+
+        def local(q, k, v, ids, sinks):
+            return ring(q, k, v, segment_ids=ids, sinks=sinks)
+
         if inside:
-            return ring(q, k, v, segment_ids=segment_ids)
+            return local(q, k, v, segment_ids, self.sinks)
         qkv_spec = P(spec.sequence_axes, spec.head_axis, None)
         # Pallas's interpreter (the fused kernel off GPU, for tests) trips jax 0.10's varying-axes check.
         check_vma = not fused_is_interpreted(tuning.implementation)
-        if segment_ids is None:
-            return jax.shard_map(ring, mesh=spec.mesh, in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
-                                 check_vma=check_vma)(q, k, v)
-
-        def with_ids(q, k, v, ids):
-            return ring(q, k, v, segment_ids=ids)
-
-        return jax.shard_map(with_ids, mesh=spec.mesh, in_specs=(qkv_spec,) * 3 + (P(spec.sequence_axes),),
-                             out_specs=qkv_spec, check_vma=check_vma)(q, k, v, segment_ids)
+        # Absent segment ids or sinks (None) are empty subtrees: their specs apply to nothing.
+        return jax.shard_map(local, mesh=spec.mesh, out_specs=qkv_spec, check_vma=check_vma,
+                             in_specs=(qkv_spec,) * 3 + (P(spec.sequence_axes), P(spec.head_axis)),
+                             )(q, k, v, segment_ids, self.sinks)
 
 
 def _ring_size(spec: AttentionSpec, seq: int, inside: bool) -> int:

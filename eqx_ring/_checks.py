@@ -121,6 +121,17 @@ def check_mask_args(
     return spec, segment_ids, kv_segment_ids, key_bias
 
 
+def check_sinks(sinks, dims: Dims):
+    """`sinks` (or `None`), once it is one floating logit per query head."""
+    if sinks is None:
+        return None
+    if not hasattr(sinks, "shape") or not jnp.issubdtype(jnp.asarray(sinks).dtype, jnp.floating):
+        raise TypeError(f"sinks must be a floating array of one logit per query head, got {sinks!r}")
+    if sinks.shape != (dims.q_heads,):
+        raise ValueError(f"sinks must have shape ({dims.q_heads},) (one logit per query head), got {sinks.shape}")
+    return sinks
+
+
 def check_chunk(name: str, chunk: int, length: int, what: str) -> int:
     """The chunk size actually used: `chunk`, capped at `length`, which it must divide."""
     check_positive_int(name, chunk)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from ._checks import check_mask_args, check_qkv, check_scale
+from ._checks import check_mask_args, check_qkv, check_scale, check_sinks
 from ._masks import visible
 
 
@@ -22,6 +22,7 @@ def dot_product_attention(
     sliding_window: int | None = None,
     scale: float | None = None,
     attention_chunk_size: int | None = None,
+    sinks: Float[Array, " q_heads"] | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Dense multi-head attention with every mask of the library; materializes the scores.
 
@@ -52,6 +53,8 @@ def dot_product_attention(
     - `scale`: multiplies `q·k`; default `None` means `head_dim ** -0.5`.
     - `attention_chunk_size`: `c`; query `i` sees key `j` only if `i // c == j // c` (Llama 4's
       chunked attention; combine with `causal=True` for its causal chunks). Default `None`: no chunks.
+    - `sinks`: `[q_heads]` logits, one per query head, that join every softmax denominator of their
+      head with no value (gpt-oss's attention sinks). Default `None`: no sinks.
 
     **Returns:**
 
@@ -92,6 +95,7 @@ def dot_product_attention(
         attention_chunk_size=attention_chunk_size,
     )
     scale = dims.head_dim**-0.5 if scale is None else check_scale(scale, static=False)
+    sinks = check_sinks(sinks, dims)
     groups = dims.q_heads // dims.kv_heads
     f32 = jnp.float32
     qg = q.astype(f32).reshape(*dims.batch, dims.q_len, dims.kv_heads, groups, dims.head_dim)
@@ -103,9 +107,13 @@ def dot_product_attention(
     )
     if mask is not None:
         s = jnp.where(mask[..., None, None, :, :], s, -jnp.inf)
+    if sinks is not None:  # one more column per row: the sink's logit, dropped after the softmax
+        sink = sinks.astype(f32).reshape(dims.kv_heads, groups)[:, :, None, None]
+        s = jnp.concatenate([s, jnp.broadcast_to(sink, (*s.shape[:-1], 1))], axis=-1)
     m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     denom = p.sum(-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)
+    p = p if sinks is None else p[..., :-1]
     o = jnp.einsum("...hgqk,...khd->...qhgd", p, v.astype(f32))
     return o.reshape(q.shape).astype(q.dtype)

@@ -12,7 +12,7 @@ blocks travel n − 1 times forward, fewer when a sliding window on the contiguo
 back; in the backward pass their gradient accumulators travel with them and come home; with `kv_pieces` a
 block goes round in pieces, one ring per piece. Strategy "allgather": every device gathers the whole k/v,
 `kv_pieces` kv heads' worth at a time, and scatters their gradients back), the true positions of every
-block, `delta = rowsum(do · o)`, the `jax.custom_vjp` and its batching rule.
+block, `delta = rowsum(do · o) - dlse`, the `jax.custom_vjp` and its batching rule.
 `blockwise_attention` is a ring of one device. Ulysses' all-to-all happens outside (in `_ring.py`): the
 kernel then sees `gathered` consecutive shards of the sequence as its local block. Shapes (B = flattened
 batch, K = kv heads, G = q heads per kv head, D = head dim):
@@ -234,8 +234,10 @@ def _forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids):
     return settings.kernel.finish_forward(state)
 
 
-def _backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, o, lse, do) -> Gradients:
-    delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(jnp.float32), o.astype(jnp.float32))
+def _backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, o, lse, do, dlse) -> Gradients:
+    # A score s's gradient is p · (dp - delta) + p · dlse: the cotangent of the returned lse (e.g. from sinks)
+    # folds into delta, so every path's backward step stays as it is.
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
     if settings.strategy == "allgather":
         return _allgather_backward(settings, q, block, q_segment_ids, Upstream(do, lse, delta))
     n, r = _ring_size_and_index(settings)
@@ -382,28 +384,31 @@ def _forward_and_backward(settings: Settings) -> tuple[Callable, Callable]:
     def forward(q, k, v, bias, q_seg, k_seg):
         return _forward(settings, q, KeyValueBlock(k, v, k_seg, bias), q_seg)
 
-    def backward(q, k, v, bias, q_seg, k_seg, o, lse, do):
-        return tuple(_backward(settings, q, KeyValueBlock(k, v, k_seg, bias), q_seg, o, lse, do))
+    def backward(q, k, v, bias, q_seg, k_seg, o, lse, do, dlse):
+        return tuple(_backward(settings, q, KeyValueBlock(k, v, k_seg, bias), q_seg, o, lse, do, dlse))
 
     return _fold_vmap_into_batch(forward), _fold_vmap_into_batch(backward)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def attention(settings: Settings, q, k, v, bias, q_segment_ids, k_segment_ids):
-    """Exact attention of local queries against the ring's keys. Shapes as in the module docstring."""
-    o, _ = _forward_and_backward(settings)[0](q, k, v, bias, q_segment_ids, k_segment_ids)
-    return o.astype(q.dtype)
+    """Exact attention of local queries against the ring's keys: (o in q's dtype, lse float32), shapes as in
+    the module docstring; lse is -inf for a query that sees no key."""
+    o, lse = _forward_and_backward(settings)[0](q, k, v, bias, q_segment_ids, k_segment_ids)
+    return o.astype(q.dtype), lse
 
 
 def _attention_fwd(settings: Settings, q, k, v, bias, q_segment_ids, k_segment_ids):
     o, lse = _forward_and_backward(settings)[0](q, k, v, bias, q_segment_ids, k_segment_ids)
     o = o.astype(q.dtype)
-    return o, (q, k, v, bias, q_segment_ids, k_segment_ids, o, lse)
+    return (o, lse), (q, k, v, bias, q_segment_ids, k_segment_ids, o, lse)
 
 
-def _attention_bwd(settings: Settings, residuals, do):
+def _attention_bwd(settings: Settings, residuals, cotangents):
     q, k, v, bias, q_segment_ids, k_segment_ids, o, lse = residuals
-    dq, dk, dv, dbias = _forward_and_backward(settings)[1](q, k, v, bias, q_segment_ids, k_segment_ids, o, lse, do)
+    do, dlse = cotangents
+    dq, dk, dv, dbias = _forward_and_backward(settings)[1](q, k, v, bias, q_segment_ids, k_segment_ids, o, lse, do,
+                                                           dlse)
     dbias = None if dbias is None else dbias.astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, None
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from ._checks import check_mask_args, check_positive_int, check_qkv, check_scale
+from ._checks import check_mask_args, check_positive_int, check_qkv, check_scale, check_sinks
 from ._kernel import Kernel, Settings, attention
 from ._kernel_pallas import PallasKernel, interpreted
 from ._kernel_xla import XlaKernel
@@ -44,7 +44,7 @@ STRATEGIES = ("ring", "allgather", "ulysses", "hybrid")
 
 def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_ids, kv_segment_ids,
          key_bias, sliding_window, scale, query_chunk_size, key_chunk_size, implementation, kv_pieces=None,
-         attention_chunk_size=None):
+         attention_chunk_size=None, sinks=None):
     """Attention of local shards; `axes` maps "ring" (or "allgather") and "ulysses" to (mesh axis, size) or None."""
     dims = check_qkv(q, k, v)
     ring_axis, ring_n = axes.get("ring") or (None, 1)
@@ -71,6 +71,7 @@ def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_
     halves = 2 if layout == "zigzag" and num_shards > 1 else 1
     where = where if halves == 1 else f"{where}/2 (one zigzag half)"
     scale = float(dims.head_dim**-0.5) if scale is None else check_scale(scale, static=True)
+    sinks = check_sinks(sinks, dims)
     kv_pieces = _check_pieces(strategy, kv_pieces, dims, halves)
     if dims.q_heads % a2a_n:
         raise ValueError(f"strategy={strategy!r} splits the {dims.q_heads} query heads over the {a2a_n} devices of "
@@ -89,11 +90,25 @@ def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_
     v_flat = v.reshape(batch, dims.kv_len, dims.kv_heads, dims.head_dim)
     q_seg, k_seg = (None if x is None else x.reshape(batch, n) for x, n in ((q_seg, dims.q_len), (k_seg, dims.kv_len)))
     bias = None if bias is None else bias.astype(jnp.float32).reshape(batch, dims.kv_len)
+    sinks = None if sinks is None else sinks.reshape(dims.kv_heads, groups)
     if a2a_axis is None:
-        o = attention(settings, q_grouped, k_flat, v_flat, bias, q_seg, k_seg)
+        o = with_sinks(*attention(settings, q_grouped, k_flat, v_flat, bias, q_seg, k_seg), sinks)
         return o.reshape(q.shape)
-    o = _ulysses(settings, a2a_axis, a2a_n, q_grouped, k_flat, v_flat, bias, q_seg, k_seg)
+    o = _ulysses(settings, a2a_axis, a2a_n, q_grouped, k_flat, v_flat, bias, q_seg, k_seg, sinks)
     return o.reshape(q.shape)
+
+
+def with_sinks(o, lse, sinks):
+    """`o` ([B, L, K, G, D]) as if each row's softmax denominator also held `exp(sinks)` ([K, G]; `None`: none).
+
+    A sink is a logit with no value: it rescales the row by `exp(lse - logaddexp(lse, sink))`. Applied to the
+    finished output, outside every path's kernels, so all of them (and every strategy) get sinks from one line;
+    its gradient, and the one it sends back into the scores through `lse`, come from autodiff.
+    """
+    if sinks is None:
+        return o
+    weight = jnp.exp(lse - jnp.logaddexp(lse, sinks.astype(jnp.float32)[None, :, :, None]))  # [B, K, G, L]
+    return (o.astype(jnp.float32) * jnp.moveaxis(weight, 3, 1)[..., None]).astype(o.dtype)
 
 
 def _check_pieces(strategy: str, kv_pieces: int | None, dims, halves: int) -> int:
@@ -117,7 +132,7 @@ def _check_pieces(strategy: str, kv_pieces: int | None, dims, halves: int) -> in
     return kv_pieces
 
 
-def _ulysses(settings: Settings, axis: Hashable, n: int, q, k, v, bias, q_seg, k_seg):
+def _ulysses(settings: Settings, axis: Hashable, n: int, q, k, v, bias, q_seg, k_seg, sinks):
     """DeepSpeed-Ulysses: all-to-all from sequence- to head-sharded, attention over the `n` shards, and back.
 
     Each device ends up with every token of `1/n` of the heads, in the layout order of the shards it
@@ -137,7 +152,11 @@ def _ulysses(settings: Settings, axis: Hashable, n: int, q, k, v, bias, q_seg, k
     def gather(x):
         return None if x is None else lax.all_gather(x, axis, axis=1, tiled=True)
 
-    o = attention(settings, to_heads(q), to_heads(k), to_heads(v), gather(bias), gather(q_seg), gather(k_seg))
+    o, lse = attention(settings, to_heads(q), to_heads(k), to_heads(v), gather(bias), gather(q_seg), gather(k_seg))
+    if sinks is not None:  # this device's heads' sinks, in the order the all-to-all gave it the heads
+        rows = kv_heads * repeat // n
+        sinks = sinks.reshape(kv_heads * repeat, groups // repeat)
+        o = with_sinks(o, lse, lax.dynamic_slice_in_dim(sinks, lax.axis_index(axis) * rows, rows, 0))
     o = lax.all_to_all(o, axis, split_axis=1, concat_axis=2, tiled=True)
     return o.reshape(*o.shape[:2], kv_heads, groups, o.shape[4])
 
@@ -159,6 +178,7 @@ def blockwise_attention(
     key_chunk_size: int = 512,
     implementation: str | None = None,
     attention_chunk_size: int | None = None,
+    sinks: Float[Array, " q_heads"] | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention on one device in O(chunk²) extra memory (Blockwise Parallel Transformer).
 
@@ -202,6 +222,9 @@ def blockwise_attention(
     - `attention_chunk_size`: `c`; query `i` sees key `j` only if `i // c == j // c` (Llama 4's
       chunked attention; with `causal=True`, causal within each chunk). Chunk pairs it hides are not
       computed. Default `None`: no chunks.
+    - `sinks`: `[q_heads]` learnable logits (gpt-oss's attention sinks): each joins the softmax
+      denominator of its head's every query, with no value, so a query may attend to "nothing".
+      Default `None`: no sinks.
 
     **Returns:**
 
@@ -230,7 +253,7 @@ def blockwise_attention(
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
                 query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation,
-                attention_chunk_size=attention_chunk_size)
+                attention_chunk_size=attention_chunk_size, sinks=sinks)
 
 
 def ring_attention(
@@ -254,6 +277,7 @@ def ring_attention(
     kv_pieces: int | None = None,
     strategy: str = "ring",
     attention_chunk_size: int | None = None,
+    sinks: Float[Array, " q_heads"] | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention over a sequence split across the devices of mesh axis `axis_name`.
 
@@ -341,6 +365,9 @@ def ring_attention(
       chunked attention; with `causal=True`, causal within each chunk). Default `None`: no chunks.
       Like a window, causal chunks on the contiguous layout limit the ring to the
       `ceil((c - 1) / kv_seq)` steps whose blocks a chunk can reach.
+    - `sinks`: `[q_heads]` learnable logits (gpt-oss's attention sinks), replicated on every device:
+      each joins the softmax denominator of its head's every query, with no value. Their gradient is
+      this device's share (`shard_map` sums it over the devices). Default `None`: no sinks.
 
     **Returns:**
 
@@ -400,4 +427,4 @@ def ring_attention(
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
                 query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation,
-                kv_pieces=kv_pieces, attention_chunk_size=attention_chunk_size)
+                kv_pieces=kv_pieces, attention_chunk_size=attention_chunk_size, sinks=sinks)

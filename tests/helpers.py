@@ -61,17 +61,18 @@ def ring_fn(n, layout, *, check_vma=True, usp=None, **static):
     axis = names[0] if usp is None else names
     seq = P(None, axis)
 
-    def local(q, k, v, seg, kv_seg, bias):
+    def local(q, k, v, seg, kv_seg, bias, sinks):
         return eqx_ring.ring_attention(q, k, v, axis_name=axis, layout=layout, segment_ids=seg,
-                                       kv_segment_ids=kv_seg, key_bias=bias, **static)
+                                       kv_segment_ids=kv_seg, key_bias=bias, sinks=sinks, **static)
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(seq,) * 6, out_specs=seq, check_vma=check_vma)
+    # Sinks are per head, replicated on every device.
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(seq,) * 6 + (P(),), out_specs=seq, check_vma=check_vma)
 
-    def f(q, k, v, *, segment_ids=None, kv_segment_ids=None, key_bias=None):
+    def f(q, k, v, *, segment_ids=None, kv_segment_ids=None, key_bias=None, sinks=None):
         def tl(x):
             return None if x is None else eqx_ring.to_layout(x, layout, n, axis=1)
 
-        out = sharded(tl(q), tl(k), tl(v), tl(segment_ids), tl(kv_segment_ids), tl(key_bias))
+        out = sharded(tl(q), tl(k), tl(v), tl(segment_ids), tl(kv_segment_ids), tl(key_bias), sinks)
         return eqx_ring.from_layout(out, layout, n, axis=1)
 
     return f

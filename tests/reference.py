@@ -4,7 +4,7 @@ import numpy as np
 
 
 def numpy_attention(q, k, v, *, causal=False, causal_block_size=1, segment_ids=None, kv_segment_ids=None,
-                    key_bias=None, sliding_window=None, scale=None, attention_chunk_size=None):
+                    key_bias=None, sliding_window=None, scale=None, attention_chunk_size=None, sinks=None):
     """q [B, Tq, H, D], k/v [B, Tk, Hk, D]; loops over batch, heads and queries."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, tq, h, d = q.shape
@@ -32,7 +32,9 @@ def numpy_attention(q, k, v, *, causal=False, causal_block_size=1, segment_ids=N
                     s = s + np.broadcast_to(np.asarray(key_bias, np.float64), (b, tk))[bi]
                 s = np.where(keep, s, -np.inf)
                 if not np.isfinite(s).any():
-                    continue  # sees no key: output 0
-                p = np.exp(s - s.max())
-                out[bi, i, hi] = p @ v[bi, :, kh] / p.sum()
+                    continue  # sees no key: output 0 (a sink alone has no value)
+                top = s.max() if sinks is None else max(s.max(), float(sinks[hi]))
+                p = np.exp(s - top)
+                denominator = p.sum() + (0.0 if sinks is None else np.exp(float(sinks[hi]) - top))
+                out[bi, i, hi] = p @ v[bi, :, kh] / denominator
     return out

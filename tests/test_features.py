@@ -1,18 +1,23 @@
-"""Attention features of current models through every path: chunked attention (Llama 4).
+"""Attention features of current models through every path: chunked attention (Llama 4), sinks (gpt-oss).
 
 Each equals the dense reference (itself checked against an independent float64 NumPy attention) in value and
 gradients, alone and combined with causal / window / segments / GQA, on 1, 2, 4 and 8 devices, in float32 and
 bfloat16, on the XLA and the (interpreted) fused paths and under every strategy.
 """
 
+from functools import partial
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-from helpers import make_inputs, rel_err, ring_fn, segments
+from helpers import CASES, make_inputs, rel_err, ring_fn, segments
 from reference import numpy_attention
-from test_kernels import PALLAS_CPU, _transfers, check
+from test_kernels import PALLAS_CPU, _transfers, check, split
 
 import eqx_ring
+from eqx_ring.sharding import make_mesh
 
 # T = 256: 32 tokens per device on 8 devices, so chunks of 40, 48 and 96 cross shard boundaries.
 CHUNKED = {
@@ -75,3 +80,97 @@ def test_bad_chunk_size_is_named(no_hook):
         eqx_ring.dot_product_attention(q, k, v, attention_chunk_size=0)
     with pytest.raises(ValueError, match="attention_chunk_size must be a positive int or None, got 2.5"):
         eqx_ring.AttentionSpec(attention_chunk_size=2.5)
+
+
+
+# ---- attention sinks (gpt-oss) ---------------------------------------------------------------------------------
+
+SINK_CASES = {"causal": CASES["causal"], "window": {"causal": True, "sliding_window": 24},
+              "segments": CASES["segments"], "gqa": CASES["gqa"], "chunk": CHUNKED["chunk"], "none": CASES["none"]}
+
+
+def check_with_sinks(fn, case, *, dtype=jnp.float32, out_tol=1e-5, grad_tol=1e-4):
+    """`fn(**static)(q, k, v, sinks=..., **data)` equals dense attention with the same sinks, gradients included."""
+    qkv, ct, kw = make_inputs(case, dtype=dtype)
+    static, data = split(kw)
+    sinks = 2 * jax.random.normal(jax.random.key(7), (qkv[0].shape[2],))
+
+    def value_and_grads(f, q, k, v):
+        def loss(q, k, v, s):
+            out = f(q, k, v, sinks=s, **data)
+            return jnp.vdot(out.astype(jnp.float32), ct.astype(jnp.float32)), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, sinks)
+
+    (_, out), grads = value_and_grads(fn(**static), *qkv)
+    (_, ref), ref_grads = value_and_grads(partial(eqx_ring.dot_product_attention, **static),
+                                          *(x.astype(jnp.float32) for x in qkv))
+    assert out.dtype == dtype and rel_err(out, ref) <= out_tol
+    for name, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, strict=True):
+        assert rel_err(g, r) <= grad_tol, name
+    # The sinks matter: without them the output is another one.
+    assert rel_err(eqx_ring.dot_product_attention(*(x.astype(jnp.float32) for x in qkv), **static, **data),
+                   ref) > 1e-2
+
+
+@pytest.mark.parametrize("case", list(SINK_CASES))
+def test_dense_sinks_match_float64_numpy(case):
+    (q, k, v), _, kw = make_inputs(SINK_CASES[case])
+    sinks = 2 * jax.random.normal(jax.random.key(7), (q.shape[2],))
+    out = eqx_ring.dot_product_attention(q, k, v, sinks=sinks, **kw)
+    assert rel_err(out, numpy_attention(q, k, v, sinks=np.asarray(sinks), **kw)) <= 1e-5
+
+
+@pytest.mark.parametrize("case", list(SINK_CASES))
+def test_blockwise_sinks(case):
+    check_with_sinks(lambda **s: partial(eqx_ring.blockwise_attention, query_chunk_size=16, key_chunk_size=32, **s),
+                     SINK_CASES[case])
+
+
+@pytest.mark.parametrize("case", list(SINK_CASES))
+@pytest.mark.parametrize(("n", "layout"), PLACES)
+def test_ring_sinks(n, layout, case):
+    check_with_sinks(lambda **s: ring_fn(n, layout, query_chunk_size=8, key_chunk_size=8, **s), SINK_CASES[case])
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ulysses", "hybrid"])
+def test_sinks_under_each_strategy(strategy):
+    case = {**CASES["gqa"], "q_heads": 8}
+    check_with_sinks(lambda **s: ring_fn(8, "zigzag", usp=2 if strategy == "hybrid" else None, strategy=strategy,
+                                         query_chunk_size=8, key_chunk_size=8, **s), case)
+
+
+def test_sinks_bf16_and_fused():
+    check_with_sinks(lambda **s: ring_fn(4, "zigzag", query_chunk_size=16, key_chunk_size=16, **s),
+                     CASES["segments"], dtype=jnp.bfloat16, out_tol=2e-2, grad_tol=2e-2)
+    check_with_sinks(lambda **s: ring_fn(4, "zigzag", check_vma=not PALLAS_CPU, implementation="pallas", **s),
+                     CASES["causal"])
+
+
+def test_bad_sinks_are_named(no_hook):
+    (q, k, v), _, _ = make_inputs("gqa")
+    with pytest.raises(ValueError, match=r"sinks must have shape \(8,\) \(one logit per query head\), got \(2,\)"):
+        eqx_ring.blockwise_attention(q, k, v, sinks=jnp.zeros(2))
+
+
+@pytest.mark.parametrize("sp", [None, 4])
+def test_module_sinks_train_and_decode(sp):
+    attn = eqx_ring.RingAttention(32, 4, num_kv_heads=2, use_sinks=True, key=jax.random.key(0))
+    assert attn.sinks.shape == (4,) and not attn.sinks.any()
+    attn = eqx.tree_at(lambda a: a.sinks, attn, jnp.array([1.5, -1.0, 3.0, 0.0]))
+    tuning = eqx_ring.KernelTuning(query_chunk_size=4, key_chunk_size=4)
+    one = eqx_ring.AttentionSpec(tuning=tuning, sliding_window=6)
+    spec = one if sp is None else one.replace(mesh=make_mesh(fsdp=1, sp=sp, devices=jax.devices()[:sp]))
+    x = jax.random.normal(jax.random.key(1), (16, 32))
+    full = eqx.filter_jit(lambda a, x: a(x, spec=one))(attn, x)
+    # The sinks' gradient, on the mesh and on one device.
+    ct = jnp.cos(jnp.arange(16 * 32.0)).reshape(16, 32)
+    grads = [eqx.filter_grad(lambda a, s: jnp.vdot(a(x, spec=s), ct))(attn, s).sinks for s in (spec, one)]
+    assert rel_err(*grads) <= 1e-5 and float(jnp.abs(grads[1]).min()) > 0
+    # Decoding token t over a cache of the whole sequence gives the full pass's row t.
+    _, keys, values = eqx.filter_jit(lambda a, x: a.prefill(x, spec=spec))(attn, x)
+    step = eqx.filter_jit(lambda a, x, k, v, t: a.decode_step(x, k, v, jnp.zeros(16, jnp.int32), index=t,
+                                                                position=t, segment=jnp.int32(0), spec=spec))
+    for t in (0, 5, 15):
+        out, keys, values = step(attn, x[t], keys, values, jnp.int32(t))
+        assert rel_err(out, full[t]) <= 1e-5, t
