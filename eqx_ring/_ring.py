@@ -65,7 +65,8 @@ def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_
         key_bias=key_bias,
         attention_chunk_size=attention_chunk_size,
     )
-    named = " × ".join(f"{name!r}" for name, _ in axes.values())
+    names = [name for name, _ in axes.values()]
+    named = f"axis {names[0]!r}" if len(names) == 1 else "axes " + " × ".join(map(repr, names))
     where = "" if num_shards == 1 else f" (the local shard of {num_shards} devices on {named})"
     # A zigzag shard holds two far-apart halves; a chunk inside one half keeps causal skipping exact.
     halves = 2 if layout == "zigzag" and num_shards > 1 else 1
@@ -419,10 +420,9 @@ def ring_attention(
         try:
             axes[role] = (name, lax.axis_size(name))
         except NameError:
-            raise ValueError(
-                f"axis_name={axis_name!r}: {name!r} is not a bound mesh axis: call ring_attention inside "
-                "jax.shard_map over a mesh that has this axis"
-            ) from None
+            which = f"axis_name={axis_name!r}" + ("" if name == axis_name else f": {name!r}")
+            raise ValueError(f"{which} is not a bound mesh axis: call ring_attention inside jax.shard_map over a "
+                             "mesh that has this axis") from None
     return _run(q, k, v, strategy=strategy, axes=axes, layout=layout, causal=causal,
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
