@@ -15,6 +15,7 @@ import pytest
 from helpers import CASES, make_inputs, rel_err, ring_fn, segments
 from reference import numpy_attention
 from test_kernels import PALLAS_CPU, _transfers, check, split
+from test_strategies import PLACES, strategy_fn
 
 import eqx_ring
 from eqx_ring.sharding import make_mesh
@@ -27,40 +28,16 @@ CHUNKED = {
     "chunk_segments": dict(causal=True, attention_chunk_size=40, segment_ids=segments([37, 90, 61, 68], roll=1)),
     "chunk_gqa": dict(causal=True, attention_chunk_size=96, q_heads=8, kv_heads=2),
 }
-PLACES = [(1, "contiguous"), (2, "striped"), (4, "zigzag"), (8, "contiguous"), (8, "zigzag")]
+
+
+def blockwise_fn(**static):
+    return partial(eqx_ring.blockwise_attention, query_chunk_size=16, key_chunk_size=32, **static)
 
 
 @pytest.mark.parametrize("case", list(CHUNKED))
 def test_dense_chunked_matches_float64_numpy(case):
     (q, k, v), _, kw = make_inputs(CHUNKED[case])
     assert rel_err(eqx_ring.dot_product_attention(q, k, v, **kw), numpy_attention(q, k, v, **kw)) <= 1e-5
-
-
-@pytest.mark.parametrize("case", list(CHUNKED))
-def test_blockwise_chunked(case):
-    check(lambda **s: lambda *a, **d: eqx_ring.blockwise_attention(*a, query_chunk_size=16, key_chunk_size=32,
-                                                                    **s, **d), CHUNKED[case])
-
-
-@pytest.mark.parametrize("case", list(CHUNKED))
-@pytest.mark.parametrize(("n", "layout"), PLACES)
-def test_ring_chunked(n, layout, case):
-    check(lambda **s: ring_fn(n, layout, query_chunk_size=8, key_chunk_size=8, **s), CHUNKED[case])
-
-
-@pytest.mark.parametrize("strategy", ["allgather", "ulysses", "hybrid"])
-def test_chunked_under_each_strategy(strategy):
-    case = {**CHUNKED["chunk_gqa"], "q_heads": 8}
-    check(lambda **s: ring_fn(8, "zigzag", usp=2 if strategy == "hybrid" else None, strategy=strategy,
-                              query_chunk_size=8, key_chunk_size=8, **s), case)
-
-
-def test_chunked_bf16_and_fused():
-    check(lambda **s: ring_fn(4, "zigzag", query_chunk_size=16, key_chunk_size=16, **s), CHUNKED["chunk_segments"],
-          dtype=jnp.bfloat16, out_tol=2e-2, grad_tol=2e-2)
-    for case in ("chunk", "chunk_window"):
-        check(lambda **s: ring_fn(4, "zigzag", check_vma=not PALLAS_CPU, implementation="pallas", **s),
-              CHUNKED[case])
 
 
 @pytest.mark.parametrize(("chunk", "steps"), [(32, 1), (33, 1), (48, 2), (100, 4), (256, 7)])
@@ -121,32 +98,6 @@ def test_dense_sinks_match_float64_numpy(case):
     assert rel_err(out, numpy_attention(q, k, v, sinks=np.asarray(sinks), **kw)) <= 1e-5
 
 
-@pytest.mark.parametrize("case", list(SINK_CASES))
-def test_blockwise_sinks(case):
-    check_with_sinks(lambda **s: partial(eqx_ring.blockwise_attention, query_chunk_size=16, key_chunk_size=32, **s),
-                     SINK_CASES[case])
-
-
-@pytest.mark.parametrize("case", list(SINK_CASES))
-@pytest.mark.parametrize(("n", "layout"), PLACES)
-def test_ring_sinks(n, layout, case):
-    check_with_sinks(lambda **s: ring_fn(n, layout, query_chunk_size=8, key_chunk_size=8, **s), SINK_CASES[case])
-
-
-@pytest.mark.parametrize("strategy", ["allgather", "ulysses", "hybrid"])
-def test_sinks_under_each_strategy(strategy):
-    case = {**CASES["gqa"], "q_heads": 8}
-    check_with_sinks(lambda **s: ring_fn(8, "zigzag", usp=2 if strategy == "hybrid" else None, strategy=strategy,
-                                         query_chunk_size=8, key_chunk_size=8, **s), case)
-
-
-def test_sinks_bf16_and_fused():
-    check_with_sinks(lambda **s: ring_fn(4, "zigzag", query_chunk_size=16, key_chunk_size=16, **s),
-                     CASES["segments"], dtype=jnp.bfloat16, out_tol=2e-2, grad_tol=2e-2)
-    check_with_sinks(lambda **s: ring_fn(4, "zigzag", check_vma=not PALLAS_CPU, implementation="pallas", **s),
-                     CASES["causal"])
-
-
 def test_bad_sinks_are_named(no_hook):
     (q, k, v), _, _ = make_inputs("gqa")
     with pytest.raises(ValueError, match=r"sinks must have shape \(8,\) \(one logit per query head\), got \(2,\)"):
@@ -174,3 +125,42 @@ def test_module_sinks_train_and_decode(sp):
     for t in (0, 5, 15):
         out, keys, values = step(attn, x[t], keys, values, jnp.int32(t))
         assert rel_err(out, full[t]) <= 1e-5, t
+
+
+# ---- each feature through every path ---------------------------------------------------------------------------
+
+FEATURES = {**{f"chunked-{name}": (check, case) for name, case in CHUNKED.items()},
+            **{f"sinks-{name}": (check_with_sinks, case) for name, case in SINK_CASES.items()}}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_blockwise(feature):
+    checker, case = FEATURES[feature]
+    checker(blockwise_fn, case)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize(("n", "layout"), PLACES)
+def test_ring(n, layout, feature):
+    checker, case = FEATURES[feature]
+    checker(strategy_fn("ring", n, layout), case)
+
+
+@pytest.mark.parametrize("feature", ["chunked-chunk_gqa", "sinks-gqa"])
+@pytest.mark.parametrize("strategy", ["allgather", "ulysses", "hybrid"])
+def test_under_each_strategy(strategy, feature):
+    checker, case = FEATURES[feature]
+    checker(strategy_fn(strategy, 8, "zigzag", usp=2 if strategy == "hybrid" else None), case)
+
+
+@pytest.mark.parametrize("feature", ["chunked-chunk_segments", "sinks-segments"])
+def test_bf16(feature):
+    checker, case = FEATURES[feature]
+    checker(lambda **s: ring_fn(4, "zigzag", query_chunk_size=16, key_chunk_size=16, **s), case, dtype=jnp.bfloat16,
+            out_tol=2e-2, grad_tol=2e-2)
+
+
+@pytest.mark.parametrize("feature", ["chunked-chunk", "chunked-chunk_window", "sinks-causal"])
+def test_fused_kernel(feature):
+    checker, case = FEATURES[feature]
+    checker(lambda **s: ring_fn(4, "zigzag", check_vma=not PALLAS_CPU, implementation="pallas", **s), case)
