@@ -381,7 +381,7 @@ class RingAttention(eqx.Module):
         per token, not once per layer)."""
         q, k, v = self._project(x[None], position[None], spec)
         local = partial(self._decode_local, layout=spec.layout, sliding_window=spec.sliding_window,
-                        attention_chunk_size=spec.attention_chunk_size)
+                        attention_chunk_size=spec.attention_chunk_size, logit_softcap=spec.logit_softcap)
         if spec.mesh is None:
             o, keys, values = local(q, k, v, keys, values, segment_ids, index, segment, self.sinks, seq_axis=None)
         else:
@@ -406,7 +406,7 @@ class RingAttention(eqx.Module):
 
     def _decode_local(self, q, k, v, keys, values, segment_ids, index, segment, sinks, *, layout: str,
                       sliding_window: int | None, attention_chunk_size: int | None,
-                      seq_axis: str | tuple[str, str] | None):
+                      logit_softcap: float | None, seq_axis: str | tuple[str, str] | None):
         """One query against this device's cache slots; merged over the ring `seq_axis` (`None`: no ring)."""
         n = 1 if seq_axis is None else jax.lax.axis_size(seq_axis)
         shard = 0 if seq_axis is None else jax.lax.axis_index(seq_axis)
@@ -422,6 +422,8 @@ class RingAttention(eqx.Module):
         group = self.num_heads // self.num_kv_heads
         qg = q[0].reshape(self.num_kv_heads, group, self.head_dim).astype(jnp.float32) * self.head_dim**-0.5
         scores = jnp.einsum("kgd,tkd->kgt", qg, keys.astype(jnp.float32))
+        if logit_softcap is not None:
+            scores = logit_softcap * jnp.tanh(scores / logit_softcap)
         scores = jnp.where(visible, scores, -jnp.inf)
         m = scores.max(-1)
         seen = jnp.isfinite(m)  # false where none of this device's slots is visible
@@ -460,6 +462,7 @@ class RingAttention(eqx.Module):
             causal_block_size=spec.causal_block_size,
             sliding_window=spec.sliding_window,
             attention_chunk_size=spec.attention_chunk_size,
+            logit_softcap=spec.logit_softcap,
             query_chunk_size=tuning.query_chunk_size,
             key_chunk_size=tuning.key_chunk_size,
             implementation=tuning.implementation,

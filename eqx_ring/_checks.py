@@ -85,6 +85,7 @@ def check_mask_args(
     kv_segment_ids: Array | None,
     key_bias: Array | None,
     attention_chunk_size: int | None = None,
+    logit_softcap: float | None = None,
 ) -> tuple[MaskSpec, Array | None, Array | None, Array | None]:
     """Validate the mask arguments; return the spec, q/kv segment ids and the key bias broadcast to batch."""
     if not isinstance(causal, bool | np.bool_):
@@ -97,6 +98,9 @@ def check_mask_args(
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
     if attention_chunk_size is not None and not is_positive_int(attention_chunk_size):
         raise ValueError(f"attention_chunk_size must be a positive int or None, got {attention_chunk_size!r}")
+    if logit_softcap is not None and (isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real)
+                                      or not math.isfinite(logit_softcap) or logit_softcap <= 0):
+        raise ValueError(f"logit_softcap must be a positive finite number or None, got {logit_softcap!r}")
     if kv_segment_ids is not None and segment_ids is None:
         raise ValueError("kv_segment_ids needs segment_ids (the query side's ids) as well")
     if segment_ids is not None:
@@ -117,7 +121,8 @@ def check_mask_args(
         except ValueError:
             raise ValueError(f"key_bias must broadcast to {want} ([*batch, kv_seq]), got {key_bias.shape}") from None
     spec = MaskSpec(bool(causal), int(causal_block_size), None if sliding_window is None else int(sliding_window),
-                    None if attention_chunk_size is None else int(attention_chunk_size))
+                    None if attention_chunk_size is None else int(attention_chunk_size),
+                    None if logit_softcap is None else float(logit_softcap))
     return spec, segment_ids, kv_segment_ids, key_bias
 
 

@@ -23,6 +23,7 @@ def dot_product_attention(
     scale: float | None = None,
     attention_chunk_size: int | None = None,
     sinks: Float[Array, " q_heads"] | None = None,
+    logit_softcap: float | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Dense multi-head attention with every mask of the library; materializes the scores.
 
@@ -55,6 +56,8 @@ def dot_product_attention(
       chunked attention; combine with `causal=True` for its causal chunks). Default `None`: no chunks.
     - `sinks`: `[q_heads]` logits, one per query head, that join every softmax denominator of their
       head with no value (gpt-oss's attention sinks). Default `None`: no sinks.
+    - `logit_softcap`: `c`; every score `s` (after `scale`) becomes `c · tanh(s / c)` before the
+      bias and the masks (Gemma 2). Default `None`: no cap.
 
     **Returns:**
 
@@ -93,6 +96,7 @@ def dot_product_attention(
         kv_segment_ids=kv_segment_ids,
         key_bias=key_bias,
         attention_chunk_size=attention_chunk_size,
+        logit_softcap=logit_softcap,
     )
     scale = dims.head_dim**-0.5 if scale is None else check_scale(scale, static=False)
     sinks = check_sinks(sinks, dims)
@@ -100,6 +104,8 @@ def dot_product_attention(
     f32 = jnp.float32
     qg = q.astype(f32).reshape(*dims.batch, dims.q_len, dims.kv_heads, groups, dims.head_dim)
     s = jnp.einsum("...qhgd,...khd->...hgqk", qg, k.astype(f32)) * scale
+    if logit_softcap is not None:
+        s = logit_softcap * jnp.tanh(s / logit_softcap)
     if bias is not None:
         s = s + bias.astype(f32)[..., None, None, None, :]
     mask = visible(

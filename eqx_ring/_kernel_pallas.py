@@ -131,13 +131,19 @@ def _compiler_params(head_dim: int, num_stages: int):
 
 
 def _scores_base2(q, k, bias_base2, q_pos, k_pos, q_seg, k_seg, masked, spec, scale):
-    """Scores times log2(e), with the bias (passed in pre-scaled) and, for mixed tiles, the mask."""
-    s = _matmul(q, k, _A_BT) * (scale * _LOG2E)
+    """Scores times log2(e), with the bias (passed in pre-scaled) and, for mixed tiles, the mask; and with a
+    softcap the derivative of the cap, 1 - tanh², else None."""
+    capped, softcap = None, spec.logit_softcap
+    if softcap is None:
+        s = _matmul(q, k, _A_BT) * (scale * _LOG2E)
+    else:
+        t = jnp.tanh(_matmul(q, k, _A_BT) * (scale / softcap))
+        s, capped = t * (softcap * _LOG2E), 1.0 - t * t
     if bias_base2 is not None:
         s = s + bias_base2[None, :]
     if masked:
         s = jnp.where(visible(spec, q_pos, k_pos, q_seg, k_seg), s, -jnp.inf)
-    return s
+    return s, capped
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -163,7 +169,7 @@ def _forward_kernel(*refs, spec, scale, block_k, num_k_tiles, has_kinds, has_seg
             q_pos, k_pos = (q_pos_ref[...], k_pos_ref[tile]) if masked else (None, None)
             q_seg, k_seg = (q_seg_ref[...], k_seg_ref[tile]) if has_seg and masked else (None, None)
             bias = bias_ref[tile] if has_bias else None
-            s = _scores_base2(q, k, bias, q_pos, k_pos, q_seg, k_seg, masked, spec, scale)
+            s, _ = _scores_base2(q, k, bias, q_pos, k_pos, q_seg, k_seg, masked, spec, scale)
             m_new = jnp.maximum(m, s.max(-1))
             # A row that has seen nothing keeps m = -inf; shifting by 0 there keeps exp2() at 0, not NaN.
             m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -288,9 +294,10 @@ def merge(
 
 
 def _probabilities(q, k, bias_base2, q_pos, k_pos, q_seg, k_seg, lse_base2, masked, spec, scale):
-    """This tile's softmax probabilities, recomputed from the final lse (in base 2, like the scores)."""
-    s = _scores_base2(q, k, bias_base2, q_pos, k_pos, q_seg, k_seg, masked, spec, scale)
-    return jnp.exp2(s - lse_base2[:, None])
+    """This tile's softmax probabilities, recomputed from the final lse (in base 2, like the scores), and the
+    softcap's derivative (None without one)."""
+    s, capped = _scores_base2(q, k, bias_base2, q_pos, k_pos, q_seg, k_seg, masked, spec, scale)
+    return jnp.exp2(s - lse_base2[:, None]), capped
 
 
 def _backward_refs(refs, has_kinds, has_seg, has_bias):
@@ -322,8 +329,9 @@ def _dq_kernel(*refs, spec, scale, block_k, num_k_tiles, has_kinds, has_seg, has
             k_pos = k_pos_ref[tile] if masked else None
             bias = bias_ref[tile] if has_bias else None
             q_pos = q_pos_ref[...] if masked else None
-            p = _probabilities(q, k, bias, q_pos, k_pos, q_seg, k_seg, lse_base2, masked, spec, scale)
+            p, capped = _probabilities(q, k, bias, q_pos, k_pos, q_seg, k_seg, lse_base2, masked, spec, scale)
             ds = p * (_matmul(do, v, _A_BT) - delta[:, None])
+            ds = ds if capped is None else ds * capped
             return dq + _matmul(ds.astype(k.dtype), k)
 
         return skip_or_compute(kinds_ref[j] if has_kinds else None, dq, compute)
@@ -352,11 +360,12 @@ def _dk_dv_kernel(*refs, spec, scale, block_q, num_q_tiles, g, has_kinds, has_se
             def head(gi, carry):  # the G q heads that read this kv head
                 dk, dv, dbias = carry
                 q, do = q_ref[tile, gi, :], do_ref[tile, gi, :]
-                p = _probabilities(q, k, bias, q_pos, k_pos, q_seg, k_seg, lse_ref[gi, tile], masked, spec, scale)
+                p, capped = _probabilities(q, k, bias, q_pos, k_pos, q_seg, k_seg, lse_ref[gi, tile], masked, spec,
+                                           scale)
                 dv = dv + _matmul(p.astype(do.dtype), do, _AT_B)
                 ds = p * (_matmul(do, v, _A_BT) - delta_ref[gi, tile][:, None])
-                dk = dk + _matmul(ds.astype(q.dtype), q, _AT_B)
-                return dk, dv, (dbias + ds.sum(0)) if has_bias else dbias
+                dk = dk + _matmul((ds if capped is None else ds * capped).astype(q.dtype), q, _AT_B)
+                return dk, dv, (dbias + ds.sum(0)) if has_bias else dbias  # the bias is added after the cap
 
             return lax.fori_loop(0, g, head, carry)
 

@@ -59,17 +59,22 @@ def _skip_or_compute_chunks(masks: MaskSpec, q_pos, q_seg, k_pos, k_seg, compute
                                                                  if masked else None))
 
 
-def _scores(q_chunk, k_chunk, bias_chunk, mask, scale):
+def _scores(q_chunk, k_chunk, bias_chunk, mask, scale, softcap=None):
+    """The chunk pair's scores, and with a softcap the derivative of the cap, 1 - tanh², else None."""
     s = jnp.einsum("bkgqd,bkpd->bkgqp", q_chunk, k_chunk, preferred_element_type=_F32) * scale
+    capped = None
+    if softcap is not None:
+        t = jnp.tanh(s / softcap)
+        s, capped = softcap * t, 1.0 - t * t
     if bias_chunk is not None:
         s = s + bias_chunk[:, None, None, None, :]
     if mask is not None:
         s = jnp.where(mask[:, None, None] if mask.ndim == 3 else mask, s, -jnp.inf)
-    return s
+    return s, capped
 
 
-def _forward_chunk_pair(q_chunk, k_chunk, v_chunk, bias_chunk, mask, acc, m, l, scale):
-    s = _scores(q_chunk, k_chunk, bias_chunk, mask, scale)
+def _forward_chunk_pair(q_chunk, k_chunk, v_chunk, bias_chunk, mask, acc, m, l, scale, softcap):
+    s, _ = _scores(q_chunk, k_chunk, bias_chunk, mask, scale, softcap)
     m_new = jnp.maximum(m, s.max(-1))
     # A row with nothing visible yet keeps m = -inf; shifting by 0 there keeps exp() at 0, not NaN.
     m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -81,17 +86,18 @@ def _forward_chunk_pair(q_chunk, k_chunk, v_chunk, bias_chunk, mask, acc, m, l, 
 
 
 def _backward_chunk_pair(q_chunk, q_t, k_chunk, v_chunk, bias_chunk, mask, do_chunk, do_t, lse_chunk, delta_chunk,
-                         scale):
+                         scale, softcap):
     """Gradients of one chunk pair; q_t / do_t are the query chunks transposed to [B, K, D, G, C]."""
-    s = _scores(q_chunk, k_chunk, bias_chunk, mask, scale)
+    s, capped = _scores(q_chunk, k_chunk, bias_chunk, mask, scale, softcap)
     p = jnp.exp(s - lse_chunk[..., None])
     dv_t = jnp.einsum("bkdgq,bkgqp->bkdp", do_t, p.astype(do_t.dtype), preferred_element_type=_F32)
     dp = jnp.einsum("bkgqd,bkpd->bkgqp", do_chunk, v_chunk, preferred_element_type=_F32)
     ds = p * (dp - delta_chunk[..., None])
+    dbias = None if bias_chunk is None else ds.sum((1, 2, 3))  # the bias is added after the cap
+    ds = ds if capped is None else ds * capped
     # dq and dk miss the factor `scale`; it is applied once to the finished sums.
     dq = jnp.einsum("bkgqp,bkpd->bkgqd", ds.astype(k_chunk.dtype), k_chunk, preferred_element_type=_F32)
     dk_t = jnp.einsum("bkdgq,bkgqp->bkdp", q_t, ds.astype(q_t.dtype), preferred_element_type=_F32)
-    dbias = None if bias_chunk is None else ds.sum((1, 2, 3))
     return dq, dk_t, dv_t, dbias
 
 
@@ -160,7 +166,8 @@ class XlaKernel(Kernel):
 
                 def compute(mask):
                     def one_head(q_h, k_h, v_h, carry, shared):
-                        return _forward_chunk_pair(q_h, k_h, v_h, bias, mask, *carry, scale), shared
+                        return _forward_chunk_pair(q_h, k_h, v_h, bias, mask, *carry, scale,
+                                                   masks.logit_softcap), shared
 
                     per_head = (q_chunk, _head_major_kv_chunk(block.k, k_start, k_size),
                                 _head_major_kv_chunk(block.v, k_start, k_size))
@@ -223,7 +230,7 @@ class XlaKernel(Kernel):
                 def compute(mask):
                     def one_head(q_h, q_t_h, k_h, v_h, do_h, do_t_h, lse_h, delta_h, carry, dbias):
                         *grads, dbias_h = _backward_chunk_pair(q_h, q_t_h, k_h, v_h, bias, mask, do_h, do_t_h,
-                                                               lse_h, delta_h, scale)
+                                                               lse_h, delta_h, scale, masks.logit_softcap)
                         carry = tuple(a + g for a, g in zip(carry, grads, strict=True))
                         return carry, None if dbias is None else dbias + dbias_h
 

@@ -11,12 +11,14 @@ SKIP, FULL, MASKED = 0, 1, 2  # block kinds: nothing visible, everything visible
 
 
 class MaskSpec(NamedTuple):
-    """Static description of the positional masks (segments are data and come separately)."""
+    """Static description of how a score is formed and masked: the positional masks (segments are data and come
+    separately) and the logit softcap, which acts on every score before the masks."""
 
     causal: bool
     causal_block_size: int
     sliding_window: int | None
     attention_chunk_size: int | None = None  # i sees j only if i // c == j // c (Llama 4's chunked attention)
+    logit_softcap: float | None = None  # scores become c · tanh(s / c) before the bias and the masks (Gemma 2)
 
     @property
     def positional(self) -> bool:

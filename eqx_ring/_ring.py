@@ -44,7 +44,7 @@ STRATEGIES = ("ring", "allgather", "ulysses", "hybrid")
 
 def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_ids, kv_segment_ids,
          key_bias, sliding_window, scale, query_chunk_size, key_chunk_size, implementation, kv_pieces=None,
-         attention_chunk_size=None, sinks=None):
+         attention_chunk_size=None, sinks=None, logit_softcap=None):
     """Attention of local shards; `axes` maps "ring" (or "allgather") and "ulysses" to (mesh axis, size) or None."""
     dims = check_qkv(q, k, v)
     ring_axis, ring_n = axes.get("ring") or (None, 1)
@@ -64,6 +64,7 @@ def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_
         kv_segment_ids=kv_segment_ids,
         key_bias=key_bias,
         attention_chunk_size=attention_chunk_size,
+        logit_softcap=logit_softcap,
     )
     names = [name for name, _ in axes.values()]
     named = f"axis {names[0]!r}" if len(names) == 1 else "axes " + " × ".join(map(repr, names))
@@ -180,6 +181,7 @@ def blockwise_attention(
     implementation: str | None = None,
     attention_chunk_size: int | None = None,
     sinks: Float[Array, " q_heads"] | None = None,
+    logit_softcap: float | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention on one device in O(chunk²) extra memory (Blockwise Parallel Transformer).
 
@@ -226,6 +228,8 @@ def blockwise_attention(
     - `sinks`: `[q_heads]` learnable logits (gpt-oss's attention sinks): each joins the softmax
       denominator of its head's every query, with no value, so a query may attend to "nothing".
       Default `None`: no sinks.
+    - `logit_softcap`: `c`; every score `s` (after `scale`) becomes `c · tanh(s / c)` before the
+      bias and the masks (Gemma 2), in both kernels and their backward passes. Default `None`: no cap.
 
     **Returns:**
 
@@ -254,7 +258,7 @@ def blockwise_attention(
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
                 query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation,
-                attention_chunk_size=attention_chunk_size, sinks=sinks)
+                attention_chunk_size=attention_chunk_size, sinks=sinks, logit_softcap=logit_softcap)
 
 
 def ring_attention(
@@ -279,6 +283,7 @@ def ring_attention(
     strategy: str = "ring",
     attention_chunk_size: int | None = None,
     sinks: Float[Array, " q_heads"] | None = None,
+    logit_softcap: float | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention over a sequence split across the devices of mesh axis `axis_name`.
 
@@ -369,6 +374,8 @@ def ring_attention(
     - `sinks`: `[q_heads]` learnable logits (gpt-oss's attention sinks), replicated on every device:
       each joins the softmax denominator of its head's every query, with no value. Their gradient is
       this device's share (`shard_map` sums it over the devices). Default `None`: no sinks.
+    - `logit_softcap`: `c`; every score `s` (after `scale`) becomes `c · tanh(s / c)` before the
+      bias and the masks (Gemma 2). Default `None`: no cap.
 
     **Returns:**
 
@@ -427,4 +434,5 @@ def ring_attention(
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
                 query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation,
-                kv_pieces=kv_pieces, attention_chunk_size=attention_chunk_size, sinks=sinks)
+                kv_pieces=kv_pieces, attention_chunk_size=attention_chunk_size, sinks=sinks,
+                logit_softcap=logit_softcap)

@@ -78,6 +78,8 @@ class AttentionSpec:
       `None`: no window.
     - `attention_chunk_size`: attend only within chunks of this many tokens (Llama 4's chunked
       attention: `i` sees `j` only if `i // c == j // c`, with `causal` as set); default `None`: no chunks.
+    - `logit_softcap`: `c`; every attention score `s` becomes `c · tanh(s / c)` before the masks
+      (Gemma 2); default `None`: no cap.
     - `rope_theta`: RoPE base (default `10_000.0`), or `None` for no rotary embedding.
     - `rope_scaling`: a [`RopeScaling`][eqx_ring.RopeScaling] of RoPE's frequencies (position
       interpolation or Llama 3's), or `None` (default) for none; needs `rope_theta`.
@@ -97,12 +99,12 @@ class AttentionSpec:
     - `tuning`: the [`KernelTuning`][eqx_ring.KernelTuning] (default: its defaults).
 
     **Raises:** `ValueError` if `causal_block_size`, `sliding_window` or `attention_chunk_size` is not
-    a positive int (or `None` for the last two), if `causal_block_size != 1` without `causal`, if `rope_theta` is not a
-    positive finite number or `None`, if `rope_scaling` is given without `rope_theta`, if `layout` is
-    unknown, if `head_axis` is given without a `mesh`, if `seq_axis` / `head_axis` (or, for the
-    hybrid, `ulysses_axis`) is not an axis of `mesh`, if `strategy` is unknown, or if the hybrid's
-    two axes are one; `TypeError` if `causal` is not a bool, `mesh` not a `jax.sharding.Mesh`,
-    `rope_scaling` not a `RopeScaling` or `tuning` not a `KernelTuning`.
+    a positive int (or `None` for the last two), if `causal_block_size != 1` without `causal`, if
+    `rope_theta` or `logit_softcap` is not a positive finite number or `None`, if `rope_scaling` is
+    given without `rope_theta`, if `layout` is unknown, if `head_axis` is given without a `mesh`,
+    if `seq_axis` / `head_axis` (or, for the hybrid, `ulysses_axis`) is not an axis of `mesh`, if
+    `strategy` is unknown, or if the hybrid's two axes are one; `TypeError` if `causal` is not a
+    bool, `mesh` not a `jax.sharding.Mesh`, `rope_scaling` not a `RopeScaling` or `tuning` not a `KernelTuning`.
 
     **Example:**
 
@@ -121,6 +123,7 @@ class AttentionSpec:
     causal_block_size: int = 1
     sliding_window: int | None = None
     attention_chunk_size: int | None = None
+    logit_softcap: float | None = None
     rope_theta: float | None = 10_000.0
     rope_scaling: RopeScaling | None = None
     layout: str = "contiguous"
@@ -144,6 +147,10 @@ class AttentionSpec:
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
         if self.attention_chunk_size is not None and not is_positive_int(self.attention_chunk_size):
             raise ValueError(f"attention_chunk_size must be a positive int or None, got {self.attention_chunk_size!r}")
+        cap = self.logit_softcap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not math.isfinite(cap)
+                                or cap <= 0):
+            raise ValueError(f"logit_softcap must be a positive finite number or None, got {cap!r}")
         theta = self.rope_theta
         if theta is not None and (isinstance(theta, bool) or not isinstance(theta, numbers.Real)
                                   or not math.isfinite(theta) or theta <= 0):

@@ -4,7 +4,8 @@ import numpy as np
 
 
 def numpy_attention(q, k, v, *, causal=False, causal_block_size=1, segment_ids=None, kv_segment_ids=None,
-                    key_bias=None, sliding_window=None, scale=None, attention_chunk_size=None, sinks=None):
+                    key_bias=None, sliding_window=None, scale=None, attention_chunk_size=None, sinks=None,
+                    logit_softcap=None):
     """q [B, Tq, H, D], k/v [B, Tk, Hk, D]; loops over batch, heads and queries."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, tq, h, d = q.shape
@@ -28,6 +29,8 @@ def numpy_attention(q, k, v, *, causal=False, causal_block_size=1, segment_ids=N
                 if segment_ids is not None:
                     keep &= np.asarray(kv_segment_ids)[bi] == np.asarray(segment_ids)[bi, i]
                 s = k[bi, :, kh] @ q[bi, i, hi] * scale
+                if logit_softcap is not None:
+                    s = logit_softcap * np.tanh(s / logit_softcap)
                 if key_bias is not None:
                     s = s + np.broadcast_to(np.asarray(key_bias, np.float64), (b, tk))[bi]
                 s = np.where(keep, s, -np.inf)

@@ -1,4 +1,5 @@
-"""Attention features of current models through every path: chunked attention (Llama 4), sinks (gpt-oss).
+"""Attention features of current models through every path: chunked attention (Llama 4), sinks (gpt-oss) and
+logit softcapping (Gemma 2).
 
 Each equals the dense reference (itself checked against an independent float64 NumPy attention) in value and
 gradients, alone and combined with causal / window / segments / GQA, on 1, 2, 4 and 8 devices, in float32 and
@@ -110,7 +111,7 @@ def test_module_sinks_train_and_decode(sp):
     assert attn.sinks.shape == (4,) and not attn.sinks.any()
     attn = eqx.tree_at(lambda a: a.sinks, attn, jnp.array([1.5, -1.0, 3.0, 0.0]))
     tuning = eqx_ring.KernelTuning(query_chunk_size=4, key_chunk_size=4)
-    one = eqx_ring.AttentionSpec(tuning=tuning, sliding_window=6)
+    one = eqx_ring.AttentionSpec(tuning=tuning, sliding_window=6, logit_softcap=1.5)  # sinks with a softcap
     spec = one if sp is None else one.replace(mesh=make_mesh(fsdp=1, sp=sp, devices=jax.devices()[:sp]))
     x = jax.random.normal(jax.random.key(1), (16, 32))
     full = eqx.filter_jit(lambda a, x: a(x, spec=one))(attn, x)
@@ -127,10 +128,38 @@ def test_module_sinks_train_and_decode(sp):
         assert rel_err(out, full[t]) <= 1e-5, t
 
 
+# ---- logit softcapping (Gemma 2) -------------------------------------------------------------------------------
+
+# Scores here are about N(0, 1): a cap of 0.8 bends most of them.
+SOFTCAP = {name: {**case, "logit_softcap": 0.8} for name, case in
+           {**{k: CASES[k] for k in ("none", "causal", "segments", "gqa", "key_bias")},
+            "window": {"causal": True, "sliding_window": 24}, "chunk": CHUNKED["chunk"]}.items()}
+
+
+@pytest.mark.parametrize("case", list(SOFTCAP))
+def test_dense_softcap_matches_float64_numpy(case):
+    (q, k, v), _, kw = make_inputs(SOFTCAP[case])
+    out = eqx_ring.dot_product_attention(q, k, v, **kw)
+    assert rel_err(out, numpy_attention(q, k, v, **kw)) <= 1e-5
+    uncapped = {a: b for a, b in kw.items() if a != "logit_softcap"}
+    assert rel_err(eqx_ring.dot_product_attention(q, k, v, **uncapped), out) > 1e-2  # the cap matters here
+
+
+def test_bad_softcap_is_named(no_hook):
+    (q, k, v), _, _ = make_inputs("causal")
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match=f"logit_softcap must be a positive finite number or None, got {bad}"):
+            eqx_ring.blockwise_attention(q, k, v, logit_softcap=bad)
+    with pytest.raises(ValueError, match="logit_softcap must be a positive finite number or None, got 0"):
+        eqx_ring.AttentionSpec(logit_softcap=0)
+
+
 # ---- each feature through every path ---------------------------------------------------------------------------
 
 FEATURES = {**{f"chunked-{name}": (check, case) for name, case in CHUNKED.items()},
-            **{f"sinks-{name}": (check_with_sinks, case) for name, case in SINK_CASES.items()}}
+            **{f"sinks-{name}": (check_with_sinks, case) for name, case in SINK_CASES.items()},
+            **{f"softcap-{name}": (check, case) for name, case in SOFTCAP.items()},
+            "softcap-with-sinks": (check_with_sinks, SOFTCAP["causal"])}
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
@@ -146,21 +175,22 @@ def test_ring(n, layout, feature):
     checker(strategy_fn("ring", n, layout), case)
 
 
-@pytest.mark.parametrize("feature", ["chunked-chunk_gqa", "sinks-gqa"])
+@pytest.mark.parametrize("feature", ["chunked-chunk_gqa", "sinks-gqa", "softcap-gqa"])
 @pytest.mark.parametrize("strategy", ["allgather", "ulysses", "hybrid"])
 def test_under_each_strategy(strategy, feature):
     checker, case = FEATURES[feature]
     checker(strategy_fn(strategy, 8, "zigzag", usp=2 if strategy == "hybrid" else None), case)
 
 
-@pytest.mark.parametrize("feature", ["chunked-chunk_segments", "sinks-segments"])
+@pytest.mark.parametrize("feature", ["chunked-chunk_segments", "sinks-segments", "softcap-segments"])
 def test_bf16(feature):
     checker, case = FEATURES[feature]
     checker(lambda **s: ring_fn(4, "zigzag", query_chunk_size=16, key_chunk_size=16, **s), case, dtype=jnp.bfloat16,
             out_tol=2e-2, grad_tol=2e-2)
 
 
-@pytest.mark.parametrize("feature", ["chunked-chunk", "chunked-chunk_window", "sinks-causal"])
+@pytest.mark.parametrize("feature", ["chunked-chunk", "chunked-chunk_window", "sinks-causal", "softcap-causal",
+                                     "softcap-key_bias"])
 def test_fused_kernel(feature):
     checker, case = FEATURES[feature]
     checker(lambda **s: ring_fn(4, "zigzag", check_vma=not PALLAS_CPU, implementation="pallas", **s), case)
