@@ -86,6 +86,7 @@ def check_mask_args(
     key_bias: Array | None,
     attention_chunk_size: int | None = None,
     logit_softcap: float | None = None,
+    dropout_rate: float = 0.0,
 ) -> tuple[MaskSpec, Array | None, Array | None, Array | None]:
     """Validate the mask arguments; return the spec, q/kv segment ids and the key bias broadcast to batch."""
     if not isinstance(causal, bool | np.bool_):
@@ -101,6 +102,8 @@ def check_mask_args(
     if logit_softcap is not None and (isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real)
                                       or not math.isfinite(logit_softcap) or logit_softcap <= 0):
         raise ValueError(f"logit_softcap must be a positive finite number or None, got {logit_softcap!r}")
+    if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, numbers.Real) or not 0 <= dropout_rate < 1:
+        raise ValueError(f"dropout_rate must be a number in [0, 1) (a static Python value), got {dropout_rate!r}")
     if kv_segment_ids is not None and segment_ids is None:
         raise ValueError("kv_segment_ids needs segment_ids (the query side's ids) as well")
     if segment_ids is not None:
@@ -122,8 +125,17 @@ def check_mask_args(
             raise ValueError(f"key_bias must broadcast to {want} ([*batch, kv_seq]), got {key_bias.shape}") from None
     spec = MaskSpec(bool(causal), int(causal_block_size), None if sliding_window is None else int(sliding_window),
                     None if attention_chunk_size is None else int(attention_chunk_size),
-                    None if logit_softcap is None else float(logit_softcap))
+                    None if logit_softcap is None else float(logit_softcap), float(dropout_rate))
     return spec, segment_ids, kv_segment_ids, key_bias
+
+
+def dropout_seeds(rate: float, key, dims: Dims) -> Array | None:
+    """One uint32 seed per (batch, q head), `[*batch, q_heads]`, drawn from `key`; `None` without dropout."""
+    if rate == 0:
+        return None
+    if key is None:
+        raise ValueError(f"dropout_rate={rate} needs dropout_key, a jax.random key (or set dropout_rate=0)")
+    return jax.random.bits(key, (*dims.batch, dims.q_heads), jnp.uint32)
 
 
 def check_sinks(sinks, dims: Dims):

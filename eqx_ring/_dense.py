@@ -2,10 +2,10 @@
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._checks import check_mask_args, check_qkv, check_scale, check_sinks
-from ._masks import visible
+from ._checks import check_mask_args, check_qkv, check_scale, check_sinks, dropout_seeds
+from ._masks import dropout_keep, dropout_rows, visible
 
 
 def dot_product_attention(
@@ -24,6 +24,8 @@ def dot_product_attention(
     attention_chunk_size: int | None = None,
     sinks: Float[Array, " q_heads"] | None = None,
     logit_softcap: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: PRNGKeyArray | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Dense multi-head attention with every mask of the library; materializes the scores.
 
@@ -58,6 +60,11 @@ def dot_product_attention(
       head with no value (gpt-oss's attention sinks). Default `None`: no sinks.
     - `logit_softcap`: `c`; every score `s` (after `scale`) becomes `c · tanh(s / c)` before the
       bias and the masks (Gemma 2). Default `None`: no cap.
+    - `dropout_rate`: the chance that dropout drops each attention probability (after the softmax;
+      the kept ones are scaled by `1 / (1 - dropout_rate)`). Which ones it drops is a hash of
+      `dropout_key`, the batch index, the query head and the true query and key positions, the same
+      in every function of the library. Default 0: no dropout.
+    - `dropout_key`: a `jax.random` key; needed when `dropout_rate` is not 0.
 
     **Returns:**
 
@@ -65,7 +72,8 @@ def dot_product_attention(
 
     **Raises:**
 
-    `ValueError` if the shapes of `q`, `k`, `v`, the segment ids or `key_bias` do not fit together
+    `ValueError` if `dropout_rate` is not in [0, 1) or has no `dropout_key`, if the shapes of `q`, `k`, `v`,
+    the segment ids or `key_bias` do not fit together
     (`q`, `k`, `v` need at least 3 axes, a sequence of at least one token and at least one kv head),
     if `causal_block_size` or `sliding_window` is not a positive int, if `causal_block_size != 1`
     without `causal=True`, or if `scale` is not finite; `TypeError` if `q`, `k`, `v` do not share
@@ -97,7 +105,9 @@ def dot_product_attention(
         key_bias=key_bias,
         attention_chunk_size=attention_chunk_size,
         logit_softcap=logit_softcap,
+        dropout_rate=dropout_rate,
     )
+    seeds = dropout_seeds(spec.dropout_rate, dropout_key, dims)
     scale = dims.head_dim**-0.5 if scale is None else check_scale(scale, static=False)
     sinks = check_sinks(sinks, dims)
     groups = dims.q_heads // dims.kv_heads
@@ -121,5 +131,8 @@ def dot_product_attention(
     denom = p.sum(-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)
     p = p if sinks is None else p[..., :-1]
+    if seeds is not None:
+        rows = dropout_rows(seeds.reshape(*dims.batch, dims.kv_heads, groups), jnp.arange(dims.q_len))
+        p = jnp.where(dropout_keep(spec.dropout_rate, rows, jnp.arange(dims.kv_len)), p / (1 - spec.dropout_rate), 0.0)
     o = jnp.einsum("...hgqk,...khd->...qhgd", p, v.astype(f32))
     return o.reshape(q.shape).astype(q.dtype)

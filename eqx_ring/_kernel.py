@@ -21,6 +21,7 @@ batch, K = kv heads, G = q heads per kv head, D = head dim):
     k, v, dk, dv      [B, Lk, K, D]       k's dtype in (they travel around the ring), float32 out
     lse, delta        [B, K, G, Lq]       float32
     segment ids [B, L] int32;  bias, dbias [B, Lk] float32;  positions [L] int32 (recomputed, never sent)
+    dropout seeds [B, K, G] uint32, one per (batch, q head);  dropout rows [B, K, G, Lq] uint32
 """
 
 import abc
@@ -34,8 +35,8 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array
 
-from ._layout import shard_positions
-from ._masks import MaskSpec
+from ._layout import layout_positions, shard_positions
+from ._masks import MaskSpec, dropout_rows
 
 
 class Queries(NamedTuple):
@@ -44,6 +45,11 @@ class Queries(NamedTuple):
     q: Array  # [B, Lq, K, G, D]
     positions: Array  # [Lq] int32, true positions
     segment_ids: Array | None  # [B, Lq] int32
+    dropout: Array | None = None  # [B, K, G, Lq] uint32, each row's dropout hash (`dropout_rows`); None: no dropout
+
+
+def _queries(q, positions, segment_ids, seeds) -> Queries:
+    return Queries(q, positions, segment_ids, None if seeds is None else dropout_rows(seeds, positions))
 
 
 class KeyValueBlock(NamedTuple):
@@ -210,11 +216,11 @@ def _piece(block: KeyValueBlock, j, size: int) -> KeyValueBlock:
     return KeyValueBlock(*(None if x is None else lax.dynamic_slice_in_dim(x, j * size, size, 1) for x in block))
 
 
-def _forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids):
+def _forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, seeds):
     if settings.strategy == "allgather":
-        return _allgather_forward(settings, q, block, q_segment_ids)
+        return _allgather_forward(settings, q, block, q_segment_ids, seeds)
     n, r = _ring_size_and_index(settings)
-    queries = Queries(q, block_positions(settings, r, n, q.shape[1]), q_segment_ids)
+    queries = _queries(q, block_positions(settings, r, n, q.shape[1]), q_segment_ids, seeds)
     local_len, pieces = block.k.shape[1], settings.kv_pieces
     size = local_len // pieces
 
@@ -234,14 +240,14 @@ def _forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids):
     return settings.kernel.finish_forward(state)
 
 
-def _backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, o, lse, do, dlse) -> Gradients:
+def _backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, seeds, o, lse, do, dlse) -> Gradients:
     # A score s's gradient is p · (dp - delta) + p · dlse: the cotangent of the returned lse (e.g. from sinks)
     # folds into delta, so every path's backward step stays as it is.
     delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
     if settings.strategy == "allgather":
-        return _allgather_backward(settings, q, block, q_segment_ids, Upstream(do, lse, delta))
+        return _allgather_backward(settings, q, block, q_segment_ids, seeds, Upstream(do, lse, delta))
     n, r = _ring_size_and_index(settings)
-    queries = Queries(q, block_positions(settings, r, n, q.shape[1]), q_segment_ids)
+    queries = _queries(q, block_positions(settings, r, n, q.shape[1]), q_segment_ids, seeds)
     local_len, pieces = block.k.shape[1], settings.kv_pieces
     size = local_len // pieces
     upstream, dq, dkv_zero = settings.kernel.start_backward(queries, Upstream(do, lse, delta), _piece(block, 0, size))
@@ -299,8 +305,7 @@ def _gather(x, settings: Settings):
 def _allgather_setup(settings: Settings, q, block: KeyValueBlock):
     """(query positions, every key's position, heads per piece, fetch of piece j, the gathered bias)."""
     n, r = _ring_size_and_index(settings)
-    local_len = block.k.shape[1]
-    key_positions = jnp.concatenate([shard_positions(d, local_len, settings.layout, n) for d in range(n)])
+    key_positions = jnp.asarray(layout_positions(n * block.k.shape[1], settings.layout, n))
     segments, bias = _gather(block.segment_ids, settings), _gather(block.bias, settings)
     heads = block.k.shape[2] // settings.kv_pieces
 
@@ -311,15 +316,21 @@ def _allgather_setup(settings: Settings, q, block: KeyValueBlock):
     return shard_positions(r, q.shape[1], settings.layout, n), key_positions, heads, fetch, bias
 
 
-def _allgather_forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids):
+def _heads_of_piece(j, heads: int, q, seeds):
+    """(q, dropout seeds) of the `heads` kv heads of piece `j`."""
+    return (lax.dynamic_slice_in_dim(q, j * heads, heads, 2),
+            None if seeds is None else lax.dynamic_slice_in_dim(seeds, j * heads, heads, 1))
+
+
+def _allgather_forward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, seeds):
     """Every key/value gathered, a slice of kv heads at a time, and attended to in one step per slice."""
     q_positions, key_positions, heads, fetch, _ = _allgather_setup(settings, q, block)
     kernel = settings.kernel
 
     def use(j, gathered: KeyValueBlock, carry):
         o, lse = carry
-        q_j = lax.dynamic_slice_in_dim(q, j * heads, heads, 2)
-        state = kernel.forward_step(settings.masks, settings.scale, Queries(q_j, q_positions, q_segment_ids),
+        q_j, seeds_j = _heads_of_piece(j, heads, q, seeds)
+        state = kernel.forward_step(settings.masks, settings.scale, _queries(q_j, q_positions, q_segment_ids, seeds_j),
                                     gathered, key_positions, kernel.start_forward(q_j))
         o_j, lse_j = kernel.finish_forward(state)
         return lax.dynamic_update_slice_in_dim(o, o_j, j * heads, 2), lax.dynamic_update_slice_in_dim(lse, lse_j,
@@ -330,7 +341,8 @@ def _allgather_forward(settings: Settings, q, block: KeyValueBlock, q_segment_id
     return _one_piece_after_another(settings.kv_pieces, fetch, use, carry)
 
 
-def _allgather_backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, upstream: Upstream) -> Gradients:
+def _allgather_backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, seeds,
+                        upstream: Upstream) -> Gradients:
     """The gradients of `_allgather_forward`: k/v gathered again slice by slice, their gradients scattered home."""
     q_positions, key_positions, heads, fetch, bias = _allgather_setup(settings, q, block)
     kernel = settings.kernel
@@ -340,7 +352,8 @@ def _allgather_backward(settings: Settings, q, block: KeyValueBlock, q_segment_i
 
     def use(j, gathered: KeyValueBlock, carry):
         dq, dk, dv, dbias = carry
-        queries = Queries(lax.dynamic_slice_in_dim(q, j * heads, heads, 2), q_positions, q_segment_ids)
+        q_j, seeds_j = _heads_of_piece(j, heads, q, seeds)
+        queries = _queries(q_j, q_positions, q_segment_ids, seeds_j)
         up = Upstream(lax.dynamic_slice_in_dim(upstream.do, j * heads, heads, 2),
                       *(lax.dynamic_slice_in_dim(x, j * heads, heads, 1) for x in (upstream.lse, upstream.delta)))
         up, dq_j, dkv = kernel.start_backward(queries, up, gathered)
@@ -381,36 +394,36 @@ def _fold_vmap_into_batch(fn: Callable) -> Callable:
 
 @cache
 def _forward_and_backward(settings: Settings) -> tuple[Callable, Callable]:
-    def forward(q, k, v, bias, q_seg, k_seg):
-        return _forward(settings, q, KeyValueBlock(k, v, k_seg, bias), q_seg)
+    def forward(q, k, v, bias, q_seg, k_seg, seeds):
+        return _forward(settings, q, KeyValueBlock(k, v, k_seg, bias), q_seg, seeds)
 
-    def backward(q, k, v, bias, q_seg, k_seg, o, lse, do, dlse):
-        return tuple(_backward(settings, q, KeyValueBlock(k, v, k_seg, bias), q_seg, o, lse, do, dlse))
+    def backward(q, k, v, bias, q_seg, k_seg, seeds, o, lse, do, dlse):
+        return tuple(_backward(settings, q, KeyValueBlock(k, v, k_seg, bias), q_seg, seeds, o, lse, do, dlse))
 
     return _fold_vmap_into_batch(forward), _fold_vmap_into_batch(backward)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def attention(settings: Settings, q, k, v, bias, q_segment_ids, k_segment_ids):
+def attention(settings: Settings, q, k, v, bias, q_segment_ids, k_segment_ids, dropout_seeds=None):
     """Exact attention of local queries against the ring's keys: (o in q's dtype, lse float32), shapes as in
-    the module docstring; lse is -inf for a query that sees no key."""
-    o, lse = _forward_and_backward(settings)[0](q, k, v, bias, q_segment_ids, k_segment_ids)
+    the module docstring; lse is -inf for a query that sees no key. `dropout_seeds` are needed when
+    `settings.masks.dropout_rate` is not 0; lse is the log-sum-exp before dropout."""
+    o, lse = _forward_and_backward(settings)[0](q, k, v, bias, q_segment_ids, k_segment_ids, dropout_seeds)
     return o.astype(q.dtype), lse
 
 
-def _attention_fwd(settings: Settings, q, k, v, bias, q_segment_ids, k_segment_ids):
-    o, lse = _forward_and_backward(settings)[0](q, k, v, bias, q_segment_ids, k_segment_ids)
+def _attention_fwd(settings: Settings, q, k, v, bias, q_segment_ids, k_segment_ids, dropout_seeds=None):
+    inputs = (q, k, v, bias, q_segment_ids, k_segment_ids, dropout_seeds)
+    o, lse = _forward_and_backward(settings)[0](*inputs)
     o = o.astype(q.dtype)
-    return (o, lse), (q, k, v, bias, q_segment_ids, k_segment_ids, o, lse)
+    return (o, lse), (*inputs, o, lse)
 
 
 def _attention_bwd(settings: Settings, residuals, cotangents):
-    q, k, v, bias, q_segment_ids, k_segment_ids, o, lse = residuals
-    do, dlse = cotangents
-    dq, dk, dv, dbias = _forward_and_backward(settings)[1](q, k, v, bias, q_segment_ids, k_segment_ids, o, lse, do,
-                                                           dlse)
+    q, k, v, bias = residuals[:4]
+    dq, dk, dv, dbias = _forward_and_backward(settings)[1](*residuals, *cotangents)
     dbias = None if dbias is None else dbias.astype(bias.dtype)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, None, None
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

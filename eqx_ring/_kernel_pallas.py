@@ -14,6 +14,7 @@ Shapes (B batch, K kv heads, G q heads per kv head, D head dim, H = K * G):
     q, do        [B, Lq, K, G, D]   q's dtype          o, dq   [B, Lq, K, G, D]  float32
     k, v         [B, Lk, K, D]      q's dtype          dk, dv  [B, Lk, K, D]     float32
     lse, delta   [B, K, G, Lq]      float32            q_pos [Lq], k_pos [Lk]    int32
+    rows         [B, K, G, Lq]      uint32, each query row's dropout hash (only with dropout)
     q_seg [B, Lq], k_seg [B, Lk] int32;  bias, dbias [B, Lk] float32
 
 Which tile pairs to skip, and which need no mask, is decided before the kernels run: `classify`
@@ -31,10 +32,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, UInt32
 
 from ._kernel import Gradients, Kernel, KeyValueBlock, Queries, Upstream
-from ._masks import MaskSpec, classify, skip_or_compute, visible
+from ._masks import MaskSpec, classify, dropout_keep, skip_or_compute, visible
 
 _F32 = jnp.float32
 _LOG2E = 1.4426950408889634  # scores are kept in base 2 inside the kernels: exp2 is one GPU instruction
@@ -149,12 +150,21 @@ def _scores_base2(q, k, bias_base2, q_pos, k_pos, q_seg, k_seg, masked, spec, sc
 # ---------------------------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(*refs, spec, scale, block_k, num_k_tiles, has_kinds, has_seg, has_bias):
+def _dropped(x, rows, k_pos, spec: MaskSpec):
+    """`x` ([q tile, k tile]) with dropout's dropped entries zeroed and the kept ones scaled; `x` without dropout."""
+    if rows is None:
+        return x
+    rate = spec.dropout_rate
+    return jnp.where(dropout_keep(rate, rows, k_pos), x * (1.0 / (1.0 - rate)), 0.0)
+
+
+def _forward_kernel(*refs, spec, scale, block_k, num_k_tiles, has_kinds, has_seg, has_bias, has_dropout):
     refs = iter(refs)  # the inputs present, in pallas_call order, then the outputs
     kinds_ref = next(refs) if has_kinds else None
     q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref = (next(refs) for _ in range(5))
     q_seg_ref, k_seg_ref = (next(refs), next(refs)) if has_seg else (None, None)
     bias_ref = next(refs) if has_bias else None
+    rows = next(refs)[...] if has_dropout else None
     o_ref, lse_ref = refs
 
     q = q_ref[...]
@@ -175,7 +185,8 @@ def _forward_kernel(*refs, spec, scale, block_k, num_k_tiles, has_kinds, has_seg
             m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp2(s - m_shift[:, None])
             rescale = jnp.exp2(m - m_shift)
-            l = rescale * l + p.sum(-1)
+            l = rescale * l + p.sum(-1)  # the denominator counts every probability, dropped or not
+            p = _dropped(p, rows, k_pos_ref[tile], spec)
             acc = acc * rescale[:, None] + _matmul(p.astype(v.dtype), v)
             return acc, m_new, l
 
@@ -198,6 +209,7 @@ def forward(
     q_seg: Int[Array, "b lq"] | None,
     k_seg: Int[Array, "b lk"] | None,
     bias: Float[Array, "b lk"] | None,
+    rows: UInt32[Array, "b kh g lq"] | None = None,
     *,
     spec: MaskSpec,
     scale: float,
@@ -205,7 +217,8 @@ def forward(
     block_k: int = 64,
     interpret: bool = False,
 ) -> tuple[Float[Array, "b lq kh g d"], Float[Array, "b kh g lq"]]:
-    """Normalized attention of q against this k/v block alone, with its log-sum-exp.
+    """Normalized attention of q against this k/v block alone, with its log-sum-exp (before dropout, which
+    `rows` asks for with `spec.dropout_rate`).
 
     Normalized (not the raw accumulator) so that blocks combine with `merge` in any order; a row
     that sees no key here gets o = 0 and lse = -inf, which `merge` treats as "no contribution".
@@ -243,10 +256,13 @@ def forward(
         add(k_seg, (None, lk), lambda bi, h, i: (bi, 0))
     if bias is not None:
         add(bias.astype(_F32) * _LOG2E, (None, lk), lambda bi, h, i: (bi, 0))
+    if rows is not None:
+        add(rows, (None, None, None, block_q), lambda bi, h, i: (bi, *head(h), i))
 
     kernel = partial(
         _forward_kernel, spec=spec, scale=float(scale), block_k=block_k, num_k_tiles=num_k_tiles,
         has_kinds=kinds is not None, has_seg=q_seg is not None, has_bias=bias is not None,
+        has_dropout=rows is not None,
     )
     vary = _varying_like(*args)
     o, lse = pl.pallas_call(
@@ -300,25 +316,27 @@ def _probabilities(q, k, bias_base2, q_pos, k_pos, q_seg, k_seg, lse_base2, mask
     return jnp.exp2(s - lse_base2[:, None]), capped
 
 
-def _backward_refs(refs, has_kinds, has_seg, has_bias):
+def _backward_refs(refs, has_kinds, has_seg, has_bias, has_dropout):
     """The backward kernels' input refs by name (absent inputs as None), then an iterator over the outputs."""
     refs = iter(refs)
     kinds_ref = next(refs) if has_kinds else None
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref = (next(refs) for _ in range(8))
     q_seg_ref, k_seg_ref = (next(refs), next(refs)) if has_seg else (None, None)
     bias_ref = next(refs) if has_bias else None
+    rows_ref = next(refs) if has_dropout else None
     inputs = (kinds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref,
-              bias_ref)
+              bias_ref, rows_ref)
     return inputs, refs
 
 
-def _dq_kernel(*refs, spec, scale, block_k, num_k_tiles, has_kinds, has_seg, has_bias):
-    inputs, outputs = _backward_refs(refs, has_kinds, has_seg, has_bias)
-    kinds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, bias_ref = (
-        inputs)
+def _dq_kernel(*refs, spec, scale, block_k, num_k_tiles, has_kinds, has_seg, has_bias, has_dropout):
+    inputs, outputs = _backward_refs(refs, has_kinds, has_seg, has_bias, has_dropout)
+    (kinds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, bias_ref,
+     rows_ref) = inputs
     (dq_ref,) = outputs
 
     q, do, lse_base2, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    rows = rows_ref[...] if has_dropout else None
 
     def key_step(j, dq):
         tile = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
@@ -330,7 +348,7 @@ def _dq_kernel(*refs, spec, scale, block_k, num_k_tiles, has_kinds, has_seg, has
             bias = bias_ref[tile] if has_bias else None
             q_pos = q_pos_ref[...] if masked else None
             p, capped = _probabilities(q, k, bias, q_pos, k_pos, q_seg, k_seg, lse_base2, masked, spec, scale)
-            ds = p * (_matmul(do, v, _A_BT) - delta[:, None])
+            ds = p * (_dropped(_matmul(do, v, _A_BT), rows, k_pos_ref[tile], spec) - delta[:, None])
             ds = ds if capped is None else ds * capped
             return dq + _matmul(ds.astype(k.dtype), k)
 
@@ -340,10 +358,10 @@ def _dq_kernel(*refs, spec, scale, block_k, num_k_tiles, has_kinds, has_seg, has
     dq_ref[...] = dq * scale
 
 
-def _dk_dv_kernel(*refs, spec, scale, block_q, num_q_tiles, g, has_kinds, has_seg, has_bias):
-    inputs, outputs = _backward_refs(refs, has_kinds, has_seg, has_bias)
-    kinds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, bias_ref = (
-        inputs)
+def _dk_dv_kernel(*refs, spec, scale, block_q, num_q_tiles, g, has_kinds, has_seg, has_bias, has_dropout):
+    inputs, outputs = _backward_refs(refs, has_kinds, has_seg, has_bias, has_dropout)
+    (kinds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, bias_ref,
+     rows_ref) = inputs
     dk_ref, dv_ref, *dbias_ref = outputs
 
     k, v = k_ref[...], v_ref[...]
@@ -362,8 +380,9 @@ def _dk_dv_kernel(*refs, spec, scale, block_q, num_q_tiles, g, has_kinds, has_se
                 q, do = q_ref[tile, gi, :], do_ref[tile, gi, :]
                 p, capped = _probabilities(q, k, bias, q_pos, k_pos, q_seg, k_seg, lse_ref[gi, tile], masked, spec,
                                            scale)
-                dv = dv + _matmul(p.astype(do.dtype), do, _AT_B)
-                ds = p * (_matmul(do, v, _A_BT) - delta_ref[gi, tile][:, None])
+                rows = rows_ref[gi, tile] if has_dropout else None
+                dv = dv + _matmul(_dropped(p, rows, k_pos_ref[...], spec).astype(do.dtype), do, _AT_B)
+                ds = p * (_dropped(_matmul(do, v, _A_BT), rows, k_pos_ref[...], spec) - delta_ref[gi, tile][:, None])
                 dk = dk + _matmul((ds if capped is None else ds * capped).astype(q.dtype), q, _AT_B)
                 return dk, dv, (dbias + ds.sum(0)) if has_bias else dbias  # the bias is added after the cap
 
@@ -391,6 +410,7 @@ def backward(
     do: Float[Array, "b lq kh g d"],
     lse: Float[Array, "b kh g lq"],
     delta: Float[Array, "b kh g lq"],
+    rows: UInt32[Array, "b kh g lq"] | None = None,
     *,
     spec: MaskSpec,
     scale: float,
@@ -420,13 +440,14 @@ def backward(
     # Rows with lse = -inf see no key: every score is -inf there, and shifting by 0 keeps p at 0.
     lse = jnp.where(lse == -jnp.inf, 0.0, lse.astype(_F32) * _LOG2E)
     kinds = _tile_kinds(spec, q_pos, k_pos, q_seg, k_seg, b, block_q, block_k)
-    flags = dict(has_kinds=kinds is not None, has_seg=q_seg is not None, has_bias=bias is not None)
-    vary = _varying_like(kinds, q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, bias)
+    flags = dict(has_kinds=kinds is not None, has_seg=q_seg is not None, has_bias=bias is not None,
+                 has_dropout=rows is not None)
+    vary = _varying_like(kinds, q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, bias, rows)
     params = _compiler_params(d, num_stages=2)
 
     def call(kernel, grid, blocks, out_specs, out_shape, name):
         """`blocks`: per input, (block shape, index map); None entries are absent inputs."""
-        inputs = (kinds, q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, bias)
+        inputs = (kinds, q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, bias, rows)
         args = [x for x in inputs if x is not None]
         specs = [pl.BlockSpec(*blk) for x, blk in zip(inputs, blocks, strict=True) if x is not None]
         return pl.pallas_call(
@@ -463,6 +484,7 @@ def backward(
             ((None, block_q), lambda bi, h, i: (bi, i)),
             ((None, lk), lambda bi, h, i: (bi, 0)),
             ((None, lk), lambda bi, h, i: (bi, 0)),
+            ((None, None, None, block_q), stat_tile),
         ],
         pl.BlockSpec((None, block_q, None, None, d), q_tile),
         jax.ShapeDtypeStruct(q.shape, _F32, **vary),
@@ -501,6 +523,7 @@ def backward(
             ((None, lq), lambda bi, kv, j: (bi, 0)),
             ((None, block_k), lambda bi, kv, j: (bi, j)),
             ((None, block_k), lambda bi, kv, j: (bi, j)),
+            ((None, None, g, lq), stat_all),
         ],
         out_specs,
         out_shape,
@@ -571,8 +594,8 @@ class PallasKernel(Kernel):
     def forward_step(self, masks, scale, queries: Queries, block: KeyValueBlock, key_positions, state):
         block_q, block_k = self.forward_tiles
         step = forward(queries.q, block.k, block.v, queries.positions, key_positions, queries.segment_ids,
-                       block.segment_ids, block.bias, spec=masks, scale=scale, block_q=block_q, block_k=block_k,
-                       interpret=self.interpret)
+                       block.segment_ids, block.bias, queries.dropout, spec=masks, scale=scale, block_q=block_q,
+                       block_k=block_k, interpret=self.interpret)
         return merge(*state, *step)
 
     def finish_forward(self, state):
@@ -586,7 +609,8 @@ class PallasKernel(Kernel):
                       key_positions, dq, dkv):
         block_q, block_k = self.backward_tiles
         dq_share, *dkv_share = backward(queries.q, block.k, block.v, queries.positions, key_positions,
-                                        queries.segment_ids, block.segment_ids, block.bias, *upstream, spec=masks,
+                                        queries.segment_ids, block.segment_ids, block.bias, *upstream,
+                                        queries.dropout, spec=masks,
                                         scale=scale, block_q=block_q, block_k=block_k, interpret=self.interpret)
         return dq + dq_share, tuple(_maybe_add(total, share) for total, share in zip(dkv, dkv_share, strict=True))
 

@@ -21,7 +21,7 @@ from jax import lax
 
 from ._checks import check_chunk
 from ._kernel import Gradients, Kernel, KeyValueBlock, Queries, Upstream
-from ._masks import MaskSpec, classify, skip_or_compute, visible
+from ._masks import MaskSpec, classify, dropout_keep, skip_or_compute, visible
 
 _F32 = jnp.float32
 
@@ -37,6 +37,11 @@ def _update_slice(x, update, start, axis):
 def _maybe(f, x, *rest):
     """`f(x, *rest)`, or None for an optional input that is absent."""
     return None if x is None else f(x, *rest)
+
+
+def _present(x):
+    """`(x,)`, or `()` for an optional input that is absent."""
+    return () if x is None else (x,)
 
 
 def _head_major_query_chunk(x, start, size):
@@ -73,26 +78,43 @@ def _scores(q_chunk, k_chunk, bias_chunk, mask, scale, softcap=None):
     return s, capped
 
 
-def _forward_chunk_pair(q_chunk, k_chunk, v_chunk, bias_chunk, mask, acc, m, l, scale, softcap):
-    s, _ = _scores(q_chunk, k_chunk, bias_chunk, mask, scale, softcap)
+def _dropped(x, keep, rate):
+    """`x` where dropout keeps a probability (scaled by 1 / (1 - rate)), 0 where it drops one; `x` without dropout."""
+    return x if keep is None else jnp.where(keep, x * (1.0 / (1.0 - rate)), 0.0)
+
+
+def _chunk_keep(masks: MaskSpec, rows: tuple, k_pos):
+    """The chunk pair's dropout keep mask ([B, K, G, Cq, Ck]) from its rows' hashes (`rows`: the hashes, or `()`
+    without dropout, then None)."""
+    return dropout_keep(masks.dropout_rate, *rows, k_pos) if rows else None
+
+
+def _forward_chunk_pair(q_chunk, k_chunk, v_chunk, bias_chunk, mask, keep, acc, m, l, scale, masks):
+    s, _ = _scores(q_chunk, k_chunk, bias_chunk, mask, scale, masks.logit_softcap)
     m_new = jnp.maximum(m, s.max(-1))
     # A row with nothing visible yet keeps m = -inf; shifting by 0 there keeps exp() at 0, not NaN.
     m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp(s - m_shift[..., None])
     rescale = jnp.exp(m - m_shift)
-    l = rescale * l + p.sum(-1)
+    l = rescale * l + p.sum(-1)  # the softmax's denominator counts every probability, dropped or not
+    p = _dropped(p, keep, masks.dropout_rate)
     pv = jnp.einsum("bkgqp,bkpd->bkgqd", p.astype(v_chunk.dtype), v_chunk, preferred_element_type=_F32)
     return acc * rescale[..., None] + pv, m_new, l
 
 
-def _backward_chunk_pair(q_chunk, q_t, k_chunk, v_chunk, bias_chunk, mask, do_chunk, do_t, lse_chunk, delta_chunk,
-                         scale, softcap):
-    """Gradients of one chunk pair; q_t / do_t are the query chunks transposed to [B, K, D, G, C]."""
-    s, capped = _scores(q_chunk, k_chunk, bias_chunk, mask, scale, softcap)
+def _backward_chunk_pair(q_chunk, q_t, k_chunk, v_chunk, bias_chunk, mask, keep, do_chunk, do_t, lse_chunk,
+                         delta_chunk, scale, masks):
+    """Gradients of one chunk pair; q_t / do_t are the query chunks transposed to [B, K, D, G, C].
+
+    With dropout, o = Σ_j p_j z_j v_j with z = keep / (1 - rate): dv takes p · z, and the gradient reaching
+    p is z · (do · v); delta = rowsum(do · o) is Σ_j p_j z_j (do · v_j) as it stands.
+    """
+    s, capped = _scores(q_chunk, k_chunk, bias_chunk, mask, scale, masks.logit_softcap)
     p = jnp.exp(s - lse_chunk[..., None])
-    dv_t = jnp.einsum("bkdgq,bkgqp->bkdp", do_t, p.astype(do_t.dtype), preferred_element_type=_F32)
+    dv_t = jnp.einsum("bkdgq,bkgqp->bkdp", do_t, _dropped(p, keep, masks.dropout_rate).astype(do_t.dtype),
+                      preferred_element_type=_F32)
     dp = jnp.einsum("bkgqd,bkpd->bkgqp", do_chunk, v_chunk, preferred_element_type=_F32)
-    ds = p * (dp - delta_chunk[..., None])
+    ds = p * (_dropped(dp, keep, masks.dropout_rate) - delta_chunk[..., None])
     dbias = None if bias_chunk is None else ds.sum((1, 2, 3))  # the bias is added after the cap
     ds = ds if capped is None else ds * capped
     # dq and dk miss the factor `scale`; it is applied once to the finished sums.
@@ -115,7 +137,7 @@ def _each_kv_head(fn, per_head, headed, shared):
         def one(x):
             return _slice(x, h, 1, 1)
 
-        new_headed, shared = fn(*(one(x) for x in per_head), tuple(one(x) for x in headed), shared)
+        new_headed, shared = fn(*(one(x) for x in per_head), carry=tuple(one(x) for x in headed), shared=shared)
         return tuple(_update_slice(x, y, h, 1) for x, y in zip(headed, new_headed, strict=True)), shared
 
     return lax.fori_loop(0, per_head[0].shape[1], head, (headed, shared))
@@ -156,6 +178,7 @@ class XlaKernel(Kernel):
             q_chunk = _head_major_query_chunk(queries.q, q_start, q_size)
             q_pos = _slice(queries.positions, q_start, q_size, 0)
             q_seg = _maybe(_slice, queries.segment_ids, q_start, q_size, 1)
+            rows = _maybe(_slice, queries.dropout, q_start, q_size, 3)
             running = tuple(_slice(x, q_start, q_size, 3) for x in state)
 
             def key_step(j, running):
@@ -165,12 +188,12 @@ class XlaKernel(Kernel):
                 bias = _maybe(_slice, block.bias, k_start, k_size, 1)
 
                 def compute(mask):
-                    def one_head(q_h, k_h, v_h, carry, shared):
-                        return _forward_chunk_pair(q_h, k_h, v_h, bias, mask, *carry, scale,
-                                                   masks.logit_softcap), shared
+                    def one_head(q_h, k_h, v_h, *rows_h, carry, shared):
+                        keep = _chunk_keep(masks, rows_h, k_pos)
+                        return _forward_chunk_pair(q_h, k_h, v_h, bias, mask, keep, *carry, scale, masks), shared
 
                     per_head = (q_chunk, _head_major_kv_chunk(block.k, k_start, k_size),
-                                _head_major_kv_chunk(block.v, k_start, k_size))
+                                _head_major_kv_chunk(block.v, k_start, k_size), *_present(rows))
                     return _each_kv_head(one_head, per_head, running, ())[0]
 
                 return _skip_or_compute_chunks(masks, q_pos, q_seg, k_pos, k_seg, compute, running)
@@ -216,6 +239,7 @@ class XlaKernel(Kernel):
             delta_chunk = _slice(upstream.delta, q_start, q_size, 3)
             q_pos = _slice(queries.positions, q_start, q_size, 0)
             q_seg = _maybe(_slice, queries.segment_ids, q_start, q_size, 1)
+            rows = _maybe(_slice, queries.dropout, q_start, q_size, 3)
 
             def key_step(j, carry):
                 dq_chunk, dkv = carry
@@ -228,15 +252,16 @@ class XlaKernel(Kernel):
                                            for x, ax in zip(dkv, axes, strict=True)))
 
                 def compute(mask):
-                    def one_head(q_h, q_t_h, k_h, v_h, do_h, do_t_h, lse_h, delta_h, carry, dbias):
-                        *grads, dbias_h = _backward_chunk_pair(q_h, q_t_h, k_h, v_h, bias, mask, do_h, do_t_h,
-                                                               lse_h, delta_h, scale, masks.logit_softcap)
+                    def one_head(q_h, q_t_h, k_h, v_h, do_h, do_t_h, lse_h, delta_h, *rows_h, carry, shared):
+                        keep = _chunk_keep(masks, rows_h, k_pos)
+                        *grads, dbias_h = _backward_chunk_pair(q_h, q_t_h, k_h, v_h, bias, mask, keep, do_h, do_t_h,
+                                                               lse_h, delta_h, scale, masks)
                         carry = tuple(a + g for a, g in zip(carry, grads, strict=True))
-                        return carry, None if dbias is None else dbias + dbias_h
+                        return carry, None if shared is None else shared + dbias_h
 
                     per_head = (q_chunk, q_t, _head_major_kv_chunk(block.k, k_start, k_size),
                                 _head_major_kv_chunk(block.v, k_start, k_size), do_chunk, do_t, lse_chunk,
-                                delta_chunk)
+                                delta_chunk, *_present(rows))
                     headed, dbias = _each_kv_head(one_head, per_head, chunk_grads[:3], chunk_grads[3])
                     return (*headed, dbias)
 

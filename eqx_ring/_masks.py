@@ -1,24 +1,27 @@
-"""Attention masks computed from true token positions, at element and at block granularity."""
+"""Attention masks computed from true token positions, at element and at block granularity, and the dropout
+mask, a hash of true positions."""
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Int, UInt32
 
 SKIP, FULL, MASKED = 0, 1, 2  # block kinds: nothing visible, everything visible, mixed
 
 
 class MaskSpec(NamedTuple):
     """Static description of how a score is formed and masked: the positional masks (segments are data and come
-    separately) and the logit softcap, which acts on every score before the masks."""
+    separately), the logit softcap, which acts on every score before the masks, and the dropout rate, which
+    acts on the probabilities after the softmax."""
 
     causal: bool
     causal_block_size: int
     sliding_window: int | None
     attention_chunk_size: int | None = None  # i sees j only if i // c == j // c (Llama 4's chunked attention)
     logit_softcap: float | None = None  # scores become c · tanh(s / c) before the bias and the masks (Gemma 2)
+    dropout_rate: float = 0.0  # each probability is dropped with this chance and the others scaled by 1 / (1 - it)
 
     @property
     def positional(self) -> bool:
@@ -58,6 +61,33 @@ def visible(
     if q_seg is not None:
         mask = and_also(mask, q_seg[..., :, None] == k_seg[..., None, :])
     return mask
+
+
+def _mix(h: UInt32[Array, "*s"]) -> UInt32[Array, "*s"]:
+    """MurmurHash3's 32-bit finalizer: a bijection of uint32 in which each input bit flips each output bit
+    with probability close to 1/2."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def dropout_rows(seeds: UInt32[Array, "*rows"], q_pos: Int[Array, " q"]) -> UInt32[Array, "*rows q"]:
+    """Each query row's dropout hash: its (batch, head) seed mixed with its true position."""
+    return _mix(seeds[..., None] + q_pos.astype(jnp.uint32) * jnp.uint32(0x9E3779B9))
+
+
+def dropout_keep(rate: float, rows: UInt32[Array, "*rows q"], k_pos: Int[Array, " k"]) -> Bool[Array, "*rows q k"]:
+    """Which probabilities dropout keeps: a counter-based hash of the row's hash and the key's true position.
+
+    A pure function of (seed, true query position, true key position), so every path, layout, ring size,
+    chunking and strategy drops the same set, and no `[q, k]` mask is ever stored: each tile makes its own.
+    One MurmurHash3 finalizer per element, two multiplies and three xor-shifts (`jax.random`'s threefry
+    would run twenty rounds); a probability is dropped with chance `rate`, to within 2⁻³².
+    """
+    bits = _mix(rows[..., None] ^ (k_pos.astype(jnp.uint32) * jnp.uint32(0x7FEB352D)))
+    return bits >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
 
 
 def classify(

@@ -6,9 +6,9 @@ from collections.abc import Hashable
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._checks import check_mask_args, check_positive_int, check_qkv, check_scale, check_sinks
+from ._checks import check_mask_args, check_positive_int, check_qkv, check_scale, check_sinks, dropout_seeds
 from ._kernel import Kernel, Settings, attention
 from ._kernel_pallas import PallasKernel, interpreted
 from ._kernel_xla import XlaKernel
@@ -44,7 +44,7 @@ STRATEGIES = ("ring", "allgather", "ulysses", "hybrid")
 
 def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_ids, kv_segment_ids,
          key_bias, sliding_window, scale, query_chunk_size, key_chunk_size, implementation, kv_pieces=None,
-         attention_chunk_size=None, sinks=None, logit_softcap=None):
+         attention_chunk_size=None, sinks=None, logit_softcap=None, dropout_rate=0.0, dropout_key=None):
     """Attention of local shards; `axes` maps "ring" (or "allgather") and "ulysses" to (mesh axis, size) or None."""
     dims = check_qkv(q, k, v)
     ring_axis, ring_n = axes.get("ring") or (None, 1)
@@ -65,7 +65,9 @@ def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_
         key_bias=key_bias,
         attention_chunk_size=attention_chunk_size,
         logit_softcap=logit_softcap,
+        dropout_rate=dropout_rate,
     )
+    seeds = dropout_seeds(masks.dropout_rate, dropout_key, dims)
     names = [name for name, _ in axes.values()]
     named = f"axis {names[0]!r}" if len(names) == 1 else "axes " + " × ".join(map(repr, names))
     where = "" if num_shards == 1 else f" (the local shard of {num_shards} devices on {named})"
@@ -93,10 +95,11 @@ def _run(q, k, v, *, strategy, axes, layout, causal, causal_block_size, segment_
     q_seg, k_seg = (None if x is None else x.reshape(batch, n) for x, n in ((q_seg, dims.q_len), (k_seg, dims.kv_len)))
     bias = None if bias is None else bias.astype(jnp.float32).reshape(batch, dims.kv_len)
     sinks = None if sinks is None else sinks.reshape(dims.kv_heads, groups)
+    seeds = None if seeds is None else seeds.reshape(batch, dims.kv_heads, groups)
     if a2a_axis is None:
-        o = with_sinks(*attention(settings, q_grouped, k_flat, v_flat, bias, q_seg, k_seg), sinks)
+        o = with_sinks(*attention(settings, q_grouped, k_flat, v_flat, bias, q_seg, k_seg, seeds), sinks)
         return o.reshape(q.shape)
-    o = _ulysses(settings, a2a_axis, a2a_n, q_grouped, k_flat, v_flat, bias, q_seg, k_seg, sinks)
+    o = _ulysses(settings, a2a_axis, a2a_n, q_grouped, k_flat, v_flat, bias, q_seg, k_seg, sinks, seeds)
     return o.reshape(q.shape)
 
 
@@ -134,7 +137,7 @@ def _check_pieces(strategy: str, kv_pieces: int | None, dims, halves: int) -> in
     return kv_pieces
 
 
-def _ulysses(settings: Settings, axis: Hashable, n: int, q, k, v, bias, q_seg, k_seg, sinks):
+def _ulysses(settings: Settings, axis: Hashable, n: int, q, k, v, bias, q_seg, k_seg, sinks, seeds):
     """DeepSpeed-Ulysses: all-to-all from sequence- to head-sharded, attention over the `n` shards, and back.
 
     Each device ends up with every token of `1/n` of the heads, in the layout order of the shards it
@@ -154,11 +157,16 @@ def _ulysses(settings: Settings, axis: Hashable, n: int, q, k, v, bias, q_seg, k
     def gather(x):
         return None if x is None else lax.all_gather(x, axis, axis=1, tiled=True)
 
-    o, lse = attention(settings, to_heads(q), to_heads(k), to_heads(v), gather(bias), gather(q_seg), gather(k_seg))
-    if sinks is not None:  # this device's heads' sinks, in the order the all-to-all gave it the heads
-        rows = kv_heads * repeat // n
-        sinks = sinks.reshape(kv_heads * repeat, groups // repeat)
-        o = with_sinks(o, lse, lax.dynamic_slice_in_dim(sinks, lax.axis_index(axis) * rows, rows, 0))
+    rows = kv_heads * repeat // n
+
+    def mine(x, axis_of_heads):  # this device's heads of a per-head array, in the order the all-to-all gives them
+        x = x.reshape(*x.shape[:axis_of_heads], kv_heads * repeat, groups // repeat)
+        return lax.dynamic_slice_in_dim(x, lax.axis_index(axis) * rows, rows, axis_of_heads)
+
+    o, lse = attention(settings, to_heads(q), to_heads(k), to_heads(v), gather(bias), gather(q_seg), gather(k_seg),
+                       None if seeds is None else mine(seeds, 1))
+    if sinks is not None:
+        o = with_sinks(o, lse, mine(sinks, 0))
     o = lax.all_to_all(o, axis, split_axis=1, concat_axis=2, tiled=True)
     return o.reshape(*o.shape[:2], kv_heads, groups, o.shape[4])
 
@@ -182,6 +190,8 @@ def blockwise_attention(
     attention_chunk_size: int | None = None,
     sinks: Float[Array, " q_heads"] | None = None,
     logit_softcap: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: PRNGKeyArray | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention on one device in O(chunk²) extra memory (Blockwise Parallel Transformer).
 
@@ -230,6 +240,10 @@ def blockwise_attention(
       Default `None`: no sinks.
     - `logit_softcap`: `c`; every score `s` (after `scale`) becomes `c · tanh(s / c)` before the
       bias and the masks (Gemma 2), in both kernels and their backward passes. Default `None`: no cap.
+    - `dropout_rate`: the chance that dropout drops each attention probability, as in
+      [`dot_product_attention`][eqx_ring.dot_product_attention], which drops the same ones for the
+      same key. No mask is stored: each chunk pair hashes its own. Default 0: no dropout.
+    - `dropout_key`: a `jax.random` key; needed when `dropout_rate` is not 0.
 
     **Returns:**
 
@@ -258,7 +272,8 @@ def blockwise_attention(
                 causal_block_size=causal_block_size, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
                 query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation,
-                attention_chunk_size=attention_chunk_size, sinks=sinks, logit_softcap=logit_softcap)
+                attention_chunk_size=attention_chunk_size, sinks=sinks, logit_softcap=logit_softcap,
+                dropout_rate=dropout_rate, dropout_key=dropout_key)
 
 
 def ring_attention(
@@ -284,6 +299,8 @@ def ring_attention(
     attention_chunk_size: int | None = None,
     sinks: Float[Array, " q_heads"] | None = None,
     logit_softcap: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: PRNGKeyArray | None = None,
 ) -> Float[Array, "*batch q_seq q_heads head_dim"]:
     """Exact attention over a sequence split across the devices of mesh axis `axis_name`.
 
@@ -376,6 +393,14 @@ def ring_attention(
       this device's share (`shard_map` sums it over the devices). Default `None`: no sinks.
     - `logit_softcap`: `c`; every score `s` (after `scale`) becomes `c · tanh(s / c)` before the
       bias and the masks (Gemma 2). Default `None`: no cap.
+    - `dropout_rate`: the chance that dropout drops each attention probability. Which ones is a hash
+      of `dropout_key`, the batch index, the query head and the true positions, so every layout, ring
+      size and strategy drops the same set as
+      [`dot_product_attention`][eqx_ring.dot_product_attention] on the whole sequence. The batch index
+      is the local one: under data parallelism give each data shard its own key (e.g.
+      `jax.random.fold_in(key, lax.axis_index("dp"))`). Default 0: no dropout.
+    - `dropout_key`: a `jax.random` key, the same on every device of the ring; needed when
+      `dropout_rate` is not 0.
 
     **Returns:**
 
@@ -435,4 +460,4 @@ def ring_attention(
                 key_bias=key_bias, sliding_window=sliding_window, scale=scale,
                 query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size, implementation=implementation,
                 kv_pieces=kv_pieces, attention_chunk_size=attention_chunk_size, sinks=sinks,
-                logit_softcap=logit_softcap)
+                logit_softcap=logit_softcap, dropout_rate=dropout_rate, dropout_key=dropout_key)
