@@ -1,5 +1,6 @@
 """`RingAttention`: multi-head self-attention whose kernel is blockwise on one device or a ring over a mesh."""
 
+import numbers
 from functools import partial
 from typing import ClassVar
 
@@ -104,6 +105,8 @@ class RingAttention(eqx.Module):
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    inference: bool
 
     def __init__(
         self,
@@ -115,6 +118,8 @@ class RingAttention(eqx.Module):
         use_bias: bool = False,
         qkv_bias: bool | None = None,
         use_sinks: bool = False,
+        dropout: float = 0.0,
+        inference: bool = False,
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
     ):
@@ -130,16 +135,23 @@ class RingAttention(eqx.Module):
         - `use_sinks`: whether each query head has a learnable sink logit, `sinks` (`[num_heads]`,
           initialised to 0), that joins every softmax denominator of its head with no value
           (gpt-oss's attention sinks); default `False`.
+        - `dropout`: the chance that each attention probability is dropped in training (see
+          [`dot_product_attention`][eqx_ring.dot_product_attention]'s `dropout_rate`); default 0.
+        - `inference`: whether dropout is off, as in `eqx.nn.Dropout` (`eqx.nn.inference_mode`
+          sets it); default `False`.
         - `dtype`: parameter dtype; defaults to float32.
         - `key`: a `jax.random.PRNGKey` for the initialisation.
 
         **Raises:**
 
-        `ValueError` if `d_model`, `num_heads`, `num_kv_heads` or `head_dim` is not a positive int, if
+        `ValueError` if `dropout` is not in [0, 1), if `d_model`, `num_heads`, `num_kv_heads` or `head_dim` is not
+        a positive int, if
         `d_model` is not divisible by `num_heads` (and no `head_dim` is given), or if `num_heads` is
         not a multiple of `num_kv_heads`.
         """
         # Sizes are checked before they size the projections (0 or less fails inside JAX otherwise).
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         check_positive_int("d_model", d_model)
         check_positive_int("num_heads", num_heads)
         for name, value in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
@@ -163,6 +175,8 @@ class RingAttention(eqx.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.dropout = float(dropout)
+        self.inference = inference
 
     def __check_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -234,9 +248,11 @@ class RingAttention(eqx.Module):
           slot in the layout. Masks never use it.
         - `segment_ids`: `[seq]` packed-sequence ids; tokens attend only within their own id.
           Default `None`: one segment.
-        - `key`: unused (there is no dropout); accepted so the layer drops into Equinox code that
-          passes it.
-        - `inference`: unused, likewise.
+        - `key`: a `jax.random` key for dropout; needed when the layer has `dropout` and is not in
+          inference mode, unused otherwise. The same key drops the same probabilities whatever the
+          spec's mesh, layout or strategy. Default `None`.
+        - `inference`: overrides the layer's `inference` for this call (`True`: no dropout), as in
+          `eqx.nn.Dropout`. Default `None`: the layer's own.
 
         **Returns:**
 
@@ -244,16 +260,16 @@ class RingAttention(eqx.Module):
 
         **Raises:**
 
-        `ValueError` if `x` is not `[seq, d_model]` or `positions` / `segment_ids` is not `[seq]`,
+        `ValueError` if dropout is on and `key` is `None`, if `x` is not `[seq, d_model]` or
+        `positions` / `segment_ids` is not `[seq]`,
         if the spec has a mesh and `seq` does not split over its `seq_axis` in `layout`, if a chunk
         size does not divide the (local) sequence, if the spec's RoPE meets an odd `head_dim` or its
         `head_axis` does not divide `num_kv_heads`; `TypeError` if `spec` is not an `AttentionSpec`,
         `x` is not floating or `positions` / `segment_ids` are not integers. (With jaxtyping's
         import hook on, its `TypeCheckError` names a wrong shape or dtype first.)
         """
-        del key, inference
         with jax.named_scope("eqx_ring.RingAttention"):
-            return self.prefill(x, spec=spec, positions=positions, segment_ids=segment_ids)[0]
+            return self._prefill(x, spec, positions, segment_ids, key, inference)[0]
 
     def prefill(
         self,
@@ -287,6 +303,14 @@ class RingAttention(eqx.Module):
 
         As `__call__`.
         """
+        return self._prefill(x, spec, positions, segment_ids, None, True)
+
+    def _prefill(self, x, spec, positions, segment_ids, key, inference: bool | None):
+        """`prefill`, with dropout unless in inference mode (`inference`, or else the layer's), drawn from `key`."""
+        dropout_rate = 0.0 if (self.inference if inference is None else inference) else self.dropout
+        if dropout_rate and key is None:
+            raise ValueError(f"RingAttention(dropout={self.dropout}) needs key= to drop attention probabilities in "
+                             "training; pass inference=True (or use eqx.nn.inference_mode) to turn dropout off")
         spec = check_spec(spec, self.num_heads, self.num_kv_heads, self.head_dim)
         check_array("x", x, (None, self.d_model), ("seq", "d_model"))
         seq = x.shape[0]
@@ -302,7 +326,7 @@ class RingAttention(eqx.Module):
             else:
                 positions = jnp.asarray(layout_positions(seq, spec.layout, ring))
         q, k, v = self._project(x, positions, spec)
-        o = self._attend(q, k, v, segment_ids, spec, inside)
+        o = self._attend(q, k, v, segment_ids, spec, inside, dropout_rate, key)
         return jax.vmap(self.output_proj)(o.reshape(seq, self.num_heads * self.head_dim)), k, v
 
     def decode_step(
@@ -455,7 +479,7 @@ class RingAttention(eqx.Module):
             k = apply_rope(k, positions, spec.rope_theta, spec.rope_scaling)
         return q, k, v
 
-    def _attend(self, q, k, v, segment_ids, spec: AttentionSpec, inside: bool):
+    def _attend(self, q, k, v, segment_ids, spec: AttentionSpec, inside: bool, dropout_rate: float, key):
         tuning = spec.tuning
         kernel_kw = dict(
             causal=spec.causal,
@@ -463,27 +487,32 @@ class RingAttention(eqx.Module):
             sliding_window=spec.sliding_window,
             attention_chunk_size=spec.attention_chunk_size,
             logit_softcap=spec.logit_softcap,
+            dropout_rate=dropout_rate,
             query_chunk_size=tuning.query_chunk_size,
             key_chunk_size=tuning.key_chunk_size,
             implementation=tuning.implementation,
         )
         if spec.mesh is None and not inside:
-            return blockwise_attention(q, k, v, segment_ids=segment_ids, sinks=self.sinks, **kernel_kw)
+            return blockwise_attention(q, k, v, segment_ids=segment_ids, sinks=self.sinks, dropout_key=key, **kernel_kw)
         ring = partial(ring_attention, axis_name=spec.sequence_axes, layout=spec.layout, kv_pieces=tuning.kv_pieces,
                        strategy=spec.strategy, **kernel_kw)
 
-        def local(q, k, v, ids, sinks):
-            return ring(q, k, v, segment_ids=ids, sinks=sinks)
+        def local(q, k, v, ids, sinks, key):
+            if key is not None and spec.head_axis is not None and jax.lax.axis_size(spec.head_axis) > 1:
+                # Each device holds a slice of the heads, which the seeds would number from 0 again: give each
+                # slice its own key (the dropped set then depends on the head split, and on nothing else).
+                key = jax.random.fold_in(key, jax.lax.axis_index(spec.head_axis))
+            return ring(q, k, v, segment_ids=ids, sinks=sinks, dropout_key=key)
 
         if inside:
-            return local(q, k, v, segment_ids, self.sinks)
+            return local(q, k, v, segment_ids, self.sinks, key)
         qkv_spec = P(spec.sequence_axes, spec.head_axis, None)
         # Pallas's interpreter (the fused kernel off GPU, for tests) trips jax 0.10's varying-axes check.
         check_vma = not fused_is_interpreted(tuning.implementation)
-        # Absent segment ids or sinks (None) are empty subtrees: their specs apply to nothing.
+        # Absent segment ids, sinks or key (None) are empty subtrees: their specs apply to nothing.
         return jax.shard_map(local, mesh=spec.mesh, out_specs=qkv_spec, check_vma=check_vma,
-                             in_specs=(qkv_spec,) * 3 + (P(spec.sequence_axes), P(spec.head_axis)),
-                             )(q, k, v, segment_ids, self.sinks)
+                             in_specs=(qkv_spec,) * 3 + (P(spec.sequence_axes), P(spec.head_axis), P()),
+                             )(q, k, v, segment_ids, self.sinks, key)
 
 
 def _ring_size(spec: AttentionSpec, seq: int, inside: bool) -> int:

@@ -156,15 +156,17 @@ class RingTransformerBlock(eqx.Module):
         - `positions`: `[seq]` RoPE positions; default `None`: the true position of each slot. See
           [`RingAttention.__call__`][eqx_ring.RingAttention.__call__].
         - `segment_ids`: `[seq]` packed-sequence ids; default `None`: one segment.
-        - `key`: unused (there is no dropout).
-        - `inference`: unused, likewise.
+        - `key`: a `jax.random` key for the attention's dropout (see
+          [`RingAttention.__call__`][eqx_ring.RingAttention.__call__]); default `None`.
+        - `inference`: whether dropout is off for this call; default `None`: the attention's own
+          `inference`.
 
         **Returns:**
 
         The block's output, `[seq, d_model]`, like `x`.
         """
         with jax.named_scope("eqx_ring.RingTransformerBlock"):
-            return self.prefill(x, spec=spec, positions=positions, segment_ids=segment_ids)[0]
+            return self._prefill(x, spec, positions, segment_ids, key, inference)[0]
 
     def prefill(
         self,
@@ -191,9 +193,13 @@ class RingTransformerBlock(eqx.Module):
         `(output, keys, values)`: the block's output `[seq, d_model]` and its attention's keys
         (after RoPE) and values, `[seq, kv_heads, head_dim]` each.
         """
+        return self._prefill(x, spec, positions, segment_ids, None, True)
+
+    def _prefill(self, x, spec, positions, segment_ids, key, inference: bool | None):
+        """`prefill`, with the attention's dropout unless in inference mode (see `RingAttention._prefill`)."""
         spec = AttentionSpec() if spec is None else spec
-        attended, keys, values = self.attention.prefill(self.attention_norm(x), spec=spec, positions=positions,
-                                                        segment_ids=segment_ids)
+        attended, keys, values = self.attention._prefill(self.attention_norm(x), spec, positions, segment_ids, key,
+                                                         inference)
         x = x + attended
         return x + self.ffn(self.ffn_norm(x), chunk_size=spec.tuning.ffn_chunk_size), keys, values
 
@@ -343,6 +349,8 @@ class RingTransformer(eqx.Module):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         qkv_bias: bool = False,
+        use_sinks: bool = False,
+        attention_dropout: float = 0.0,
         hidden_size: int | None = None,
         activation: str = "swiglu",
         tie_embeddings: bool = False,
@@ -369,6 +377,10 @@ class RingTransformer(eqx.Module):
         - `num_kv_heads`: key/value heads (GQA); defaults to `num_heads`.
         - `head_dim`: width of each head; defaults to `d_model // num_heads`.
         - `qkv_bias`: biases on the query, key and value projections (Qwen2's); default `False`.
+        - `use_sinks`: a learnable sink logit per query head in every block (gpt-oss's); default
+          `False`. See [`RingAttention`][eqx_ring.RingAttention].
+        - `attention_dropout`: dropout on every block's attention probabilities in training (pass
+          `key=` to `__call__`); default 0.
         - `hidden_size`: the FFN's hidden width; defaults to `4 * d_model`.
         - `activation`: the FFN's activation, `"swiglu"` (default) or `"gelu"`.
         - `tie_embeddings`: use the embedding matrix as the LM head (default `False`).
@@ -412,7 +424,8 @@ class RingTransformer(eqx.Module):
         def block(k):
             ak, fk = jax.random.split(k)
             attention = RingAttention(d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                                      qkv_bias=qkv_bias, dtype=dtype, key=ak)
+                                      qkv_bias=qkv_bias, use_sinks=use_sinks, dropout=attention_dropout, dtype=dtype,
+                                      key=ak)
             ffn = BlockwiseFFN(d_model, hidden_size, activation=activation, dtype=dtype, key=fk)
             return RingTransformerBlock(attention, ffn, norm_eps=norm_eps)
 
@@ -500,8 +513,10 @@ class RingTransformer(eqx.Module):
           Default `None`: one segment.
         - `tuning`: a [`KernelTuning`][eqx_ring.KernelTuning] to run this call with instead of
           `spec.tuning` (chunk sizes, kernel); default `None`: the spec's.
-        - `key`: unused (there is no dropout).
-        - `inference`: unused, likewise.
+        - `key`: a `jax.random` key for the attention dropout (`attention_dropout`), split over the
+          layers; needed when the model has dropout and is not in inference mode. Default `None`.
+        - `inference`: whether dropout is off for this call (as in `eqx.nn.Dropout`; or use
+          `eqx.nn.inference_mode(model)`); default `None`: each layer's own `inference`.
 
         **Returns:**
 
@@ -518,10 +533,10 @@ class RingTransformer(eqx.Module):
         reaches and any loss over them are NaN ([`models.train`][models.train] stops on a NaN loss
         and says so).
         """
-        del key, inference
         with jax.named_scope("eqx_ring.RingTransformer"):
             bad = self._check_inputs(tokens, positions, segment_ids)
-            return self._layers(tokens, positions, segment_ids, self._spec(tuning), with_cache=False, bad=bad)[0]
+            return self._layers(tokens, positions, segment_ids, self._spec(tuning), with_cache=False, bad=bad,
+                                key=key, inference=inference)[0]
 
     def prefill(
         self,
@@ -699,20 +714,22 @@ class RingTransformer(eqx.Module):
             raise ValueError(f"KV-cache decoding needs causal attention with causal_block_size=1, got causal={causal}, "
                              f"causal_block_size={block}")
 
-    def _layers(self, tokens, positions, segment_ids, spec: AttentionSpec, *, with_cache: bool, bad=None):
+    def _layers(self, tokens, positions, segment_ids, spec: AttentionSpec, *, with_cache: bool, bad=None, key=None,
+                inference: bool | None = True):
         """The embedding, every block and the final norm; with the blocks' keys and values if `with_cache`.
 
-        `bad` marks token ids outside the vocabulary: their embeddings are NaN (see `check_ids`)."""
+        `bad` marks token ids outside the vocabulary: their embeddings are NaN (see `check_ids`). `key` (one per
+        layer after a split) and `inference` drive the attention dropout."""
         x = jnp.take(self.embedding.weight, tokens, axis=0, mode="clip")
         if bad is not None:
             x = jnp.where(bad[:, None], jnp.nan, x)
 
         offload = self.offload_residuals and not with_cache
 
-        def layer(x, block):
+        def layer(x, block, key):
             if offload:
                 x = checkpoint_name(x, _BLOCK_INPUT)
-            y, keys, values = block.prefill(x, spec=spec, positions=positions, segment_ids=segment_ids)
+            y, keys, values = block._prefill(x, spec, positions, segment_ids, key, inference)
             return y, ((keys, values) if with_cache else None)
 
         if offload:
@@ -727,13 +744,15 @@ class RingTransformer(eqx.Module):
             layer = eqx.filter_checkpoint(layer, policy=policy)
         elif self.remat_policy is not None and not with_cache:
             layer = eqx.filter_checkpoint(layer, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+        keys = [None] * self.num_layers if key is None else jax.random.split(key, self.num_layers)
         if self.scan_layers:
             params, static = eqx.partition(self.blocks, eqx.is_array)
-            x, kv = lax.scan(lambda x, p: layer(x, eqx.combine(p, static)), x, params)
+            x, kv = lax.scan(lambda x, pk: layer(x, eqx.combine(pk[0], static), pk[1]), x,
+                             (params, None if key is None else keys))
         else:
             kvs = []
-            for block in self.blocks:
-                x, kv = layer(x, block)
+            for block, block_key in zip(self.blocks, keys, strict=True):
+                x, kv = layer(x, block, block_key)
                 kvs.append(kv)
             kv = tuple(jnp.stack(a) for a in zip(*kvs, strict=True)) if with_cache else None
         x = self.norm(x)
