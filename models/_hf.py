@@ -295,12 +295,14 @@ def hf_config(config: LMConfig) -> dict[str, Any]:
     **Returns:** the `config.json` fields, a `dict`.
 
     **Raises:** `ValueError` naming the field, for what none of these architectures computes: no
-    RoPE, no causal mask, a `causal_block_size` other than 1, a sliding window with `qkv_bias` or
-    with `rope_scaling`.
+    RoPE, no causal mask, a `causal_block_size` other than 1, chunked attention, a logit softcap,
+    sinks, a sliding window with `qkv_bias` or with `rope_scaling`.
     """
     spec = config.attention
     problems = {"attention.rope_theta": spec.rope_theta is None, "attention.causal": not spec.causal,
                 "attention.causal_block_size": spec.causal_block_size != 1,
+                "attention.attention_chunk_size": spec.attention_chunk_size is not None,
+                "attention.logit_softcap": spec.logit_softcap is not None, "use_sinks": config.use_sinks,
                 "attention.sliding_window with qkv_bias": spec.sliding_window is not None and config.qkv_bias,
                 "attention.sliding_window with rope_scaling": (spec.sliding_window is not None
                                                                and spec.rope_scaling is not None)}

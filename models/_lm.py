@@ -143,6 +143,8 @@ class LMConfig:
     - `head_dim`: width of each attention head. `None` (default): `d_model // num_heads`, which
       must then divide evenly.
     - `qkv_bias`: biases on the query, key and value projections (Qwen2's); default `False`.
+    - `use_sinks`: a learnable attention sink per query head in every block (gpt-oss's); default
+      `False`.
     - `norm_eps`: the RMSNorms' epsilon (default `1e-6`; LLaMA-family checkpoints give theirs).
     - `param_dtype`: the weights' dtype, `"float32"` (default), `"bfloat16"` or `"float16"`; the
       RMSNorm scales are float32 whatever it is. Zoo files record it, so a bfloat16 checkpoint
@@ -157,7 +159,7 @@ class LMConfig:
 
     **Raises:** `ValueError`, naming the field and its value, for a size or head count that is not a
     positive int, `num_heads` not dividing `d_model` (without `head_dim`), a `norm_eps` that is not a
-    finite float >= 0, a `qkv_bias` that is not a bool, an unknown `param_dtype`, `num_kv_heads` not
+    finite float >= 0, a `qkv_bias` or `use_sinks` that is not a bool, an unknown `param_dtype`, `num_kv_heads` not
     dividing `num_heads`, an unknown `remat_policy`, a `tie_embeddings` that is not a bool, or an
     `attention` that is not a valid spec, holds a mesh or head axis, or has RoPE over an odd head size.
     """
@@ -170,6 +172,7 @@ class LMConfig:
     hidden_size: int | None = None
     head_dim: int | None = None
     qkv_bias: bool = False
+    use_sinks: bool = False
     norm_eps: float = 1e-6
     param_dtype: str = "float32"
     tie_embeddings: bool = False
@@ -183,7 +186,7 @@ class LMConfig:
         check_transformer_fields(self, self.head_dim)
         if self.param_dtype not in PARAM_DTYPES:
             raise ValueError(f"LMConfig.param_dtype must be one of {PARAM_DTYPES}, got {self.param_dtype!r}")
-        for name in ("tie_embeddings", "qkv_bias"):
+        for name in ("tie_embeddings", "qkv_bias", "use_sinks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LMConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -284,7 +287,8 @@ class RingLM(RingModel):
         """
         self.transformer = build_transformer(config, mesh=mesh, head_axis=head_axis,
                                              tie_embeddings=config.tie_embeddings, key=key, head_dim=config.head_dim,
-                                             qkv_bias=config.qkv_bias, norm_eps=config.norm_eps,
+                                             qkv_bias=config.qkv_bias, use_sinks=config.use_sinks,
+                                             norm_eps=config.norm_eps,
                                              dtype=jnp.dtype(config.param_dtype))
         self.config = config
 

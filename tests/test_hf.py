@@ -127,6 +127,15 @@ def test_save_refuses_what_no_llama_family_model_computes(tmp_path, no_hook):
         models.save_pretrained(model, tmp_path)
     with pytest.raises(TypeError, match="model must be a models.RingLM, got int"):
         models.save_pretrained(3, tmp_path)
+    # The features of newer models that the LLaMA family lacks are refused too, not dropped from the export.
+    small = dict(vocab_size=16, d_model=16, num_layers=1, num_heads=2)
+    for name, config in (
+            ("attention.attention_chunk_size", models.LMConfig(**small, attention=eqx_ring.AttentionSpec(
+                attention_chunk_size=8))),
+            ("attention.logit_softcap", models.LMConfig(**small, attention=eqx_ring.AttentionSpec(logit_softcap=30.0))),
+            ("use_sinks", models.LMConfig(**small, use_sinks=True))):
+        with pytest.raises(ValueError, match=rf"LMConfig.{name} .* is not something a LLaMA-family"):
+            models.hf_config(config)
 
 
 # ---- damaged folders --------------------------------------------------------------------------------
