@@ -281,6 +281,7 @@ _BENCH = {
         ("attention", ["attention_cpu.py", "--seq", "4096", "8192", "--mem-seq", "8192", "16384", "32768", "--masks",
                        "causal", "full", "--dtypes", "f32", "bf16", "--max-temp-gib", "8", "--json", "attention.json"]),
         ("strategies", ["strategies.py", "--json", "strategies.json"]),
+        ("features", ["features.py", "--json", "features.json"]),
     ],
     True: [
         ("load_balance", ["load_balance.py", "--devices", "2", "--seq-len", "4096", "--chunk", "512"]),
@@ -295,6 +296,7 @@ _BENCH = {
         ("attention", ["attention_cpu.py", "--seq", "4096", "--mem-seq", "4096", "--reps", "1", "--impls", "zigzag",
                        "blockwise", "--json", "attention.json"]),
         ("strategies", ["strategies.py", "--seqs", "1024", "--time-seqs", "--json", "strategies.json"]),
+        ("features", ["features.py", "--seq", "1024", "--rounds", "1", "--json", "features.json"]),
     ],
 }
 
