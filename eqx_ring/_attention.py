@@ -106,7 +106,9 @@ class RingAttention(eqx.Module):
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
-    inference: bool
+    # A leaf only for a layer with dropout, where `eqx.nn.inference_mode` flips it: None (no leaf) otherwise, so that
+    # the trees of models without dropout hold arrays alone.
+    inference: bool | None
 
     def __init__(
         self,
@@ -138,7 +140,7 @@ class RingAttention(eqx.Module):
         - `dropout`: the chance that each attention probability is dropped in training (see
           [`dot_product_attention`][eqx_ring.dot_product_attention]'s `dropout_rate`); default 0.
         - `inference`: whether dropout is off, as in `eqx.nn.Dropout` (`eqx.nn.inference_mode`
-          sets it); default `False`.
+          sets it); default `False`. Kept only with `dropout` (the field is `None` without).
         - `dtype`: parameter dtype; defaults to float32.
         - `key`: a `jax.random.PRNGKey` for the initialisation.
 
@@ -176,7 +178,7 @@ class RingAttention(eqx.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dropout = float(dropout)
-        self.inference = inference
+        self.inference = bool(inference) if dropout else None
 
     def __check_init__(self):
         if self.num_heads % self.num_kv_heads:
