@@ -1,6 +1,5 @@
 """`RingAttention`: multi-head self-attention whose kernel is blockwise on one device or a ring over a mesh."""
 
-import numbers
 from functools import partial
 from typing import ClassVar
 
@@ -105,10 +104,6 @@ class RingAttention(eqx.Module):
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
-    dropout: float = eqx.field(static=True)
-    # A leaf only for a layer with dropout, where `eqx.nn.inference_mode` flips it: None (no leaf) otherwise, so that
-    # the trees of models without dropout hold arrays alone.
-    inference: bool | None
 
     def __init__(
         self,
@@ -120,8 +115,6 @@ class RingAttention(eqx.Module):
         use_bias: bool = False,
         qkv_bias: bool | None = None,
         use_sinks: bool = False,
-        dropout: float = 0.0,
-        inference: bool = False,
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
     ):
@@ -137,23 +130,16 @@ class RingAttention(eqx.Module):
         - `use_sinks`: whether each query head has a learnable sink logit, `sinks` (`[num_heads]`,
           initialised to 0), that joins every softmax denominator of its head with no value
           (gpt-oss's attention sinks); default `False`.
-        - `dropout`: the chance that each attention probability is dropped in training (see
-          [`dot_product_attention`][eqx_ring.dot_product_attention]'s `dropout_rate`); default 0.
-        - `inference`: whether dropout is off, as in `eqx.nn.Dropout` (`eqx.nn.inference_mode`
-          sets it); default `False`. Kept only with `dropout` (the field is `None` without).
         - `dtype`: parameter dtype; defaults to float32.
         - `key`: a `jax.random.PRNGKey` for the initialisation.
 
         **Raises:**
 
-        `ValueError` if `dropout` is not in [0, 1), if `d_model`, `num_heads`, `num_kv_heads` or `head_dim` is not
-        a positive int, if
+        `ValueError` if `d_model`, `num_heads`, `num_kv_heads` or `head_dim` is not a positive int, if
         `d_model` is not divisible by `num_heads` (and no `head_dim` is given), or if `num_heads` is
         not a multiple of `num_kv_heads`.
         """
         # Sizes are checked before they size the projections (0 or less fails inside JAX otherwise).
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         check_positive_int("d_model", d_model)
         check_positive_int("num_heads", num_heads)
         for name, value in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
@@ -177,8 +163,6 @@ class RingAttention(eqx.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.dropout = float(dropout)
-        self.inference = bool(inference) if dropout else None
 
     def __check_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -250,11 +234,12 @@ class RingAttention(eqx.Module):
           slot in the layout. Masks never use it.
         - `segment_ids`: `[seq]` packed-sequence ids; tokens attend only within their own id.
           Default `None`: one segment.
-        - `key`: a `jax.random` key for dropout; needed when the layer has `dropout` and is not in
-          inference mode, unused otherwise. The same key drops the same probabilities whatever the
-          spec's mesh, layout or strategy. Default `None`.
-        - `inference`: overrides the layer's `inference` for this call (`True`: no dropout), as in
-          `eqx.nn.Dropout`. Default `None`: the layer's own.
+        - `key`: a `jax.random` key for the spec's `dropout`; needed when it is not 0, unless
+          `inference=True`. The same key drops the same probabilities whatever the spec's mesh,
+          layout or strategy. Default `None`.
+        - `inference`: `True` turns dropout off for this call (Equinox's convention); default
+          `None`: the spec's `dropout` applies. (A model whose spec has `dropout=0`, e.g.
+          `model.with_spec(spec.replace(dropout=0.0))`, never drops.)
 
         **Returns:**
 
@@ -262,11 +247,11 @@ class RingAttention(eqx.Module):
 
         **Raises:**
 
-        `ValueError` if dropout is on and `key` is `None`, if `x` is not `[seq, d_model]` or
-        `positions` / `segment_ids` is not `[seq]`,
-        if the spec has a mesh and `seq` does not split over its `seq_axis` in `layout`, if a chunk
-        size does not divide the (local) sequence, if the spec's RoPE meets an odd `head_dim` or its
-        `head_axis` does not divide `num_kv_heads`; `TypeError` if `spec` is not an `AttentionSpec`,
+        `ValueError` if the spec has dropout, `inference` is not `True` and `key` is `None`, if `x`
+        is not `[seq, d_model]` or `positions` / `segment_ids` is not `[seq]`, if the spec has a mesh
+        and `seq` does not split over its `seq_axis` in `layout`, if a chunk size does not divide the
+        (local) sequence, if the spec's RoPE meets an odd `head_dim` or its `head_axis` does not
+        divide `num_kv_heads`; `TypeError` if `spec` is not an `AttentionSpec`,
         `x` is not floating or `positions` / `segment_ids` are not integers. (With jaxtyping's
         import hook on, its `TypeCheckError` names a wrong shape or dtype first.)
         """
@@ -308,12 +293,12 @@ class RingAttention(eqx.Module):
         return self._prefill(x, spec, positions, segment_ids, None, True)
 
     def _prefill(self, x, spec, positions, segment_ids, key, inference: bool | None):
-        """`prefill`, with dropout unless in inference mode (`inference`, or else the layer's), drawn from `key`."""
-        dropout_rate = 0.0 if (self.inference if inference is None else inference) else self.dropout
-        if dropout_rate and key is None:
-            raise ValueError(f"RingAttention(dropout={self.dropout}) needs key= to drop attention probabilities in "
-                             "training; pass inference=True (or use eqx.nn.inference_mode) to turn dropout off")
+        """`prefill`, with the spec's dropout drawn from `key` unless `inference`."""
         spec = check_spec(spec, self.num_heads, self.num_kv_heads, self.head_dim)
+        dropout_rate = 0.0 if inference else spec.dropout
+        if dropout_rate and key is None:
+            raise ValueError(f"AttentionSpec(dropout={spec.dropout}) needs key= to drop attention probabilities in "
+                             "training; pass inference=True to turn dropout off")
         check_array("x", x, (None, self.d_model), ("seq", "d_model"))
         seq = x.shape[0]
         for name, ids in (("positions", positions), ("segment_ids", segment_ids)):

@@ -80,6 +80,9 @@ class AttentionSpec:
       attention: `i` sees `j` only if `i // c == j // c`, with `causal` as set); default `None`: no chunks.
     - `logit_softcap`: `c`; every attention score `s` becomes `c · tanh(s / c)` before the masks
       (Gemma 2); default `None`: no cap.
+    - `dropout`: the chance that each attention probability is dropped in training (see
+      [`dot_product_attention`][eqx_ring.dot_product_attention]'s `dropout_rate`); the layers then
+      need a `key` unless called with `inference=True`. Default 0: no dropout.
     - `rope_theta`: RoPE base (default `10_000.0`), or `None` for no rotary embedding.
     - `rope_scaling`: a [`RopeScaling`][eqx_ring.RopeScaling] of RoPE's frequencies (position
       interpolation or Llama 3's), or `None` (default) for none; needs `rope_theta`.
@@ -100,7 +103,8 @@ class AttentionSpec:
 
     **Raises:** `ValueError` if `causal_block_size`, `sliding_window` or `attention_chunk_size` is not
     a positive int (or `None` for the last two), if `causal_block_size != 1` without `causal`, if
-    `rope_theta` or `logit_softcap` is not a positive finite number or `None`, if `rope_scaling` is
+    `rope_theta` or `logit_softcap` is not a positive finite number or `None`, if `dropout` is not in
+    [0, 1), if `rope_scaling` is
     given without `rope_theta`, if `layout` is unknown, if `head_axis` is given without a `mesh`,
     if `seq_axis` / `head_axis` (or, for the hybrid, `ulysses_axis`) is not an axis of `mesh`, if
     `strategy` is unknown, or if the hybrid's two axes are one; `TypeError` if `causal` is not a
@@ -124,6 +128,7 @@ class AttentionSpec:
     sliding_window: int | None = None
     attention_chunk_size: int | None = None
     logit_softcap: float | None = None
+    dropout: float = 0.0
     rope_theta: float | None = 10_000.0
     rope_scaling: RopeScaling | None = None
     layout: str = "contiguous"
@@ -151,6 +156,8 @@ class AttentionSpec:
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not math.isfinite(cap)
                                 or cap <= 0):
             raise ValueError(f"logit_softcap must be a positive finite number or None, got {cap!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         theta = self.rope_theta
         if theta is not None and (isinstance(theta, bool) or not isinstance(theta, numbers.Real)
                                   or not math.isfinite(theta) or theta <= 0):

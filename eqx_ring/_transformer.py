@@ -156,10 +156,9 @@ class RingTransformerBlock(eqx.Module):
         - `positions`: `[seq]` RoPE positions; default `None`: the true position of each slot. See
           [`RingAttention.__call__`][eqx_ring.RingAttention.__call__].
         - `segment_ids`: `[seq]` packed-sequence ids; default `None`: one segment.
-        - `key`: a `jax.random` key for the attention's dropout (see
+        - `key`: a `jax.random` key for the spec's attention dropout (see
           [`RingAttention.__call__`][eqx_ring.RingAttention.__call__]); default `None`.
-        - `inference`: whether dropout is off for this call; default `None`: the attention's own
-          `inference`.
+        - `inference`: `True` turns dropout off for this call; default `None`: the spec's applies.
 
         **Returns:**
 
@@ -350,7 +349,6 @@ class RingTransformer(eqx.Module):
         head_dim: int | None = None,
         qkv_bias: bool = False,
         use_sinks: bool = False,
-        attention_dropout: float = 0.0,
         hidden_size: int | None = None,
         activation: str = "swiglu",
         tie_embeddings: bool = False,
@@ -379,8 +377,6 @@ class RingTransformer(eqx.Module):
         - `qkv_bias`: biases on the query, key and value projections (Qwen2's); default `False`.
         - `use_sinks`: a learnable sink logit per query head in every block (gpt-oss's); default
           `False`. See [`RingAttention`][eqx_ring.RingAttention].
-        - `attention_dropout`: dropout on every block's attention probabilities in training (pass
-          `key=` to `__call__`); default 0.
         - `hidden_size`: the FFN's hidden width; defaults to `4 * d_model`.
         - `activation`: the FFN's activation, `"swiglu"` (default) or `"gelu"`.
         - `tie_embeddings`: use the embedding matrix as the LM head (default `False`).
@@ -424,8 +420,7 @@ class RingTransformer(eqx.Module):
         def block(k):
             ak, fk = jax.random.split(k)
             attention = RingAttention(d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                                      qkv_bias=qkv_bias, use_sinks=use_sinks, dropout=attention_dropout, dtype=dtype,
-                                      key=ak)
+                                      qkv_bias=qkv_bias, use_sinks=use_sinks, dtype=dtype, key=ak)
             ffn = BlockwiseFFN(d_model, hidden_size, activation=activation, dtype=dtype, key=fk)
             return RingTransformerBlock(attention, ffn, norm_eps=norm_eps)
 
@@ -513,10 +508,10 @@ class RingTransformer(eqx.Module):
           Default `None`: one segment.
         - `tuning`: a [`KernelTuning`][eqx_ring.KernelTuning] to run this call with instead of
           `spec.tuning` (chunk sizes, kernel); default `None`: the spec's.
-        - `key`: a `jax.random` key for the attention dropout (`attention_dropout`), split over the
-          layers; needed when the model has dropout and is not in inference mode. Default `None`.
-        - `inference`: whether dropout is off for this call (as in `eqx.nn.Dropout`; or use
-          `eqx.nn.inference_mode(model)`); default `None`: each layer's own `inference`.
+        - `key`: a `jax.random` key for the spec's attention `dropout`, split over the layers;
+          needed when it is not 0, unless `inference=True`. Default `None`.
+        - `inference`: `True` turns dropout off for this call (Equinox's convention); default
+          `None`: the spec's `dropout` applies.
 
         **Returns:**
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,13 +91,13 @@ def config_from_hf(hf: Mapping[str, Any], *, layout: str = "contiguous", where: 
     - `layout`: the ring layout of the config's `attention` spec (default `"contiguous"`).
     - `where`: how errors name the file (default `"config.json"`).
 
-    **Returns:** the `LMConfig`: `attention` holds `rope_theta`, `rope_scaling` and (Mistral)
-    `sliding_window`; `qkv_bias` is set for Qwen2.
+    **Returns:** the `LMConfig`: `attention` holds `rope_theta`, `rope_scaling`, `attention_dropout`
+    (as `dropout`) and (Mistral) `sliding_window`; `qkv_bias` is set for Qwen2.
 
     **Raises:** `ValueError` naming the key: an architecture not in
     [`ARCHITECTURES`][models.ARCHITECTURES], a missing size, a `hidden_act` other than `"silu"`, a
     `rope_scaling` type other than `"linear"` or `"llama3"`, Llama's `attention_bias` or
-    `mlp_bias`, Qwen2's `use_sliding_window`, or a nonzero `attention_dropout`.
+    `mlp_bias`, Qwen2's `use_sliding_window`, or an `attention_dropout` outside [0, 1).
     """
     architectures = hf.get("architectures")
     if not isinstance(architectures, list) or len(architectures) != 1:
@@ -111,8 +112,6 @@ def config_from_hf(hf: Mapping[str, Any], *, layout: str = "contiguous", where: 
     for key, supported in refused.items():
         if hf.get(key, supported) != supported:
             raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (only {key}={supported})")
-    if hf.get("attention_dropout", 0.0) not in (0, 0.0):
-        raise ValueError(f"{where}: attention_dropout={hf['attention_dropout']!r} is not supported (only 0.0)")
     sizes = {key: _require(hf, key, where) for key in ("vocab_size", "hidden_size", "intermediate_size",
                                                          "num_hidden_layers", "num_attention_heads")}
     num_kv_heads = hf.get("num_key_value_heads") or sizes["num_attention_heads"]
@@ -120,8 +119,11 @@ def config_from_hf(hf: Mapping[str, Any], *, layout: str = "contiguous", where: 
     if head_dim is not None and head_dim * sizes["num_attention_heads"] == sizes["hidden_size"]:
         head_dim = None  # the default: d_model // num_heads
     window = hf.get("sliding_window") if architecture == "MistralForCausalLM" else None
+    dropout = hf.get("attention_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+        raise ValueError(f"{where}: attention_dropout={dropout!r} must be a number in [0, 1)")
     spec = AttentionSpec(rope_theta=float(hf.get("rope_theta", 10_000.0)), rope_scaling=_rope_scaling(hf, where),
-                         sliding_window=window, layout=layout)
+                         sliding_window=window, layout=layout, dropout=float(dropout))
     return LMConfig(vocab_size=sizes["vocab_size"], d_model=sizes["hidden_size"],
                     num_layers=sizes["num_hidden_layers"], num_heads=sizes["num_attention_heads"],
                     num_kv_heads=num_kv_heads, hidden_size=sizes["intermediate_size"], head_dim=head_dim,
@@ -326,7 +328,7 @@ def hf_config(config: LMConfig) -> dict[str, Any]:
         "num_key_value_heads": config.num_kv_heads or config.num_heads, "head_dim": head_dim,
         "hidden_act": "silu", "rms_norm_eps": config.norm_eps, "rope_theta": spec.rope_theta,
         "rope_scaling": rope_scaling, "sliding_window": spec.sliding_window,
-        "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_embeddings, "attention_dropout": spec.dropout,
         # Transformers sizes its position tables and caches by this; RoPE itself has no limit.
         "max_position_embeddings": max(4096, (scaling.original_max_position_embeddings * math.ceil(scaling.factor)
                                               if scaling is not None and scaling.kind == "llama3" else 0)),

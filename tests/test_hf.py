@@ -108,6 +108,22 @@ def test_save_then_load_gives_the_same_model(name, tmp_path):
     assert models.config_from_hf(saved) == models.config_from_hf(original)
 
 
+def test_attention_dropout_becomes_the_specs_dropout(tmp_path):
+    folder = copy_fixture("llama", tmp_path)
+    edit_config(folder, attention_dropout=0.25)
+    model = models.from_pretrained(folder)
+    assert model.spec.dropout == 0.25
+    models.save_pretrained(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["attention_dropout"] == 0.25
+    # Inference (and generation, which prefills in inference) computes what transformers does, dropout or not.
+    plain = models.from_pretrained(FIXTURES / "llama")
+    tokens = jnp.arange(16) % plain.config.vocab_size
+    hidden = [m.transformer(tokens, inference=True) for m in (model, plain)]
+    assert bool(jnp.all(hidden[0] == hidden[1]))
+    dropped = model.transformer(tokens, key=jax.random.key(0))
+    assert float(jnp.abs(dropped - hidden[1]).max()) > 1e-3
+
+
 def test_save_splits_into_shards_with_an_index(tmp_path):
     model = models.from_pretrained(FIXTURES / "llama")
     written = models.save_pretrained(model, tmp_path, max_shard_size=20_000)
@@ -206,7 +222,7 @@ def test_a_tensor_the_model_has_no_place_for_is_named(tmp_path):
         (dict(architectures=["GPT2LMHeadModel"]), "architecture 'GPT2LMHeadModel' is not supported"),
         (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
         (dict(attention_bias=True), "attention_bias=True is not supported"),
-        (dict(attention_dropout=0.1), "attention_dropout=0.1 is not supported"),
+        (dict(attention_dropout=1.5), "attention_dropout=1.5 must be a number in "),
         (dict(hidden_size=None), "hidden_size=None is not a int"),
     ],
 )
