@@ -49,7 +49,7 @@ GIB = 2**30
 class _DenseAttention(eqx_ring.RingAttention):
     """`RingAttention` whose attention is plain `jax.nn.dot_product_attention`: the vanilla transformer."""
 
-    def _attend(self, q, k, v, segment_ids, spec: eqx_ring.AttentionSpec, inside: bool):
+    def _attend(self, q, k, v, segment_ids, spec: eqx_ring.AttentionSpec, inside: bool, dropout_rate, key):
         # Under `vmap(spmd_axis_name=BATCH_AXES)` these constraints keep each example on its own data shard.
         q, k, v = (jax.lax.with_sharding_constraint(x, NamedSharding(spec.mesh, P())) for x in (q, k, v))
         out = jax.nn.dot_product_attention(q, k, v, is_causal=spec.causal, implementation="xla")
