@@ -603,7 +603,7 @@ class PallasKernel(Kernel):
         return state  # merge keeps (o, lse) normalized after every block
 
     def start_backward(self, queries: Queries, upstream: Upstream, block: KeyValueBlock):
-        dkv = tuple(None if x is None else jnp.full_like(x, 0.0, _F32) for x in (block.k, block.v, block.bias))
+        dkv = tuple(None if x is None else zeros_after(upstream.do, x) for x in (block.k, block.v, block.bias))
         return upstream, zeros_after(upstream.do, queries.q), dkv
 
     def backward_step(self, masks, scale, queries: Queries, upstream: Upstream, block: KeyValueBlock,
