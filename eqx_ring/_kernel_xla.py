@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from jax import lax
 
-from ._buffers import zeros_after
 from ._checks import check_chunk
 from ._kernel import Gradients, Kernel, KeyValueBlock, Queries, Upstream
 from ._masks import MaskSpec, classify, dropout_keep, skip_or_compute, visible
@@ -217,11 +216,11 @@ class XlaKernel(Kernel):
         lk = block.k.shape[1]
         # Rows that saw no key have lse = -inf and every score -inf; shifting by 0 keeps p at 0.
         upstream = upstream._replace(lse=jnp.where(upstream.lse == -jnp.inf, 0.0, upstream.lse))
-        dq = zeros_after(upstream.do, queries.q, (b, kh, g, lq, d))
+        dq = jnp.full_like(queries.q, 0.0, _F32, shape=(b, kh, g, lq, d))
         dkv = (
-            zeros_after(upstream.do, block.k, (b, kh, d, lk)),
-            zeros_after(upstream.do, block.v, (b, kh, d, lk)),
-            _maybe(lambda bias: zeros_after(upstream.do, bias), block.bias),
+            jnp.full_like(block.k, 0.0, _F32, shape=(b, kh, d, lk)),
+            jnp.full_like(block.v, 0.0, _F32, shape=(b, kh, d, lk)),
+            _maybe(jnp.full_like, block.bias, 0.0, _F32),
         )
         return upstream, dq, dkv
 
