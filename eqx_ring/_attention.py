@@ -188,7 +188,8 @@ class RingAttention(eqx.Module):
 
         `ValueError` if `mha` is not a self-attention layer that `RingAttention` can
         express (equal query/key/value/output sizes and equal qk/vo head sizes), or if it has
-        attention dropout, which `RingAttention` does not implement.
+        attention dropout: a layer holds no settings, so the rate belongs in the spec it is called
+        with (`MHA_SPEC.replace(dropout=p)`), whose dropped set is our hash's, not Equinox's draw.
         """
         sizes = (mha.query_size, mha.key_size, mha.value_size, mha.output_size)
         if len(set(sizes)) != 1 or mha.qk_size != mha.vo_size:
@@ -198,8 +199,9 @@ class RingAttention(eqx.Module):
             )
         if mha.dropout.p != 0:
             raise ValueError(
-                f"RingAttention has no attention dropout but mha.dropout.p={mha.dropout.p}; set it to 0 first "
-                "(eqx.tree_at(lambda m: m.dropout.p, mha, 0.0))"
+                f"mha.dropout.p={mha.dropout.p}: a RingAttention's dropout rate is its spec's, not the layer's; "
+                "convert eqx.tree_at(lambda m: m.dropout.p, mha, 0.0) and call the layer with "
+                f"spec=RingAttention.MHA_SPEC.replace(dropout={mha.dropout.p}) and key="
             )
         attn = cls(mha.query_size, mha.num_heads, head_dim=mha.qk_size, dtype=mha.query_proj.weight.dtype,
                    key=jax.random.key(0))

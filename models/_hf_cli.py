@@ -204,8 +204,10 @@ def finetune(args: argparse.Namespace, stop) -> int:
                                      layout="zigzag", ring_size=ring, vocab_size=model.config.vocab_size)
 
     progress = not args.no_progress and sys.stderr.isatty()
-    result = train(model, lambda m, b: (m.loss(b, spmd_axis_name=BATCH_AXES), {}), batches, config,
-                   workdir=args.workdir / "finetune", mesh=mesh, progress=progress, description="fine-tune")
+    # The key drives the checkpoint's attention dropout (its config.json's attention_dropout), if any.
+    result = train(model, lambda m, b, key: (m.loss(b, spmd_axis_name=BATCH_AXES, key=key), {}), batches, config,
+                   workdir=args.workdir / "finetune", mesh=mesh, progress=progress, description="fine-tune",
+                   key=jax.random.key(seed))
     echo = functools.partial(print, flush=True)
     if jax.process_index() == 0:
         plot_metrics(result.records, args.workdir / "finetune_loss.png", keys=("loss",), title="Fine-tuning loss")

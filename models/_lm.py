@@ -293,7 +293,7 @@ class RingLM(RingModel):
         self.config = config
 
     def loss(self, batch: Mapping[str, Any], *, spmd_axis_name: tuple[str, ...] | None = None,
-             tuning: KernelTuning | None = None) -> Float[Array, ""]:
+             tuning: KernelTuning | None = None, key: PRNGKeyArray | None = None) -> Float[Array, ""]:
         """Mean next-token cross-entropy of a batch of packed rows, never building the `[seq, vocab]` logits.
 
         The targets were taken in natural order before any ring layout (as
@@ -316,12 +316,15 @@ class RingLM(RingModel):
           data shard keeps its own rows; `None` (the default) without a mesh.
         - `tuning`: a [`KernelTuning`][eqx_ring.KernelTuning] for this call instead of the spec's
           (default `None`: the spec's); no rebuild.
+        - `key`: a `jax.random` key for the spec's attention dropout (split over the rows); needed
+          when `config.attention.dropout` is not 0, ignored otherwise. [`train`][models.train] given
+          `key=` passes one per step. Default `None`.
 
         **Returns:** the mean loss over the targets in `target_mask` (0 when there are none), a
         float32 scalar.
         """
 
-        hidden = batch_hidden(self.transformer, batch, spmd_axis_name, tuning)
+        hidden = batch_hidden(self.transformer, batch, spmd_axis_name, tuning, key)
         per_token = chunked_cross_entropy(hidden, self.transformer.head_weight, batch["targets"],
                                           batch["target_mask"], reduction="none")
         count = token_count(batch, lambda b: b["target_mask"].sum(dtype=jnp.float32))
@@ -330,14 +333,15 @@ class RingLM(RingModel):
 
 def batch_hidden(
     transformer: RingTransformer, batch: Mapping[str, Any], spmd_axis_name: tuple[str, ...] | None,
-    tuning: KernelTuning | None = None,
+    tuning: KernelTuning | None = None, key: PRNGKeyArray | None = None,
 ) -> Float[Array, "batch seq d_model"]:
     """The final hidden states of a batch of packed rows: `transformer` (with `tuning`, if given) vmapped over
     `tokens`, `positions` and `segment_ids`, each data shard keeping its own rows when `spmd_axis_name` names the
-    data axes."""
+    data axes; `key` (the attention dropout's) is split into one per row."""
 
-    def one(tokens, positions, segment_ids):
-        return transformer(tokens, positions=positions, segment_ids=segment_ids, tuning=tuning)
+    def one(tokens, positions, segment_ids, key):
+        return transformer(tokens, positions=positions, segment_ids=segment_ids, tuning=tuning, key=key)
 
     vmap_kw = {} if spmd_axis_name is None else dict(spmd_axis_name=spmd_axis_name)
-    return jax.vmap(one, **vmap_kw)(batch["tokens"], batch["positions"], batch["segment_ids"])
+    keys = None if key is None else jax.random.split(key, batch["tokens"].shape[0])
+    return jax.vmap(one, **vmap_kw)(batch["tokens"], batch["positions"], batch["segment_ids"], keys)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from jaxtyping import PRNGKeyArray
 
 from eqx_ring import RMSNorm, RopeScaling
 from eqx_ring.sharding import batch_sharding, shard_params
@@ -28,8 +29,9 @@ from ._protocol import RingModel
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[eqx.Module, dict[str, Any]], tuple[jax.Array, dict[str, jax.Array]]]
-"""`loss_fn(model, batch) -> (loss, metrics)`: a scalar to minimise and named scalars to log.
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+"""`loss_fn(model, batch) -> (loss, metrics)`: a scalar to minimise and named scalars to log; when
+[`train`][models.train] is given a `key`, `loss_fn(model, batch, key=k)` with that step's key.
 
 With `grad_accum > 1` [`make_train_step`][models.make_train_step] calls it once per microbatch and
 averages the results; each microbatch then also holds the whole batch under the key
@@ -204,7 +206,8 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, config: TrainConfig,
                     mesh: Mesh | None = None):
-    """The jitted training step of [`train`][models.train]: `(model, opt_state, batch) -> (model, opt_state, metrics)`.
+    """The jitted training step of [`train`][models.train]: `(model, opt_state, batch, key=None) -> (model,
+    opt_state, metrics)`.
 
     With a mesh the batch is constrained to `P(("dp", "fsdp"), "sp")` and the parameters to their
     [`param_shardings`][eqx_ring.sharding.param_shardings]. With `grad_accum > 1` the batch is split
@@ -218,12 +221,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
     do this; a loss that ignores the key gets the average of microbatch means (exact when they
     weigh equally, as [`vq_loss`][models.vq_loss]'s equal-sized videos do).
     `compute_dtype="bfloat16"` runs the model in bfloat16 from float32 master weights. The step
-    donates the buffers of `opt_state` and `batch`: do not use them after the call.
+    donates the buffers of `opt_state` and `batch`: do not use them after the call. Given a `key`
+    (the model's randomness in training: attention dropout), the step calls
+    `loss_fn(model, batch, key=key)`, each microbatch with its own key split from it; without one,
+    `loss_fn(model, batch)`.
 
     **Arguments:**
 
     - `loss_fn`: `(model, batch) -> (loss, metrics)`: a scalar to minimise and a dict of named
-      arrays to report (see above for the microbatches it sees).
+      arrays to report (see above for the microbatches it sees); with a `key` given to the step,
+      it takes `key=` as well.
     - `optimizer`: e.g. [`make_optimizer(config)`][models.make_optimizer].
     - `config`: the [`TrainConfig`][models.TrainConfig]; its `grad_accum` and `compute_dtype` are used.
     - `mesh`: the mesh the model and batches live on, or `None` (the default) for one device.
@@ -242,25 +249,32 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
     def cast(model):
         return jax.tree.map(lambda x: x.astype(compute) if eqx.is_inexact_array(x) else x, model)
 
-    def value_and_grad(model, batch):
-        return eqx.filter_value_and_grad(lambda m: loss_fn(cast(m), batch), has_aux=True)(model)
+    def value_and_grad(model, batch, key):
+        def loss(m):
+            return loss_fn(cast(m), batch) if key is None else loss_fn(cast(m), batch, key=key)
 
+        return eqx.filter_value_and_grad(loss, has_aux=True)(model)
+
+    # The model and the key are the one argument not donated: the caller keeps both.
     @eqx.filter_jit(donate="all-except-first")
-    def step(model, opt_state, batch):
+    def jitted(model_and_key, opt_state, batch):
+        model, key = model_and_key
         _check_batch_rows(batch, config, mesh)
         if mesh is not None:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
         if accum == 1:
-            (loss, metrics), grads = value_and_grad(model, batch)
+            (loss, metrics), grads = value_and_grad(model, batch, key)
         else:
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+            keys = None if key is None else jax.random.split(key, accum)
 
-            def body(total, mb):
-                return jax.tree.map(jnp.add, total, value_and_grad(model, {**mb, WHOLE_BATCH: batch})), None
+            def body(total, inputs):
+                mb, k = inputs
+                return jax.tree.map(jnp.add, total, value_and_grad(model, {**mb, WHOLE_BATCH: batch}, k)), None
 
             first = {**jax.tree.map(lambda x: x[0], micro), WHOLE_BATCH: batch}
-            zeros = jax.tree.map(jnp.zeros_like, eqx.filter_eval_shape(value_and_grad, model, first))
-            total, _ = jax.lax.scan(body, zeros, micro)
+            zeros = jax.tree.map(jnp.zeros_like, eqx.filter_eval_shape(value_and_grad, model, first, key))
+            total, _ = jax.lax.scan(body, zeros, (micro, keys))
             (loss, metrics), grads = jax.tree.map(lambda x: x / accum, total)
         params = eqx.filter(model, eqx.is_array)
         # optax mixes Python floats with int32 step counts, which strict promotion (ours in tests) refuses.
@@ -270,6 +284,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, co
         if mesh is not None:
             model = shard_params(model, mesh)
         return model, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+
+    def step(model, opt_state, batch, key=None):
+        return jitted((model, key), opt_state, batch)
 
     return step
 
@@ -327,6 +344,7 @@ def train(
     progress: bool = True,
     log_every: int = 50,
     description: str = "train",
+    key: PRNGKeyArray | None = None,
 ) -> TrainResult:
     """Train `model` through `config.stages`, checkpointing to `workdir` and resuming from it.
 
@@ -368,6 +386,10 @@ def train(
     - `log_every`: without a bar, write a line after the first step of this run, every this many
       steps, and after the last.
     - `description`: the progress bar's label and the lines' prefix.
+    - `key`: a `jax.random` key for the model's randomness in training (the spec's attention
+      dropout): step `s` (counted from 0 over all stages) calls `loss_fn(model, batch, key=k)`
+      with `k = jax.random.fold_in(key, s)`, so a resumed run draws what an uninterrupted one
+      would. Default `None`: `loss_fn(model, batch)`.
 
     **Returns:** a [`TrainResult`][models.TrainResult] with every step's record since the start of training
     (on processes other than 0: since this run's first step).
@@ -431,7 +453,8 @@ def train(
                     _check_batch_rows(host_batch, config, None, expected=config.batch_size)
                 start = time.perf_counter()
                 batch = _device_batch(host_batch, mesh, config.batch_size)
-                model, opt_state, metrics = step_fn(model, opt_state, batch)
+                step_key = None if key is None else jax.random.fold_in(key, step)
+                model, opt_state, metrics = step_fn(model, opt_state, batch, step_key)
                 # A metric the loss function reports as NaN (a modality absent from the batch) is left out,
                 # so that logs and plots skip it; the loss and the gradient norm are always kept.
                 metrics = {k: float(v) for k, v in metrics.items()}

@@ -139,7 +139,7 @@ class VideoTextLM(RingModel):
 
     def loss(
         self, batch: Mapping[str, Any], *, spmd_axis_name: tuple[str, ...] | None = None,
-        tuning: KernelTuning | None = None,
+        tuning: KernelTuning | None = None, key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
         """LWM's per-modality loss of a batch of packed rows, never building the `[seq, vocab]` logits.
 
@@ -166,6 +166,8 @@ class VideoTextLM(RingModel):
           data shard keeps its own rows; `None` (the default) without a mesh.
         - `tuning`: a [`KernelTuning`][eqx_ring.KernelTuning] for this call instead of the spec's
           (default `None`: the spec's); no rebuild.
+        - `key`: a `jax.random` key for the spec's attention dropout (split over the rows); needed
+          when `config.attention.dropout` is not 0, ignored otherwise. Default `None`.
 
         **Returns:** `(loss, {"text_loss": ..., "vision_loss": ...})`, float32 scalars: the mean
         cross-entropy over the trained text targets and over the trained vision targets (NaN for a
@@ -175,7 +177,7 @@ class VideoTextLM(RingModel):
         (0 when their weights sum to 0).
         """
 
-        hidden = batch_hidden(self.transformer, batch, spmd_axis_name, tuning)
+        hidden = batch_hidden(self.transformer, batch, spmd_axis_name, tuning, key)
         per_token = chunked_cross_entropy(hidden, self.transformer.head_weight, batch["targets"], reduction="none")
 
         def text(b):

@@ -175,3 +175,58 @@ def test_weight_decay_spares_the_norms_of_stacked_blocks():
     assert blocks.attention_norm.weight.ndim == 2 and not blocks.attention_norm.weight.any()
     assert not updates.transformer.norm.weight.any()
     assert blocks.attention.query_proj.weight.all() and blocks.attention.query_proj.weight.ndim == 3
+
+
+
+def test_training_with_attention_dropout_takes_a_key_per_step_and_resumes_exactly(tmp_path):
+    config = dataclasses.replace(TINY, attention=TINY.attention.replace(dropout=0.2))
+    model = models.RingLM(config, key=jax.random.key(0))
+    batch = a_batch()
+    key = jax.random.key(3)
+    optimizer = optax.sgd(1.0)
+    step = models.make_train_step(lambda m, b, key=None: (m.loss(b, key=key), {}), optimizer,
+                                  models.TrainConfig(batch_size=2, grad_accum=2, grad_clip=1e9))
+    stepped, _, _ = step(model, optimizer.init(eqx.filter(model, eqx.is_array)), dict(batch), key)
+    update = (stepped.transformer.blocks.attention.query_proj.weight
+              - model.transformer.blocks.attention.query_proj.weight)
+
+    def query_grad(loss):
+        return eqx.filter_grad(loss)(model).transformer.blocks.attention.query_proj.weight
+
+    # Each microbatch (rows 0 and 1: strided) is handed its own key, split from the step's.
+    keys = jax.random.split(key, 2)
+    halves = query_grad(lambda m: sum(m.loss({**{k: v[i::2] for k, v in batch.items()}, "whole_batch": batch},
+                                             key=keys[i]) for i in range(2)) / 2)
+    assert rel_err(-update, halves) <= 1e-4
+    assert rel_err(-update, query_grad(lambda m: m.loss(batch, key=key))) > 0.01  # not the whole batch's key
+    assert rel_err(-update, query_grad(lambda m: m.loss(batch, key=keys[0]))) > 0.01
+    with pytest.raises(ValueError, match=r"AttentionSpec\(dropout=0.2\) needs key="):
+        step(model, optimizer.init(eqx.filter(model, eqx.is_array)), dict(batch))
+
+    def batches(index, stage):
+        examples = video_text_examples(MovingShapes(16, num_frames=2, size=16), video_tokenizer=PatchQuantizer(),
+                                       process_index=0, process_count=1, num_epochs=None)
+        return packed_batches(examples, seq_len=stage.seq_len, batch_size=2, pad_id=ByteTokenizer.pad_id)
+
+    class Cut(Exception):
+        pass
+
+    def cut_at(stop):
+        def after_step(model, batch, metrics, step):
+            if step == stop:
+                raise Cut
+            return model
+        return after_step
+
+    def run(workdir, after_step=None):
+        cfg = models.TrainConfig(stages=(models.Stage(128, 4),), batch_size=2, warmup_steps=0, checkpoint_every=2)
+        return models.train(model, lambda m, b, key: (m.loss(b, key=key), {}), batches, cfg, workdir=workdir,
+                            progress=False, key=key, after_step=after_step)
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(Cut):
+        run(tmp_path / "cut", cut_at(3))  # cut after step 3, before its checkpoint
+    resumed = run(tmp_path / "cut")  # resumes at step 2 and draws steps 2 and 3's keys as `whole` did
+    for a, b in zip(jax.tree.leaves(resumed.model), jax.tree.leaves(whole.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [r["loss"] for r in resumed.records] == [r["loss"] for r in whole.records]
