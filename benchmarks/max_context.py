@@ -92,7 +92,8 @@ def step_bytes(variant: str, n: int, seq: int, args) -> int:
         def loss(params):
             model = eqx.combine(params, static)
             hidden = jax.vmap(model, spmd_axis_name=BATCH_AXES)(tokens)
-            return eqx_ring.chunked_cross_entropy(hidden, model.head_weight, tokens)
+            return eqx_ring.chunked_cross_entropy(hidden, model.head_weight, tokens,
+                                                  vocab_chunk_size=args.vocab_chunk)
 
         grads = jax.grad(loss)(params)
         with jax.numpy_dtype_promotion("standard"):
@@ -143,6 +144,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--ffn-chunk", type=int, default=2048)
+    parser.add_argument("--vocab-chunk", type=int, default=8192,
+                        help="the loss's vocab_chunk_size (default: the library's, the whole vocab here)")
     parser.add_argument("--kv-pieces", type=int, default=1, help="ring attention's kv_pieces (KernelTuning)")
     parser.add_argument("--million", action="store_true", help="also: does T = 2^20 fit 8 devices (ring)?")
     parser.add_argument("--json", help="write the results here")

@@ -13,7 +13,8 @@ Everything is compiled ahead of time on 8 simulated CPU devices (nothing runs); 
    Measured without and with the inputs donated (`donate_argnums`, as a train step frees them), and the longest T
    that fits --budget GiB (a multiple of 8·m·1024; doubling, then bisection to 1/16).
 2. One train step of the Table 3 model (`benchmarks/max_context.py`: 2 layers, d_model 512, 8 heads, SwiGLU 2048,
-   vocab 1024, float32 master weights and AdamW, remat "nothing_saveable") at T = 1,048,576 on 8 devices. Its floor:
+   vocab 1024, float32 master weights and AdamW, remat "nothing_saveable"; the loss in vocab chunks of 128, so that
+   its logits, [tokens per device, chunk], stay below one activation) at T = 1,048,576 on 8 devices. Its floor:
    parameters, gradients and both AdamW moments (4 × 4 bytes a parameter), the saved input of every layer and the
    final hidden state (L·d each), and one layer's backward: the attention floor above plus the layer's input and
    its gradient (2 × L·d).
@@ -110,6 +111,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=4.0, help="GiB per device for the longest T")
     parser.add_argument("--search-pieces", type=int, nargs="*", default=[1, 8],
                         help="kv_pieces whose longest T is searched (slow: a compile per step)")
+    parser.add_argument("--vocab-chunk", type=int, default=128,
+                        help="the train step's loss vocab_chunk_size: its logits are [tokens per device, this]")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     results: dict = {"seq": args.seq, "budget_gib": args.budget, "attention": {}, "train_step": {}}
@@ -133,8 +136,10 @@ def main() -> None:
             print(f"longest T within {args.budget:g} GiB, kv_pieces={pieces}, inputs "
                   f"{'donated' if donate else 'kept'}: {longest:,}", flush=True)
 
-    step_args = argparse.Namespace(vocab=1024, d_model=512, layers=2, heads=8, chunk=CHUNK, ffn_chunk=2048)
-    print(f"\nTrain step (Table 3 model, float32, AdamW, remat nothing_saveable), {N} devices, T={args.seq:,}")
+    step_args = argparse.Namespace(vocab=1024, d_model=512, layers=2, heads=8, chunk=CHUNK, ffn_chunk=2048,
+                                   vocab_chunk=args.vocab_chunk)
+    print(f"\nTrain step (Table 3 model, float32, AdamW, remat nothing_saveable, loss vocab chunks of "
+          f"{args.vocab_chunk}), {N} devices, T={args.seq:,}")
     for pieces in args.pieces:
         step_args.kv_pieces = pieces
         floor = train_step_floor(args.seq, pieces, step_args)

@@ -35,6 +35,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array
 
+from ._buffers import zeros_after
 from ._layout import layout_positions, shard_positions
 from ._masks import MaskSpec, dropout_rows
 
@@ -275,7 +276,7 @@ def _backward(settings: Settings, q, block: KeyValueBlock, q_segment_ids, seeds,
                          for x, y in zip((dk, dv, dbias), finished[1:], strict=True))
         return dq, dk, dv, dbias
 
-    zeros = tuple(None if x is None else jnp.zeros_like(x, jnp.float32) for x in (block.k, block.v, block.bias))
+    zeros = tuple(None if x is None else zeros_after(do, x) for x in (block.k, block.v, block.bias))
     dq, dk, dv, dbias = lax.fori_loop(0, pieces, ring_and_keep, (dq, *zeros))
     return Gradients(settings.kernel.finish_backward(settings.scale, dq, dkv_zero).dq, dk, dv, dbias)
 
@@ -364,7 +365,7 @@ def _allgather_backward(settings: Settings, q, block: KeyValueBlock, q_segment_i
                       for x, y in ((dq, grads.dq), (dk, scatter(grads.dk)), (dv, scatter(grads.dv))))
         return dq, dk, dv, None if dbias is None else dbias + grads.dbias
 
-    zeros = tuple(None if x is None else jnp.zeros_like(x, jnp.float32) for x in (q, block.k, block.v, bias))
+    zeros = tuple(None if x is None else zeros_after(upstream.do, x) for x in (q, block.k, block.v, bias))
     dq, dk, dv, dbias = _one_piece_after_another(settings.kv_pieces, fetch, use, zeros)
     return Gradients(dq, dk, dv, None if dbias is None else scatter(dbias))
 

@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int, UInt32
 
+from ._buffers import zeros_after
 from ._kernel import Gradients, Kernel, KeyValueBlock, Queries, Upstream
 from ._masks import MaskSpec, classify, dropout_keep, skip_or_compute, visible
 
@@ -603,7 +604,7 @@ class PallasKernel(Kernel):
 
     def start_backward(self, queries: Queries, upstream: Upstream, block: KeyValueBlock):
         dkv = tuple(None if x is None else jnp.full_like(x, 0.0, _F32) for x in (block.k, block.v, block.bias))
-        return upstream, jnp.full_like(queries.q, 0.0, _F32), dkv
+        return upstream, zeros_after(upstream.do, queries.q), dkv
 
     def backward_step(self, masks, scale, queries: Queries, upstream: Upstream, block: KeyValueBlock,
                       key_positions, dq, dkv):
