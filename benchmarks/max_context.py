@@ -87,10 +87,13 @@ def step_bytes(variant: str, n: int, seq: int, args) -> int:
                                      (params, opt_state), shardings)
     tokens = jax.ShapeDtypeStruct((1 if ring else n, seq), jnp.int32, sharding=batch_sharding(mesh))
 
+    compute = jnp.dtype(args.compute_dtype)
+
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, tokens):
         def loss(params):
-            model = eqx.combine(params, static)
+            # As models.make_train_step does: the model runs in the compute dtype from float32 master weights.
+            model = eqx.combine(jax.tree.map(lambda x: x.astype(compute), params), static)
             hidden = jax.vmap(model, spmd_axis_name=BATCH_AXES)(tokens)
             return eqx_ring.chunked_cross_entropy(hidden, model.head_weight, tokens,
                                                   vocab_chunk_size=args.vocab_chunk)
@@ -147,6 +150,8 @@ def main() -> None:
     parser.add_argument("--vocab-chunk", type=int, default=8192,
                         help="the loss's vocab_chunk_size (default: the library's, the whole vocab here)")
     parser.add_argument("--kv-pieces", type=int, default=1, help="ring attention's kv_pieces (KernelTuning)")
+    parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the dtype the model runs in (master weights and AdamW stay float32)")
     parser.add_argument("--million", action="store_true", help="also: does T = 2^20 fit 8 devices (ring)?")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG here")

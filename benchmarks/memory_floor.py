@@ -17,7 +17,8 @@ Everything is compiled ahead of time on 8 simulated CPU devices (nothing runs); 
    its logits, [tokens per device, chunk], stay below one activation) at T = 1,048,576 on 8 devices. Its floor:
    parameters, gradients and both AdamW moments (4 × 4 bytes a parameter), the saved input of every layer and the
    final hidden state (L·d each), and one layer's backward: the attention floor above plus the layer's input and
-   its gradient (2 × L·d).
+   its gradient (2 × L·d). Again with bfloat16 compute from the same float32 master weights (as
+   `TrainConfig(compute_dtype="bfloat16")` trains): activations and their floor take 2 bytes an element.
 """
 
 import argparse
@@ -94,12 +95,13 @@ def train_step_floor(t: int, pieces: int, args) -> dict[str, int]:
     d, layers, vocab, hidden = args.d_model, args.layers, args.vocab, 4 * args.d_model
     params = 2 * vocab * d + layers * (4 * d * d + 3 * d * hidden + 2 * d) + d
     local = t // N
-    activation = local * d * 4
+    itemsize = jnp.dtype(args.compute_dtype).itemsize
+    activation = local * d * itemsize
     return {
         "parameters, gradients, AdamW moments": 4 * params * 4,
         f"saved inputs of {layers} layers and the final hidden state": (layers + 1) * activation,
         "one layer's attention floor": sum(attention_floor(t, pieces, heads=args.heads, kv_heads=args.heads,
-                                                           head_dim=d // args.heads).values()),
+                                                           head_dim=d // args.heads, itemsize=itemsize).values()),
         "the layer's input and its gradient": 2 * activation,
     }
 
@@ -113,42 +115,48 @@ def main() -> None:
                         help="kv_pieces whose longest T is searched (slow: a compile per step)")
     parser.add_argument("--vocab-chunk", type=int, default=128,
                         help="the train step's loss vocab_chunk_size: its logits are [tokens per device, this]")
+    parser.add_argument("--compute-dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16"],
+                        help="the train step's compute dtypes (master weights and AdamW stay float32)")
+    parser.add_argument("--skip-attention", action="store_true", help="only the train step")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     results: dict = {"seq": args.seq, "budget_gib": args.budget, "attention": {}, "train_step": {}}
 
-    print(f"Causal ring attention fwd+bwd, B={B}, H={H}, D={D}, float32, {N} devices, T={args.seq:,}, per device")
-    print(f"{'kv_pieces':>9} {'floor':>10} {'measured':>10} {'ratio':>6} {'donated':>10} {'ratio':>6}")
-    for pieces in args.pieces:
-        floor = attention_floor(args.seq, pieces)
-        kept = attention_footprint(args.seq, pieces, donate=False)
-        donated = attention_footprint(args.seq, pieces, donate=True)
-        total = sum(floor.values())
-        results["attention"][pieces] = {"floor": floor, "measured": kept, "measured_donated": donated}
-        print(f"{pieces:>9} {total / GIB:>6.2f} GiB {kept / GIB:>6.2f} GiB {kept / total:>6.2f} "
-              f"{donated / GIB:>6.2f} GiB {donated / total:>6.2f}", flush=True)
-    print("floor of kv_pieces=1: " + ", ".join(f"{k} {v / GIB:.3f} GiB"
-                                                for k, v in attention_floor(args.seq, 1).items()))
-    for pieces in args.search_pieces:
-        for donate in (False, True):
-            longest = longest_fitting(pieces, args.budget, donate=donate)
-            results["attention"].setdefault(pieces, {})[f"longest_t_{'donated' if donate else 'kept'}"] = longest
-            print(f"longest T within {args.budget:g} GiB, kv_pieces={pieces}, inputs "
-                  f"{'donated' if donate else 'kept'}: {longest:,}", flush=True)
+    if not args.skip_attention:
+        print(f"Causal ring attention fwd+bwd, B={B}, H={H}, D={D}, float32, {N} devices, T={args.seq:,}, per device")
+        print(f"{'kv_pieces':>9} {'floor':>10} {'measured':>10} {'ratio':>6} {'donated':>10} {'ratio':>6}")
+        for pieces in args.pieces:
+            floor = attention_floor(args.seq, pieces)
+            kept = attention_footprint(args.seq, pieces, donate=False)
+            donated = attention_footprint(args.seq, pieces, donate=True)
+            total = sum(floor.values())
+            results["attention"][pieces] = {"floor": floor, "measured": kept, "measured_donated": donated}
+            print(f"{pieces:>9} {total / GIB:>6.2f} GiB {kept / GIB:>6.2f} GiB {kept / total:>6.2f} "
+                  f"{donated / GIB:>6.2f} GiB {donated / total:>6.2f}", flush=True)
+        print("floor of kv_pieces=1: " + ", ".join(f"{k} {v / GIB:.3f} GiB"
+                                                    for k, v in attention_floor(args.seq, 1).items()))
+        for pieces in args.search_pieces:
+            for donate in (False, True):
+                longest = longest_fitting(pieces, args.budget, donate=donate)
+                results["attention"].setdefault(pieces, {})[f"longest_t_{'donated' if donate else 'kept'}"] = longest
+                print(f"longest T within {args.budget:g} GiB, kv_pieces={pieces}, inputs "
+                      f"{'donated' if donate else 'kept'}: {longest:,}", flush=True)
 
-    step_args = argparse.Namespace(vocab=1024, d_model=512, layers=2, heads=8, chunk=CHUNK, ffn_chunk=2048,
-                                   vocab_chunk=args.vocab_chunk)
-    print(f"\nTrain step (Table 3 model, float32, AdamW, remat nothing_saveable, loss vocab chunks of "
-          f"{args.vocab_chunk}), {N} devices, T={args.seq:,}")
-    for pieces in args.pieces:
-        step_args.kv_pieces = pieces
-        floor = train_step_floor(args.seq, pieces, step_args)
-        measured = max_context.step_bytes("ring attention", N, args.seq, step_args)
-        results["train_step"][pieces] = {"floor": floor, "measured": measured}
-        print(f"kv_pieces={pieces}: floor {sum(floor.values()) / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB "
-              f"({measured / sum(floor.values()):.2f}x)", flush=True)
-    print("floor of kv_pieces=8: " + ", ".join(f"{k} {v / GIB:.3f} GiB"
-                                                for k, v in train_step_floor(args.seq, 8, step_args).items()))
+    for compute in args.compute_dtypes:
+        step_args = argparse.Namespace(vocab=1024, d_model=512, layers=2, heads=8, chunk=CHUNK, ffn_chunk=2048,
+                                       vocab_chunk=args.vocab_chunk, compute_dtype=compute)
+        print(f"\nTrain step (Table 3 model, {compute} compute, float32 master weights and AdamW, remat "
+              f"nothing_saveable, loss vocab chunks of {args.vocab_chunk}), {N} devices, T={args.seq:,}")
+        for pieces in args.pieces:
+            step_args.kv_pieces = pieces
+            floor = train_step_floor(args.seq, pieces, step_args)
+            measured = max_context.step_bytes("ring attention", N, args.seq, step_args)
+            results["train_step"].setdefault(compute, {})[pieces] = {"floor": floor, "measured": measured}
+            print(f"kv_pieces={pieces}: floor {sum(floor.values()) / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB "
+                  f"({measured / sum(floor.values()):.2f}x)", flush=True)
+        print("floor of kv_pieces=8: " + ", ".join(f"{k} {v / GIB:.3f} GiB"
+                                                    for k, v in train_step_floor(args.seq, 8, step_args).items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
