@@ -18,8 +18,7 @@ moments (150 MB, replicated on the ring's devices) leave the budgets to the acti
 
 With n devices the first three shard parameters and optimizer state over n (FSDP) and give each device one
 whole sequence (batch n); ring attention gives the n devices one sequence (batch 1). Max context: the largest
-T (a multiple of 1024 per device; searched by doubling, then bisection to 1/8, or 1/--resolution) whose step fits
-the budget.
+T (a multiple of 1024 per device; searched by doubling, then bisection to 1/8) whose step fits the budget.
 
     python benchmarks/max_context.py --budgets 1 4 16 --devices 1 2 4 8 --plot max_context.png
     python benchmarks/max_context.py --scaling --seq 8192 16384 32768 65536 --plot memory_scaling.png
@@ -128,7 +127,7 @@ def max_context(variant: str, n: int, budgets: list[float], args, log) -> dict[f
             hi = max(lo, 1)
             while fits(hi, budget):
                 lo, hi = hi, hi * 2
-        while hi - lo > max(1, lo // args.resolution):
+        while hi - lo > max(1, lo // 8):
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid, budget) else (lo, mid)
         found[budget] = lo * unit
@@ -153,8 +152,6 @@ def main() -> None:
     parser.add_argument("--kv-pieces", type=int, default=1, help="ring attention's kv_pieces (KernelTuning)")
     parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the dtype the model runs in (master weights and AdamW stay float32)")
-    parser.add_argument("--resolution", type=int, default=8,
-                        help="bisect until the bound is within 1/this of the true limit (default 8)")
     parser.add_argument("--million", action="store_true", help="also: does T = 2^20 fit 8 devices (ring)?")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG here")
