@@ -178,7 +178,7 @@ def _chunkwise(ffn: BlockwiseFFN, x: Float[Array, "chunk m d"]) -> Float[Array, 
     at the million-token train step of `benchmarks/memory_floor.py`. Here the forward pass and the backward pass
     (which recomputes each chunk) touch one chunk's activations at a time and nothing else. The price is time on
     XLA:CPU: 1.10-1.25x the plain FFN's fwd+bwd at chunk 2048 (`benchmarks/ffn_memory.py`), where the `lax.map`
-    form measured 0.99x in an earlier run; the strided chunks are now read where they lie.
+    form measured 0.99x in an earlier run: the strided chunks are read in place rather than from one contiguous copy.
     """
     return _chunkwise_forward(ffn, x)[0]
 

@@ -177,7 +177,6 @@ def test_weight_decay_spares_the_norms_of_stacked_blocks():
     assert blocks.attention.query_proj.weight.all() and blocks.attention.query_proj.weight.ndim == 3
 
 
-
 def test_training_with_attention_dropout_takes_a_key_per_step_and_resumes_exactly(tmp_path):
     config = dataclasses.replace(TINY, attention=TINY.attention.replace(dropout=0.2))
     model = models.RingLM(config, key=jax.random.key(0))
