@@ -5,6 +5,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 import eqx_ring
@@ -33,6 +34,18 @@ CASES = {
     "gqa": dict(causal=True, q_heads=8, kv_heads=2),
     "key_bias": dict(key_bias=True),
 }
+
+
+def spread(cases, places, per_case=2):
+    """(place, case) pairs: each case on `per_case` places, consecutive cases on the next places, so every place
+    meets several cases and every case several places. The full product compiles |places|·|cases| programs, about
+    a quarter of the suite's time on the CPU; a mask or layout bug shows on any place that runs its case."""
+    places, cases = list(places), list(cases)
+    pairs = [(places[(i * per_case + j) % len(places)], c) for i, c in enumerate(cases) for j in range(per_case)]
+    def flat(x):
+        return x if isinstance(x, tuple) else (x,)
+
+    return [pytest.param(p, c, id="-".join(map(str, (*flat(p), *flat(c))))) for p, c in pairs]
 
 
 def make_inputs(case, *, dtype=jnp.float32, t=T, batch=2, head_dim=16, seed=0):

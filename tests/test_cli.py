@@ -115,6 +115,7 @@ def test_incomplete_multi_process_flags_are_refused(flags, message):
     assert result.returncode == 2 and message in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_every_benchmark_script(tmp_path):
     out = run("bench", "--quick", "--out", str(tmp_path), timeout=600)
     for name in ("load_balance", "max_context", "memory_scaling", "attention_memory", "attention", "strategies"):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rel_err
+from helpers import rel_err, spread
 
 import eqx_ring
 import models
@@ -25,13 +25,15 @@ def transformer(mesh=None, layout="contiguous", window=None, strategy="ring", at
     return eqx_ring.RingTransformer(97, 32, 2, 4, spec=spec, num_kv_heads=2, hidden_size=64, key=jax.random.key(0))
 
 
-@pytest.mark.parametrize(("window", "attention_chunk"), [(None, None), (5, None), (None, 6)])
-@pytest.mark.parametrize("prompt_len", [13, 16], ids=["ends-inside-a-shard", "ends-at-a-shard-boundary"])
-@pytest.mark.parametrize(("n", "layout", "strategy"), [
-    (1, "contiguous", "ring"), (4, "contiguous", "ring"), (4, "zigzag", "ring"), (4, "striped", "ring"),
-    # Prefill runs the strategy; decoding merges every device's part of the cache, whatever it was.
-    (4, "zigzag", "allgather"), (4, "contiguous", "ulysses"), (4, "zigzag", "hybrid")])
-def test_every_step_equals_full_recomputation(n, layout, strategy, prompt_len, window, attention_chunk):
+# Prompts of 13 tokens end inside a shard, of 16 at a shard boundary; each (prompt, window, attention chunk) on
+# three places, the places in turn (helpers.spread). Prefill runs the strategy; decoding merges every device's
+# part of the cache, whatever it was.
+@pytest.mark.parametrize(("place", "case"), spread(
+    [(13, None, None), (16, 5, None), (13, None, 6), (16, None, None), (13, 5, None), (16, None, 6)],
+    [(4, "zigzag", "ring"), (1, "contiguous", "ring"), (4, "contiguous", "ulysses"), (4, "striped", "ring"),
+     (4, "zigzag", "allgather"), (4, "contiguous", "ring"), (4, "zigzag", "hybrid")], 3))
+def test_every_step_equals_full_recomputation(place, case):
+    (n, layout, strategy), (prompt_len, window, attention_chunk) = place, case
     hybrid = dict(sp=2, usp=2) if strategy == "hybrid" else dict(sp=n)
     mesh = None if n == 1 else make_mesh(dp=1, fsdp=1, tp=1, **hybrid, devices=jax.devices()[:n])
     model = transformer(mesh, layout, window, strategy, attention_chunk)

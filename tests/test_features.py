@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CASES, make_inputs, rel_err, ring_fn, segments
+from helpers import CASES, make_inputs, rel_err, ring_fn, segments, spread
 from reference import dropout_kept, numpy_attention
 from test_kernels import PALLAS_CPU, _transfers, check, split
 from test_strategies import PLACES, strategy_fn
@@ -273,9 +273,11 @@ def test_blockwise(feature):
     checker(blockwise_fn, case)
 
 
-@pytest.mark.parametrize("feature", list(FEATURES))
-@pytest.mark.parametrize(("n", "layout"), PLACES)
-def test_ring(n, layout, feature):
+# Each feature on one place, the places in turn (helpers.spread), so every place runs every kind of feature;
+# the full product is 5 × 27 compilations.
+@pytest.mark.parametrize(("place", "feature"), spread(FEATURES, PLACES, 1))
+def test_ring(place, feature):
+    n, layout = place
     checker, case = FEATURES[feature]
     checker(strategy_fn("ring", n, layout), case)
 

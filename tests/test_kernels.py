@@ -7,7 +7,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CASES, T, make_inputs, rel_err, ring_fn, value_and_grads
+from helpers import CASES, T, make_inputs, rel_err, ring_fn, spread, value_and_grads
 
 import eqx_ring
 
@@ -38,25 +38,30 @@ def check(f, case_or_kw, *, dtype=jnp.float32, out_tol=1e-5, grad_tol=1e-4, **in
         assert rel_err(g, r) <= grad_tol, name
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("chunks", [(16, 32), (32, 8), (512, 512)])
-def test_blockwise_f32(case, chunks):
+@pytest.mark.parametrize(("chunks", "case"), spread(CASES, [(16, 32), (32, 8), (512, 512)]))
+def test_blockwise_f32(chunks, case):
     check(lambda **s: partial(eqx_ring.blockwise_attention, query_chunk_size=chunks[0],
                               key_chunk_size=chunks[1], **s), case)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("n", [1, 2, 4, 8])
-def test_ring_f32(n, layout, case):
+# Every (ring size, layout) place runs some cases and every case runs on three places that differ in both
+# (helpers.spread); causal starts on the 8-device zigzag ring, the long-context setting.
+RING_PLACES = [(8, "zigzag"), (4, "contiguous"), (2, "striped"), (1, "zigzag"), (8, "contiguous"), (4, "striped"),
+               (2, "zigzag"), (1, "contiguous"), (8, "striped"), (4, "zigzag"), (2, "contiguous"), (1, "striped")]
+RING_ORDER = ["causal", "segments", "gqa", "block64", "none", "window", "key_bias"]
+
+
+@pytest.mark.parametrize(("place", "case"), spread(RING_ORDER, RING_PLACES, 3))
+def test_ring_f32(place, case):
+    n, layout = place
     check(lambda **s: ring_fn(n, layout, query_chunk_size=8, key_chunk_size=4, **s), case)
 
 
 # kv_pieces: each block travels in pieces, one ring per piece (T=256: 32 tokens per device on 8, 64 on 4).
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize(("n", "layout", "pieces"), [(8, "zigzag", 2), (4, "zigzag", 4), (4, "contiguous", 8),
-                                                     (2, "striped", 4), (1, "contiguous", 2)])
-def test_ring_in_kv_pieces_f32(n, layout, pieces, case):
+@pytest.mark.parametrize(("place", "case"), spread(CASES, [(8, "zigzag", 2), (4, "zigzag", 4), (4, "contiguous", 8),
+                                                      (2, "striped", 4), (1, "contiguous", 2)]))
+def test_ring_in_kv_pieces_f32(place, case):
+    n, layout, pieces = place
     check(lambda **s: ring_fn(n, layout, query_chunk_size=8, key_chunk_size=4, kv_pieces=pieces, **s), case)
 
 
@@ -79,8 +84,7 @@ def test_bad_kv_pieces_are_named(no_hook, layout, pieces, message):
         value_and_grads(ring_fn(4, layout, kv_pieces=pieces, **static), qkv, ct, data)
 
 
-@pytest.mark.parametrize("case", ["causal", "segments", "gqa", "window"])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("layout", "case"), spread(["causal", "segments", "gqa", "window"], LAYOUTS))
 def test_ring_bf16(layout, case):
     check(lambda **s: ring_fn(4, layout, query_chunk_size=16, key_chunk_size=16, **s), case,
           dtype=jnp.bfloat16, out_tol=2e-2, grad_tol=2e-2)

@@ -8,7 +8,7 @@ reference is `dot_product_attention` on the whole, naturally ordered sequence, i
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import CASES, make_inputs, ring_fn
+from helpers import CASES, make_inputs, ring_fn, spread
 from test_kernels import PALLAS_CPU, _transfers, check
 
 import eqx_ring
@@ -24,21 +24,22 @@ def strategy_fn(strategy, n, layout, usp=None, **kw):
                                **kw, **s)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize(("n", "layout"), PLACES)
-def test_allgather_f32(n, layout, case):
+# Each case on two or three places, the places in turn (helpers.spread); the full product is 91 compilations.
+@pytest.mark.parametrize(("place", "case"), spread(CASES, PLACES, 3))
+def test_allgather_f32(place, case):
+    n, layout = place
     check(strategy_fn("allgather", n, layout), case)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize(("n", "layout"), PLACES)
-def test_ulysses_f32(n, layout, case):
+@pytest.mark.parametrize(("place", "case"), spread(CASES, PLACES[::-1], 3))
+def test_ulysses_f32(place, case):
+    n, layout = place
     check(strategy_fn("ulysses", n, layout), EIGHT_HEADS[case])
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize(("sp", "usp", "layout"), [(2, 4, "zigzag"), (4, 2, "contiguous"), (2, 2, "striped")])
-def test_hybrid_f32(sp, usp, layout, case):
+@pytest.mark.parametrize(("place", "case"), spread(CASES, [(2, 4, "zigzag"), (4, 2, "contiguous"), (2, 2, "striped")]))
+def test_hybrid_f32(place, case):
+    sp, usp, layout = place
     check(strategy_fn("hybrid", sp * usp, layout, usp=usp), EIGHT_HEADS[case])
 
 
