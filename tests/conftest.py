@@ -2,7 +2,8 @@ import os
 
 # The suite compiles thousands of small programs and runs each once: XLA:CPU's LLVM optimizations cost more than
 # they save there (tests/test_strategies.py -k "ulysses_f32 and 8-zigzag": 44.5 s with them, 25.6 s without; a
-# decoding test 60 s -> 51 s). They change no HLO, only the machine code. Subprocesses (the CLI, the docs) inherit them.
+# decoding test 60 s -> 51 s). They change how the machine code is optimized, not what it computes. Subprocesses
+# (the CLI, the docs) inherit them.
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0",
                                                  "--xla_llvm_disable_expensive_passes=true"]))
 

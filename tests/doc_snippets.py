@@ -109,10 +109,11 @@ def run_blocks(blocks: list[tuple[str, str]], *, fresh: bool, env: dict[str, str
         (tmp_path / "blocks.json").write_text(json.dumps(
             [{"source": s, "where": w, "fresh": fresh} for w, s in blocks]))
         # The caller's simulated device count must not leak into pages that set their own; its compile flags
-        # (tests/conftest.py) may.
-        flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-        inherited = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | ({"XLA_FLAGS": flags} if flags else {})
-        full_env = {**inherited, "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg", **(env or {})}
+        # (tests/conftest.py) carry over, and `env`'s XLA_FLAGS are added to them.
+        env = dict(env or {})
+        kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+        flags = " ".join([*kept, env.pop("XLA_FLAGS", "")]).strip()
+        full_env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg", **env}
         proc = subprocess.run([sys.executable, "-c", _RUNNER, "blocks.json", "results.json"], cwd=tmp,
                               env=full_env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:

@@ -36,16 +36,18 @@ CASES = {
 }
 
 
+def _flat(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
 def spread(cases, places, per_case=2):
-    """(place, case) pairs: each case on `per_case` places, consecutive cases on the next places, so every place
-    meets several cases and every case several places. The full product compiles |places|·|cases| programs, about
-    a quarter of the suite's time on the CPU; a mask or layout bug shows on any place that runs its case."""
+    """pytest params (place, case): each case on `per_case` places, consecutive cases on the next places, so every
+    place meets several cases and every case several places. The full products compiled |places|·|cases| programs,
+    about a third of the suite's time on the CPU; what is given up is a bug that shows only for a (place, case) pair
+    left out."""
     places, cases = list(places), list(cases)
     pairs = [(places[(i * per_case + j) % len(places)], c) for i, c in enumerate(cases) for j in range(per_case)]
-    def flat(x):
-        return x if isinstance(x, tuple) else (x,)
-
-    return [pytest.param(p, c, id="-".join(map(str, (*flat(p), *flat(c))))) for p, c in pairs]
+    return [pytest.param(p, c, id="-".join(map(str, (*_flat(p), *_flat(c))))) for p, c in pairs]
 
 
 def make_inputs(case, *, dtype=jnp.float32, t=T, batch=2, head_dim=16, seed=0):

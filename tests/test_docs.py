@@ -176,8 +176,7 @@ def _docstring_examples() -> list[tuple[str, str]]:
 
 def test_docstring_examples_run():
     examples = _docstring_examples()
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    results = run_blocks(examples, fresh=True, env={"XLA_FLAGS": flags})
+    results = run_blocks(examples, fresh=True, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     errors = [f"{where}:\n{r['error']}" for (where, _), r in zip(examples, results, strict=True) if r["error"]]
     assert errors == []
 
