@@ -18,9 +18,12 @@ moments (150 MB, replicated on the ring's devices) leave the budgets to the acti
 
 With n devices the first three shard parameters and optimizer state over n (FSDP) and give each device one
 whole sequence (batch n); ring attention gives the n devices one sequence (batch 1). Max context: the largest
-T (a multiple of 1024 per device; searched by doubling, then bisection to 1/8) whose step fits the budget.
+T (a multiple of 1024 per device; searched by doubling, then bisection to 1/8) whose step fits the budget; with
+`--exact`, bisection goes on over the lengths the model accepts (also multiples of the FFN chunk where it is chunked)
+until the next one up does not fit.
 
     python benchmarks/max_context.py --budgets 1 4 16 --devices 1 2 4 8 --plot max_context.png
+    python benchmarks/max_context.py --variants "ring attention" --budgets 4 --exact
     python benchmarks/max_context.py --scaling --seq 8192 16384 32768 65536 --plot memory_scaling.png
 """
 
@@ -108,9 +111,11 @@ def step_bytes(variant: str, n: int, seq: int, args) -> int:
             + stats.temp_size_in_bytes)
 
 
-def max_context(variant: str, n: int, budgets: list[float], args, log) -> dict[float, int]:
-    """For each budget (GiB), the largest T whose step fits, searched on multiples of `unit`."""
-    unit = 1024 * (n if variant == "ring attention" else 1)
+def max_context(variant: str, n: int, budgets: list[float], args, log, exact: bool = False) -> dict[float, int]:
+    """For each budget (GiB), the largest T whose step fits, searched on multiples of `unit` to 1/8; with `exact`,
+    then to the next valid length (the largest fitting T is below it)."""
+    # Zigzag halves of each device's block, and each of its kv_pieces, hold whole chunks of 512.
+    unit = n * math.lcm(1024, 512 * args.kv_pieces) if variant == "ring attention" else 1024
     seen: dict[int, int] = {}
 
     def fits(units: int, budget: float) -> bool:
@@ -130,8 +135,23 @@ def max_context(variant: str, n: int, budgets: list[float], args, log) -> dict[f
         while hi - lo > max(1, lo // 8):
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid, budget) else (lo, mid)
+        if exact:
+            lo, hi = _refine(lo, hi, _granule(variant, unit, args) // unit, functools.partial(fits, budget=budget))
         found[budget] = lo * unit
     return found
+
+
+def _granule(variant: str, unit: int, args) -> int:
+    """The step of an exact search: T must also be a multiple of the FFN's chunk where the FFN is chunked."""
+    return math.lcm(unit, args.ffn_chunk) if variant in ("blockwise attn + FFN", "ring attention") else unit
+
+
+def _refine(lo: int, hi: int, step: int, fits) -> tuple[int, int]:
+    """Bisect on the multiples of `step` strictly between `lo` (fits) and `hi` (does not)."""
+    while (first := (lo // step + 1) * step) <= (last := (hi - 1) // step * step):
+        mid = first + (last - first) // step // 2 * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, hi
 
 
 def main() -> None:
@@ -152,6 +172,8 @@ def main() -> None:
     parser.add_argument("--kv-pieces", type=int, default=1, help="ring attention's kv_pieces (KernelTuning)")
     parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the dtype the model runs in (master weights and AdamW stay float32)")
+    parser.add_argument("--exact", action="store_true",
+                        help="search max context to the next valid T, not to 1/8 (more compiles)")
     parser.add_argument("--million", action="store_true", help="also: does T = 2^20 fit 8 devices (ring)?")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG here")
@@ -181,7 +203,7 @@ def main() -> None:
         table = {}
         for variant in args.variants:
             for n in args.devices:
-                found = max_context(variant, n, args.budgets, args, log)
+                found = max_context(variant, n, args.budgets, args, log, exact=args.exact)
                 table[f"{variant}|{n}"] = found
                 print(f"{variant:<24}{n:>3}" + "".join(f"{found[b]:>12,}" for b in args.budgets), flush=True)
         results["max_context"] = {k: {str(b): t for b, t in v.items()} for k, v in table.items()}
