@@ -3,8 +3,10 @@
     python benchmarks/ffn_memory.py                    # 32K tokens, d_model 512, hidden 2048, chunk 2048
     python benchmarks/ffn_memory.py --tokens 8192 --reps 2
 
-Both compute the same SwiGLU FFN with the same weights (the plain one is `BlockwiseFFN.dense`,
-applied to the whole sequence at once). Memory is XLA's compiled temp size (activations saved for
+Every variant computes the same SwiGLU FFN with the same weights: the plain one is `BlockwiseFFN.dense`
+applied to the whole sequence at once (also under `jax.checkpoint`, which recomputes its forward pass in the
+backward pass as a blockwise FFN and a rematerialised layer do), and the `lax.map` form is how `BlockwiseFFN`
+chunked before it read its chunks in place. Memory is XLA's compiled temp size (activations saved for
 the backward pass and temporaries; parameters, inputs and outputs excluded).
 """
 
@@ -22,12 +24,23 @@ from _common import fmt_bytes, median_seconds, temp_bytes
 import eqx_ring
 
 
+def _lax_map_chunks(module: eqx_ring.BlockwiseFFN, x, chunk: int):
+    """The form BlockwiseFFN had before its chunks were read in place: the same strided chunks, copied into
+    chunk order, mapped under `jax.checkpoint`, and copied back."""
+    seq, d = x.shape
+    chunks = x.reshape(chunk, seq // chunk, d).swapaxes(0, 1)
+    dense = jax.checkpoint(type(module).dense)
+    return jax.lax.map(lambda chunk: dense(module, chunk), chunks).swapaxes(0, 1).reshape(seq, d)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--chunks", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--map-chunks", type=int, nargs="*", default=[2048],
+                        help="chunk sizes of the lax.map form BlockwiseFFN used before its in-place chunks")
     parser.add_argument("--activation", default="swiglu", choices=["swiglu", "gelu"])
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
@@ -37,8 +50,10 @@ def main() -> None:
 
     # One module: every variant has the same weights; the blockwise ones differ only in the chunk size of the call.
     module = eqx_ring.BlockwiseFFN(args.d_model, args.hidden, activation=args.activation, key=jax.random.key(0))
-    variants = [("plain FFN", lambda m, x: m.dense(x))]
+    variants = [("plain FFN", lambda m, x: m.dense(x)),
+                ("plain FFN, remat", lambda m, x: jax.checkpoint(type(m).dense)(m, x))]
     variants += [(f"BlockwiseFFN chunk {c}", lambda m, x, c=c: m(x, chunk_size=c)) for c in args.chunks]
+    variants += [(f"lax.map chunk {c}", lambda m, x, c=c: _lax_map_chunks(m, x, c)) for c in args.map_chunks]
     for name, call in variants:
         params, static = eqx.partition(module, eqx.is_array)
 

@@ -10,15 +10,18 @@ Everything is compiled ahead of time on 8 simulated CPU devices (nothing runs); 
    in m pieces). The floor is what the algorithm cannot avoid on one device, for L = T/8 local tokens:
    q, o, dO, dq (L·H·D each), k, v, dk, dv (L·Hkv·D each), the log-sum-exp (L·H floats), and in flight, the key/value
    piece in hand and the one arriving (2 × 2 × L/m·Hkv·D) and their float32 gradient accumulators (the same again).
-   Measured without and with the inputs donated (`donate_argnums`, as a train step frees them), and the longest T
-   that fits --budget GiB (a multiple of 8·m·1024; doubling, then bisection to 1/16).
+   With whole blocks (m = 1) the last accumulator to arrive is the device's dk/dv, so dk, dv are not counted again.
+   With the inputs donated (`donate_argnums`, as a train step frees them) dk, dv can take k, v's place piece by
+   piece, and whole blocks can travel themselves, so that floor is lower. Measured without and with donation, and
+   the longest T that fits --budget GiB (a multiple of 8·m·1024; doubling, then bisection to 1/16).
 2. One train step of the Table 3 model (`benchmarks/max_context.py`: 2 layers, d_model 512, 8 heads, SwiGLU 2048,
    vocab 1024, float32 master weights and AdamW, remat "nothing_saveable"; the loss in vocab chunks of 128, so that
    its logits, [tokens per device, chunk], stay below one activation) at T = 1,048,576 on 8 devices. Its floor:
-   parameters, gradients and both AdamW moments (4 × 4 bytes a parameter), the saved input of every layer and the
-   final hidden state (L·d each), and one layer's backward: the attention floor above plus the layer's input and
-   its gradient (2 × L·d). Again with bfloat16 compute from the same float32 master weights (as
-   `TrainConfig(compute_dtype="bfloat16")` trains): activations and their floor take 2 bytes an element.
+   parameters, gradients and both AdamW moments (4 × 4 bytes a parameter), the saved input of every layer (L·d
+   each), and one layer's backward: the attention floor above as for donated inputs (the layer's k and v are its
+   own) plus the cotangents of the layer's output and input (2 × L·d). Again with bfloat16 compute from the same
+   float32 master weights (as `TrainConfig(compute_dtype="bfloat16")` trains): activations and their floor take 2
+   bytes an element.
 """
 
 import argparse
@@ -45,15 +48,22 @@ GIB = 2**30
 
 
 def attention_floor(t: int, pieces: int, *, heads: int = H, kv_heads: int = H, head_dim: int = D, n: int = N,
-                    itemsize: int = 4) -> dict[str, int]:
-    """The bytes per device that causal ring attention fwd+bwd cannot avoid, by component."""
+                    itemsize: int = 4, donated: bool = False) -> dict[str, int]:
+    """The bytes per device that causal ring attention fwd+bwd cannot avoid, by component.
+
+    With whole blocks travelling (`pieces == 1`) the last dk/dv accumulator to arrive is this device's dk/dv. With
+    donated inputs (or inside a train step, where k and v are the layer's own temporaries) dk/dv can take k/v's
+    place piece by piece, each piece once its ring is done, and whole blocks can travel themselves.
+    """
     local = t // n
     q_size, kv_size = local * heads * head_dim * itemsize, local * kv_heads * head_dim * itemsize
     piece = kv_size // pieces
     travelling = n > 1
+    whole = travelling and pieces == 1
     return {
         "q, o, dO, dq": 4 * q_size,
-        "k, v, dk, dv": 4 * kv_size,
+        "k, v": 0 if whole and donated else 2 * kv_size,
+        "dk, dv": 0 if whole or donated else 2 * kv_size,
         "log-sum-exp": local * heads * 4,
         "k/v pieces in flight (2)": 2 * 2 * piece if travelling else 0,
         "their dk/dv accumulators (2, float32)": 2 * 2 * piece * 4 // itemsize if travelling else 0,
@@ -99,10 +109,11 @@ def train_step_floor(t: int, pieces: int, args) -> dict[str, int]:
     activation = local * d * itemsize
     return {
         "parameters, gradients, AdamW moments": 4 * params * 4,
-        f"saved inputs of {layers} layers and the final hidden state": (layers + 1) * activation,
+        f"saved inputs of {layers} layers": layers * activation,
         "one layer's attention floor": sum(attention_floor(t, pieces, heads=args.heads, kv_heads=args.heads,
-                                                           head_dim=d // args.heads, itemsize=itemsize).values()),
-        "the layer's input and its gradient": 2 * activation,
+                                                           head_dim=d // args.heads, itemsize=itemsize,
+                                                           donated=True).values()),
+        "the cotangents of the layer's output and input": 2 * activation,
     }
 
 
@@ -125,15 +136,18 @@ def main() -> None:
 
     if not args.skip_attention:
         print(f"Causal ring attention fwd+bwd, B={B}, H={H}, D={D}, float32, {N} devices, T={args.seq:,}, per device")
-        print(f"{'kv_pieces':>9} {'floor':>10} {'measured':>10} {'ratio':>6} {'donated':>10} {'ratio':>6}")
+        print(f"{'kv_pieces':>9} {'floor':>10} {'measured':>10} {'ratio':>6} {'floor':>10} {'donated':>10} "
+              f"{'ratio':>6}")
         for pieces in args.pieces:
-            floor = attention_floor(args.seq, pieces)
+            floor, floor_donated = (attention_floor(args.seq, pieces, donated=d) for d in (False, True))
             kept = attention_footprint(args.seq, pieces, donate=False)
             donated = attention_footprint(args.seq, pieces, donate=True)
-            total = sum(floor.values())
-            results["attention"][pieces] = {"floor": floor, "measured": kept, "measured_donated": donated}
+            total, total_donated = sum(floor.values()), sum(floor_donated.values())
+            results["attention"][pieces] = {"floor": floor, "measured": kept, "floor_donated": floor_donated,
+                                            "measured_donated": donated}
             print(f"{pieces:>9} {total / GIB:>6.2f} GiB {kept / GIB:>6.2f} GiB {kept / total:>6.2f} "
-                  f"{donated / GIB:>6.2f} GiB {donated / total:>6.2f}", flush=True)
+                  f"{total_donated / GIB:>6.2f} GiB {donated / GIB:>6.2f} GiB {donated / total_donated:>6.2f}",
+                  flush=True)
         print("floor of kv_pieces=1: " + ", ".join(f"{k} {v / GIB:.3f} GiB"
                                                     for k, v in attention_floor(args.seq, 1).items()))
         for pieces in args.search_pieces:
