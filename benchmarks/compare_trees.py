@@ -97,7 +97,9 @@ if which in ("all", "train"):
 
     result["RingLM train step"] = timed(run)
     device_batch = {k: jnp.asarray(x) for k, x in batch.items()}
-    programs["RingLM train step"] = program(step.lower(state[0], state[1], device_batch).compile().compiled)
+    # make_train_step returns the filter_jit function itself in older trees, a plain function around it in newer.
+    lowerable = step if hasattr(step, "lower") else eqx.filter_jit(step)
+    programs["RingLM train step"] = program(lowerable.lower(state[0], state[1], device_batch).compile().compiled)
 print("RESULT" + json.dumps(dict(times=result, programs=programs)))
 """
 

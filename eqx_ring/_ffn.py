@@ -137,7 +137,7 @@ class BlockwiseFFN(eqx.Module):
           `chunk_size`). Chunk `i` holds the tokens `i, i + m, i + 2m, ...` where `m` is the number
           of chunks, so a sequence split over a mesh splits every chunk evenly with it.
         - `chunk_size`: tokens per chunk (default 2048; a longer chunk is shortened to the
-          sequence). Tuning, not a parameter: a [`RingTransformer`][eqx_ring.RingTransformer]
+          sequence, and a single chunk is simply the plain FFN, keeping its activations). Tuning, not a parameter: a [`RingTransformer`][eqx_ring.RingTransformer]
           passes its [`KernelTuning.ffn_chunk_size`][eqx_ring.KernelTuning]. Over a mesh each chunk
           is spread evenly across the sequence's devices, so a device holds `chunk_size / devices`
           tokens' activations.
@@ -165,6 +165,11 @@ class BlockwiseFFN(eqx.Module):
             # Chunk i takes tokens i, i + m, i + 2m, ... (m chunks): the loop runs over an axis that
             # is never sharded, and a sequence split over a mesh splits every chunk evenly with it.
             m = seq // chunk
+            if m == 1:
+                # One chunk is the plain FFN: autodiff keeps its activations (one chunk's, as promised) rather
+                # than recomputing them, which made a RingLM "small" train step 1.16x slower
+                # (benchmarks/compare_trees.py).
+                return self.dense(x)
             return _chunkwise(self, x.reshape(chunk, m, d)).reshape(seq, d)
 
 
@@ -176,9 +181,9 @@ def _chunkwise(ffn: BlockwiseFFN, x: Float[Array, "chunk m d"]) -> Float[Array, 
     order and the output back, and autodiff adds the same copies of the cotangent and a zeroed chunk-order
     gradient: three [seq, d_model] buffers held through a rematerialised layer's backward pass, 0.75 GiB a device
     at the million-token train step of `benchmarks/memory_floor.py`. Here the forward pass and the backward pass
-    (which recomputes each chunk) touch one chunk's activations at a time and nothing else. The price is time on
-    XLA:CPU: 1.10-1.25x the plain FFN's fwd+bwd at chunk 2048 (`benchmarks/ffn_memory.py`), where the `lax.map`
-    form measured 0.99x in an earlier run: the strided chunks are read in place rather than from one contiguous copy.
+    (which recomputes each chunk) touch one chunk's activations at a time and nothing else. Time on XLA:CPU, fwd+bwd
+    at chunk 2048 and 32K tokens, side by side (`benchmarks/ffn_memory.py`): 1.04x the plain FFN, 1.05x the
+    `lax.map` form, a difference of the size of that run's noise.
     """
     return _chunkwise_forward(ffn, x)[0]
 
