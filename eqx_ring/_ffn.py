@@ -137,10 +137,11 @@ class BlockwiseFFN(eqx.Module):
           `chunk_size`). Chunk `i` holds the tokens `i, i + m, i + 2m, ...` where `m` is the number
           of chunks, so a sequence split over a mesh splits every chunk evenly with it.
         - `chunk_size`: tokens per chunk (default 2048; a longer chunk is shortened to the
-          sequence, and a single chunk is simply the plain FFN, keeping its activations). Tuning, not a parameter: a [`RingTransformer`][eqx_ring.RingTransformer]
-          passes its [`KernelTuning.ffn_chunk_size`][eqx_ring.KernelTuning]. Over a mesh each chunk
-          is spread evenly across the sequence's devices, so a device holds `chunk_size / devices`
-          tokens' activations.
+          sequence, and a single chunk is simply the plain FFN, keeping its activations). Tuning,
+          not a parameter: a [`RingTransformer`][eqx_ring.RingTransformer] passes its
+          [`KernelTuning.ffn_chunk_size`][eqx_ring.KernelTuning]. Over a mesh each chunk is spread
+          evenly across the sequence's devices, so a device holds `chunk_size / devices` tokens'
+          activations.
         - `key`: unused (there is no dropout); accepted for Equinox compatibility.
         - `inference`: unused, likewise.
 
@@ -167,8 +168,8 @@ class BlockwiseFFN(eqx.Module):
             m = seq // chunk
             if m == 1:
                 # One chunk is the plain FFN: autodiff keeps its activations (one chunk's, as promised) rather
-                # than recomputing them, which made a RingLM "small" train step 1.16x slower
-                # (benchmarks/compare_trees.py).
+                # than recomputing them, which had made a RingLM "small" train step (1,024-token rows) 1.15x slower
+                # than before the in-place chunks (benchmarks/compare_trees.py).
                 return self.dense(x)
             return _chunkwise(self, x.reshape(chunk, m, d)).reshape(seq, d)
 
