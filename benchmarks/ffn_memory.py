@@ -30,7 +30,7 @@ def _lax_map_chunks(module: eqx_ring.BlockwiseFFN, x, chunk: int):
     seq, d = x.shape
     chunks = x.reshape(chunk, seq // chunk, d).swapaxes(0, 1)
     dense = jax.checkpoint(type(module).dense)
-    return jax.lax.map(lambda chunk: dense(module, chunk), chunks).swapaxes(0, 1).reshape(seq, d)
+    return jax.lax.map(lambda piece: dense(module, piece), chunks).swapaxes(0, 1).reshape(seq, d)
 
 
 def main() -> None:
