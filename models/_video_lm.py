@@ -55,11 +55,13 @@ class VideoTextConfig:
       [`generate_video`][models.VideoTextLM.generate_video] need `attention.causal_block_size=1`.
     - `text_loss_weight`: the weight of the text loss in [`loss`][models.VideoTextLM.loss], in
       `[0, 1]`; the vision loss gets `1 - text_loss_weight`.
+    - `use_sinks`: a learnable attention sink per query head in every block (gpt-oss's, as
+      [`LMConfig`][models.LMConfig]'s); default `False`.
 
     **Raises:** `ValueError`, naming the field and its value, for a vocabulary, codebook, frame or
     code count, size or head count that is not a positive int, `num_heads` not dividing `d_model`,
     `num_kv_heads` not dividing `num_heads`, an unknown `remat_policy`, an `attention` that is not a
-    valid spec or holds a placement, or a `text_loss_weight` outside `[0, 1]`.
+    valid spec or holds a placement, a `text_loss_weight` outside `[0, 1]`, or a `use_sinks` that is not a bool.
     """
 
     text_vocab_size: int = 263
@@ -74,12 +76,15 @@ class VideoTextConfig:
     remat_policy: str | None = "nothing_saveable"
     attention: AttentionSpec = AttentionSpec()
     text_loss_weight: float = 0.5
+    use_sinks: bool = False
 
     def __post_init__(self):
         for name in ("text_vocab_size", "codebook_size", "num_frames", "codes_per_frame"):
             require_int(self, name)
         check_transformer_fields(self)
         require_float(self, "text_loss_weight", low=0.0, high=1.0)
+        if not isinstance(self.use_sinks, bool):
+            raise ValueError(f"VideoTextConfig.use_sinks must be a bool, got {self.use_sinks!r}")
 
     @property
     def vocab_size(self) -> int:
@@ -134,7 +139,8 @@ class VideoTextLM(RingModel):
         - `head_axis`: a mesh axis to split the attention heads over (tensor parallelism), or `None`.
         - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only argument.)
         """
-        self.transformer = build_transformer(config, mesh=mesh, head_axis=head_axis, tie_embeddings=False, key=key)
+        self.transformer = build_transformer(config, mesh=mesh, head_axis=head_axis, tie_embeddings=False, key=key,
+                                             use_sinks=config.use_sinks)
         self.config = config
 
     def loss(

@@ -61,9 +61,14 @@ def test_loss_is_lwm_per_modality_cross_entropy():
     assert rel_err(loss, 0.3 * text + 0.7 * vision) <= 1e-6
 
 
-def test_loss_and_gradients_on_a_ring_mesh_equal_one_device():
+@pytest.mark.parametrize("use_sinks", [False, True])
+def test_loss_and_gradients_on_a_ring_mesh_equal_one_device(use_sinks):
     # One device, natural order, against (dp=2, sp=4) with the rows in the zigzag layout.
-    single = models.VideoTextLM(SMALL, key=jax.random.key(1))
+    single = models.VideoTextLM(dataclasses.replace(SMALL, use_sinks=use_sinks), key=jax.random.key(1))
+    if use_sinks:  # nonzero, so that the sink changes the loss and has a gradient of its own
+        assert single.transformer.blocks.attention.sinks.shape == (SMALL.num_layers, SMALL.num_heads)
+        single = eqx.tree_at(lambda m: m.transformer.blocks.attention.sinks, single,
+                             jnp.linspace(-1.0, 1.0, SMALL.num_layers * SMALL.num_heads).reshape(SMALL.num_layers, -1))
     mesh = make_mesh(dp=2, fsdp=1, tp=1, sp=4)
     sharded = shard_params(models.respec(single, mesh=mesh, layout="zigzag"), mesh)
 
