@@ -242,6 +242,25 @@ def evaluate_captions(lm: VideoTextLM, vq: VideoVQ, config: DemoConfig) -> dict[
     }
 
 
+def evaluate_vq(vq: VideoVQ, config: DemoConfig) -> dict[str, float]:
+    """How much of each attribute the VQ keeps: the held-out videos, encoded, decoded and read back.
+
+    The ceiling of text→video: a generated video is decoded by this VQ, so an attribute the
+    reconstructions lose cannot be read back from any video the LM writes. Read by
+    [`describe_video`][data_pipelines.describe_video], scored by
+    [`score_videos`][data_pipelines.score_videos]; single-shape videos only (`max_shapes=1`).
+
+    **Returns:** `{"shape", "color", "motion", "all"}`: the share of reconstructions read back as
+    their caption says.
+    """
+    from data_pipelines import describe_video, score_videos
+
+    held_out = encode(vq, videos(config, "eval"))
+    decode = eqx.filter_jit(jax.vmap(lambda m, c: m.decode(c), in_axes=(None, 0)))
+    frames = np.asarray(decode(vq, jnp.asarray(np.stack([r["codes"] for r in held_out]))))
+    return score_videos([describe_video(f) for f in frames], [r["caption"] for r in held_out])
+
+
 def sample_videos(lm: VideoTextLM, vq: VideoVQ, captions: list[str], *, temperature: float,
                   seed: int) -> np.ndarray:
     """Videos sampled from `captions` and decoded by the VQ: uint8 frames `[len(captions), frames, H, W, 3]`."""
@@ -312,7 +331,9 @@ def run_demo(config: DemoConfig, workdir: str | Path, *, progress: bool = True, 
     Writes to `workdir`: zoo files `vq.json/.eqx` and `video_text_lm.json/.eqx`, checkpoints and
     `metrics.jsonl` of both stages, `vq_loss.png`, `lm_loss.png`, `generated.png` and
     `results.json`. A rerun resumes (finished stages load from the zoo files). Prints each stage's
-    wall time as it ends (`results.json` keeps them as `stage_seconds`).
+    wall time as it ends (`results.json` keeps them as `stage_seconds`). With one shape per video,
+    it also reads the VQ's held-out reconstructions back (`evaluate_vq`, `results.json`:
+    `vq_readback`): what text→video can reach at most.
     """
     from eqx_ring.sharding import make_mesh
 
@@ -340,6 +361,10 @@ def run_demo(config: DemoConfig, workdir: str | Path, *, progress: bool = True, 
     echo(f"VQ: held-out reconstruction MSE {float(vq_metrics['reconstruction']):.4f} (in [-1, 1] units), "
          f"{int((vq_metrics['usage'] > 0).sum())}/{config.vq.codebook_size} codes used, "
          f"perplexity {float(vq_metrics['perplexity']):.1f}")
+    if config.max_shapes == 1:
+        readback = evaluate_vq(vq, config)
+        echo(f"VQ: held-out reconstructions read back by describe_video: shape {readback['shape']:.1%}, "
+             f"colour {readback['color']:.1%}, motion {readback['motion']:.1%}")
     lap("VQ stage")
 
     records = encode(vq, videos(config, "train"))
@@ -373,6 +398,8 @@ def run_demo(config: DemoConfig, workdir: str | Path, *, progress: bool = True, 
     lap("generating videos")
     result.update(seconds=time.perf_counter() - start, stage_seconds=stages,
                   vq_reconstruction=float(vq_metrics["reconstruction"]), config=dataclasses.asdict(config))
+    if config.max_shapes == 1:
+        result["vq_readback"] = readback
     if jax.process_index() == 0:
         with open(workdir / "results.json", "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
