@@ -13,8 +13,9 @@ values gathered at a time, the default `kv_pieces`), `"ulysses"` (all-to-all ove
   trip counts of the loops around it): a collective-permute sends its operand; an all-gather, all-to-all or
   reduce-scatter over a group of g devices sends (g - 1) / g of the gathered / exchanged / reduced (unscattered)
   array; an all-reduce 2 (g - 1) / g of it (a ring all-reduce).
-- Time: median of --reps interleaved rounds, each program compiled and run once first, for the lengths in
-  --time-seqs only (one fwd+bwd at 32K tokens and 32 heads takes minutes on 2 cores). Run it on a quiet machine.
+- Time: median of --reps interleaved rounds, each program compiled and run once first (not with --no-warmup), for
+  the lengths in --time-seqs only (one fwd+bwd at 32K tokens and 32 heads takes minutes on 2 cores). Run it on a
+  quiet machine.
 """
 
 import argparse
@@ -124,6 +125,9 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--time-seqs", type=int, nargs="*", default=[8192], help="the lengths to time")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="time the first run after compiling: where one run takes minutes, a warm-up run "
+                             "doubles the wall time to save milliseconds of first-call allocation")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     rows, timed = [], {}
@@ -138,7 +142,8 @@ def main() -> None:
                 if t in args.time_seqs:
                     inputs = [jax.device_put(jax.random.normal(jax.random.key(i), s.shape), s.sharding)
                               for i, s in enumerate(shapes)]
-                    jax.block_until_ready(compiled(*inputs))
+                    if not args.no_warmup:
+                        jax.block_until_ready(compiled(*inputs))
                     timed[len(rows) - 1] = (compiled, inputs, [])
     for _ in range(args.reps):
         for compiled, inputs, times in timed.values():
