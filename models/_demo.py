@@ -256,8 +256,7 @@ def evaluate_vq(vq: VideoVQ, config: DemoConfig) -> dict[str, float]:
     from data_pipelines import describe_video, score_videos
 
     held_out = encode(vq, videos(config, "eval"))
-    decode = eqx.filter_jit(jax.vmap(lambda m, c: m.decode(c), in_axes=(None, 0)))
-    frames = np.asarray(decode(vq, jnp.asarray(np.stack([r["codes"] for r in held_out]))))
+    frames = decode(vq, np.stack([r["codes"] for r in held_out]))
     return score_videos([describe_video(f) for f in frames], [r["caption"] for r in held_out])
 
 
@@ -269,7 +268,12 @@ def sample_videos(lm: VideoTextLM, vq: VideoVQ, captions: list[str], *, temperat
     tokenizer = ByteTokenizer()
     codes = np.asarray(lm.generate_video([tokenizer.encode(c) for c in captions], tokenizer,
                                          temperature=temperature, key=jax.random.key(seed)))
-    return np.asarray(eqx.filter_jit(jax.vmap(lambda m, c: m.decode(c), in_axes=(None, 0)))(vq, codes))
+    return decode(vq, codes)
+
+
+def decode(vq: VideoVQ, codes) -> np.ndarray:
+    """Videos from their codes `[batch, frames, grid²]`: uint8 frames `[batch, frames, H, W, 3]`."""
+    return np.asarray(eqx.filter_jit(jax.vmap(lambda m, c: m.decode(c), in_axes=(None, 0)))(vq, jnp.asarray(codes)))
 
 
 def evaluate_generation(lm: VideoTextLM, vq: VideoVQ, config: DemoConfig, *, temperature: float = 0.8,
