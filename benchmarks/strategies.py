@@ -126,8 +126,8 @@ def main() -> None:
     parser.add_argument("--time-seqs", type=int, nargs="*", default=[8192], help="the lengths to time")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-warmup", action="store_true",
-                        help="time the first run after compiling: where one run takes minutes, a warm-up run "
-                             "doubles the wall time to save milliseconds of first-call allocation")
+                        help="time the first run after compiling (where one run takes minutes, a warm-up run "
+                             "doubles the wall time)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     rows, timed = [], {}
