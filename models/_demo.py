@@ -177,13 +177,17 @@ def _restart_dead_codes(model: VideoVQ, video, key) -> VideoVQ:
     return model.restart_dead_codes(usage, to_unit(video.reshape(-1, *video.shape[2:])), key)
 
 
+# Built once, so that the demo's several encode / decode calls reuse the compiled program of a batch shape.
+_encode_batch = eqx.filter_jit(jax.vmap(lambda m, v: m.encode(v), in_axes=(None, 0)))
+_decode_batch = eqx.filter_jit(jax.vmap(lambda m, c: m.decode(c), in_axes=(None, 0)))
+
+
 def encode(vq: VideoVQ, source, *, batch_size: int = 256) -> list[dict[str, Any]]:
     """Every record of `source` with its video replaced by VQ codes `[frames, grid²]` (the LM's input)."""
-    encode_batch = eqx.filter_jit(jax.vmap(lambda m, v: m.encode(v), in_axes=(None, 0)))
     records = []
     for start in range(0, len(source), batch_size):
         chunk = [source[i] for i in range(start, min(start + batch_size, len(source)))]
-        codes = np.asarray(encode_batch(vq, jnp.asarray(np.stack([r["frames"] for r in chunk]))))
+        codes = np.asarray(_encode_batch(vq, jnp.asarray(np.stack([r["frames"] for r in chunk]))))
         records += [{**{k: v for k, v in r.items() if k != "frames"}, "codes": c} for r, c in zip(chunk, codes,
                                                                                                      strict=True)]
     return records
@@ -273,7 +277,7 @@ def sample_videos(lm: VideoTextLM, vq: VideoVQ, captions: list[str], *, temperat
 
 def decode(vq: VideoVQ, codes) -> np.ndarray:
     """Videos from their codes `[batch, frames, grid²]`: uint8 frames `[batch, frames, H, W, 3]`."""
-    return np.asarray(eqx.filter_jit(jax.vmap(lambda m, c: m.decode(c), in_axes=(None, 0)))(vq, jnp.asarray(codes)))
+    return np.asarray(_decode_batch(vq, jnp.asarray(codes)))
 
 
 def evaluate_generation(lm: VideoTextLM, vq: VideoVQ, config: DemoConfig, *, temperature: float = 0.8,
