@@ -471,7 +471,8 @@ def train(
                 record = {"step": step, "stage": stage_index, **metrics, "tokens": tokens,
                           "tokens_per_s": tokens / seconds, "seconds": seconds, "batch_digest": _digest(host_batch)}
                 if after_step is not None:
-                    model = after_step(model, batch, metrics, step)
+                    # The step donated `batch`: XLA may have reused its buffers for the outputs.
+                    model = after_step(model, _device_batch(host_batch, mesh, config.batch_size), metrics, step)
                 records.append(record)
                 log.write(json.dumps(record) + "\n")
                 log.flush()

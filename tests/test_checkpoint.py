@@ -189,3 +189,21 @@ def test_per_process_data_states_of_another_process_count_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"the data state in .* must hold one file process_<i>-of-<n>\.json for "
                                          r"each i < n of one n, got \['process_0-of-2\.json'\]"):
         train(model, tmp_path)
+
+
+def test_after_step_sees_the_steps_batch_though_the_step_donated_its_buffers(tmp_path):
+    """With a weight shaped like the batch's `x` ([4, 3] f32), XLA may reuse the donated batch's buffer for the new
+    weight; `after_step` must still get the step's batch, equal to the one the iterator gave."""
+    seen = []
+
+    def after_step(model, batch, metrics, step):
+        seen.append(np.asarray(batch["x"]))
+        return model
+
+    models.train(Pair(key=jax.random.key(0), width=4), loss_fn, lambda index, stage: Batches(), CONFIG,
+                 workdir=tmp_path, progress=False, tokens_per_batch=lambda b: int(b["x"].shape[0]),
+                 after_step=after_step)
+    expected = Batches()
+    for x in seen:
+        np.testing.assert_array_equal(x, next(expected)["x"])
+    assert len(seen) == 2
