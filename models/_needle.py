@@ -45,15 +45,19 @@ class NeedleConfig:
       each trains on rows of `seq_len` tokens, one video per row, from the previous stage's weights.
     - `tokens_per_step`: tokens per optimizer step in every stage: a stage's batch is
       `tokens_per_step // seq_len` rows (at least one).
-    - `learning_rate`: each stage's peak learning rate (a cosine schedule per stage);
+    - `learning_rate`: each stage's peak learning rate (a cosine schedule per stage), except the last's;
       `warmup_steps`: each stage's warm-up steps (at most its steps).
+    - `last_stage_learning_rate`: the last stage's peak learning rate. That stage trains on one
+      long row per step and its weights are the ones evaluated: in a development run (32 videos
+      per cell, not kept) its 8,192-token stage at 3e-3 ended confusing orange triangles with blue
+      ones at every length (30 of 32 per cell), and at 1e-3 from the same weights missed 3 of 704.
     - `window`: the control model's `sliding_window` (keys at most `window - 1` tokens back).
     - `eval_lengths`: the context lengths (tokens) of the evaluation grid.
     - `examples_per_cell`: fresh videos per (length, depth) cell.
     - `seed`: the training data's and initialisation's seed; `eval_seed`: the evaluation data's.
 
-    **Raises:** `ValueError` naming the field for a count below 1, a negative seed, no stages, or
-    an evaluation length below one frame's video.
+    **Raises:** `ValueError` naming the field for a count below 1, a negative seed, a learning rate
+    that is not a finite float > 0, no stages, or an evaluation length below one frame's video.
     """
 
     lm: VideoTextConfig = VideoTextConfig(
@@ -61,17 +65,18 @@ class NeedleConfig:
         num_kv_heads=2, hidden_size=128, remat_policy=None, text_loss_weight=1.0,
         attention=AttentionSpec(layout="zigzag", tuning=KernelTuning(query_chunk_size=256, key_chunk_size=256)),
     )
-    stages: tuple[Stage, ...] = (Stage(seq_len=128, steps=800, rope_theta=1e6),
-                                 Stage(seq_len=512, steps=300, rope_theta=2e6),
-                                 Stage(seq_len=2048, steps=120, rope_theta=5e6),
-                                 Stage(seq_len=4096, steps=60, rope_theta=7e6),
+    stages: tuple[Stage, ...] = (Stage(seq_len=128, steps=1200, rope_theta=1e6),
+                                 Stage(seq_len=512, steps=400, rope_theta=2e6),
+                                 Stage(seq_len=2048, steps=160, rope_theta=5e6),
+                                 Stage(seq_len=4096, steps=80, rope_theta=7e6),
                                  Stage(seq_len=8192, steps=120, rope_theta=1e7))
     tokens_per_step: int = 4096
     learning_rate: float = 3e-3
+    last_stage_learning_rate: float = 1e-3
     warmup_steps: int = 30
     window: int = 1024
     eval_lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
-    examples_per_cell: int = 16
+    examples_per_cell: int = 20
     seed: int = 0
     eval_seed: int = 1
 
@@ -79,6 +84,10 @@ class NeedleConfig:
         for name in ("tokens_per_step", "warmup_steps", "window", "examples_per_cell"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NeedleConfig.{name} must be a positive int, got {getattr(self, name)}")
+        for name in ("learning_rate", "last_stage_learning_rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"NeedleConfig.{name} must be a finite float > 0, got {value!r}")
         for name in ("seed", "eval_seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"NeedleConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -209,7 +218,9 @@ def train_needle(config: NeedleConfig, workdir: Path, *, window: int | None = No
         else:
             lm = shard_params(lm.respec(mesh=mesh), mesh)
             # Each stage is its own run (its batch has another row count); the RoPE base moves with the stage.
-            train_config = TrainConfig(stages=(stage,), batch_size=rows, learning_rate=config.learning_rate,
+            last = index == len(config.stages) - 1
+            learning_rate = config.last_stage_learning_rate if last else config.learning_rate
+            train_config = TrainConfig(stages=(stage,), batch_size=rows, learning_rate=learning_rate,
                                        warmup_steps=min(config.warmup_steps, stage.steps), weight_decay=0.0,
                                        checkpoint_every=max(1, stage.steps // 2))
             source = _training_videos(stage.steps * rows, length=stage.seq_len, seed=config.seed + 1000 * index)

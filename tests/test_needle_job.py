@@ -4,13 +4,15 @@ import json
 import re
 import subprocess
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import CLI
 
 from data_pipelines import COLORS, ByteTokenizer
-from models import Stage
+from models import Stage, VideoTextLM, load
 from models._cli import main
 from models._needle import NeedleConfig, _source, needle_accuracy, stage_mesh, train_needle
 
@@ -99,3 +101,30 @@ def test_accuracy_on_the_ring_equals_an_independent_one_device_reading(tmp_path)
             chosen += initials[int(first.argmax())] == record["tokens"][answer[0]]
             exact += bool((predicted == record["tokens"][answer]).all())
         assert on_ring == {"accuracy": chosen / len(source), "exact": exact / len(source)}
+
+
+def test_the_last_stage_trains_at_its_own_learning_rate(tmp_path):
+    """At a last-stage rate of 1e-30 every update rounds away, so the last stage ends on the stage before's weights."""
+    config = NeedleConfig(stages=(Stage(128, 4, rope_theta=1e4), Stage(256, 2)), last_stage_learning_rate=1e-30,
+                          warmup_steps=1)
+    lm, _ = train_needle(config, tmp_path, progress=False, echo=lambda *a: None)
+    before = load(tmp_path / "stage0")
+    initial = VideoTextLM(config.lm, key=jax.random.key(config.seed))
+    leaves = [jax.tree.leaves(eqx.filter(m, eqx.is_array)) for m in (initial, before, lm)]
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves[0], leaves[1], strict=True))  # stage 0 learned
+    assert all(np.array_equal(a, b) for a, b in zip(leaves[1], leaves[2], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("learning_rate", 0.0, "NeedleConfig.learning_rate must be a finite float > 0, got 0.0"),
+        ("last_stage_learning_rate", float("nan"), "NeedleConfig.last_stage_learning_rate must be a finite float > 0, "
+                                                   "got nan"),
+        ("examples_per_cell", 0, "NeedleConfig.examples_per_cell must be a positive int, got 0"),
+        ("stages", (), "NeedleConfig.stages must hold at least one Stage"),
+    ],
+)
+def test_bad_needle_config_is_refused_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        NeedleConfig(**{field: value})
