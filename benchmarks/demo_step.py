@@ -10,7 +10,9 @@ Prints, in one run on the demo's (dp=4, sp=2) mesh:
 - the LM train step on a fixed batch (no input pipeline), median seconds and tokens/s;
 - the same loop drawing each batch from `global_packed_batches`, once with the pipeline's read options
   (each row's stream read in the caller's thread) and once with grain's defaults (16 threads reading 500 records
-  ahead, per row stream), median seconds per step *including* the wait for the batch, and the process's threads.
+  ahead, per row stream), median seconds per step *including* the wait for the batch, and the process's threads;
+- the VQ tokenizer's train step (the demo's batch of videos, fixed) data parallel over all 8 devices and on one
+  device, median seconds.
 """
 
 import argparse
@@ -36,8 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data_pipelines._pipeline as pipeline
 from data_pipelines import ByteTokenizer, global_packed_batches, process_rows, video_text_examples
 from eqx_ring.sharding import BATCH_AXES, make_mesh, shard_params
-from models import VideoTextLM, make_optimizer, make_train_step
-from models._demo import DemoConfig
+from models import TrainConfig, VideoTextLM, VideoVQ, make_optimizer, make_train_step, vq_loss
+from models._demo import DemoConfig, videos
 from models._train import _device_batch
 
 
@@ -51,6 +53,26 @@ def matmul_rate() -> float:
         f(x).block_until_ready()
         times.append(time.perf_counter() - start)
     return 2 * 2048**3 / statistics.median(times) / 1e9
+
+
+def vq_step_seconds(config: DemoConfig, devices: list, steps: int) -> float:
+    """Median seconds of the VQ's train step on a fixed batch, data parallel over `devices`."""
+    mesh = make_mesh(dp=-1, fsdp=1, devices=devices)
+    source = videos(config, "train")
+    batch = {"video": np.stack([source[i]["frames"] for i in range(config.vq_batch)])}
+    train_config = TrainConfig(batch_size=config.vq_batch, learning_rate=config.vq_learning_rate)
+    vq = shard_params(VideoVQ(config.vq, key=jax.random.key(0)), mesh)
+    optimizer = make_optimizer(train_config)
+    step = make_train_step(lambda m, b: vq_loss(m, b["video"]), optimizer, train_config, mesh)
+    state = shard_params(optimizer.init(eqx.filter(vq, eqx.is_array)), mesh)
+    times = []
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        vq, state, metrics = step(vq, state, _device_batch(batch, mesh, config.vq_batch))
+        float(metrics["loss"])
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main():
@@ -109,6 +131,9 @@ def main():
     result["grain_defaults_s"], result["grain_defaults_threads"] = run(lambda: next(it))
     pipeline._IN_CALLER = kept
 
+    result["vq_all_devices_s"] = vq_step_seconds(config, jax.devices(), 3 * args.steps)
+    result["vq_one_device_s"] = vq_step_seconds(config, jax.devices()[:1], 3 * args.steps)
+
     tokens = result["tokens_per_step"]
     print(f"demo LM (d_model {config.lm.d_model}, {config.lm.num_layers} layers, hidden {config.lm.hidden_size}) on "
           f"{result['mesh']}, {rows} x {seq_len} tokens per step; f32 matmul {result['matmul_gflops']:.0f} GFLOP/s")
@@ -117,6 +142,9 @@ def main():
                                ("pipeline, grain default read options", "grain_defaults_s", "grain_defaults_threads")):
         extra = f", {result[threads]} Python threads" if threads else ""
         print(f"  {name:<40} {result[key]:.3f} s/step  {tokens / result[key]:>8,.0f} tokens/s{extra}")
+    print(f"VQ tokenizer step, {config.vq_batch} videos of {config.num_frames} frames:")
+    for name, key in (("data parallel over 8 devices", "vq_all_devices_s"), ("one device", "vq_one_device_s")):
+        print(f"  {name:<40} {result[key] * 1e3:.1f} ms/step")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
