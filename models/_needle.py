@@ -21,7 +21,7 @@ import numpy as np
 
 from eqx_ring import AttentionSpec, KernelTuning
 
-from ._lm import config_from_dict
+from ._lm import config_from_dict, require_float
 from ._train import Stage, TrainConfig, train
 from ._video_lm import VideoTextConfig, VideoTextLM
 from ._zoo import load, save
@@ -85,9 +85,7 @@ class NeedleConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"NeedleConfig.{name} must be a positive int, got {getattr(self, name)}")
         for name in ("learning_rate", "last_stage_learning_rate"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"NeedleConfig.{name} must be a finite float > 0, got {value!r}")
+            require_float(self, name, low=0.0, open_low=True)
         for name in ("seed", "eval_seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"NeedleConfig.{name} must be >= 0, got {getattr(self, name)}")

@@ -471,8 +471,10 @@ def train(
                 record = {"step": step, "stage": stage_index, **metrics, "tokens": tokens,
                           "tokens_per_s": tokens / seconds, "seconds": seconds, "batch_digest": _digest(host_batch)}
                 if after_step is not None:
-                    # The step donated `batch`: XLA may have reused its buffers for the outputs.
-                    model = after_step(model, _device_batch(host_batch, mesh, config.batch_size), metrics, step)
+                    # The step donated `batch`; where XLA reused a buffer for an output, place that batch again.
+                    if any(x.is_deleted() for x in jax.tree.leaves(batch)):
+                        batch = _device_batch(host_batch, mesh, config.batch_size)
+                    model = after_step(model, batch, metrics, step)
                 records.append(record)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
