@@ -49,8 +49,9 @@ class NeedleConfig:
       `warmup_steps`: each stage's warm-up steps (at most its steps).
     - `last_stage_learning_rate`: the last stage's peak learning rate. That stage trains on one
       long row per step and its weights are the ones evaluated: in a development run (32 videos
-      per cell, not kept) its 8,192-token stage at 3e-3 ended confusing orange triangles with blue
-      ones at every length (30 of 32 per cell), and at 1e-3 from the same weights missed 3 of 704.
+      per cell at 1K and 8K, not kept) its 8,192-token stage at 3e-3 ended confusing orange triangles
+      with blue ones (30 of 32 in 21 of the 22 cells, 29 in the other), and at 1e-3 from the same
+      weights missed 3 of 704.
     - `window`: the control model's `sliding_window` (keys at most `window - 1` tokens back).
     - `eval_lengths`: the context lengths (tokens) of the evaluation grid.
     - `examples_per_cell`: fresh videos per (length, depth) cell.
