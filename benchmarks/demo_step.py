@@ -3,6 +3,7 @@
     python benchmarks/demo_step.py                 # the demo's LM as configured now, 8 simulated devices
     python benchmarks/demo_step.py --steps 12 --json demo_step.json
     python benchmarks/demo_step.py --d-model 128 --layers 4 --hidden-size 384   # the README's previous recipe
+    python benchmarks/demo_step.py --seq-len 512 --batch-size 16 --skip-pipeline-and-vq   # other row shapes
 
 Prints, in one run on the demo's (dp=4, sp=2) mesh:
 
@@ -82,12 +83,22 @@ def main():
     parser.add_argument("--d-model", type=int, default=None, help="LM width (default: the demo's)")
     parser.add_argument("--layers", type=int, default=None, help="LM depth (default: the demo's)")
     parser.add_argument("--hidden-size", type=int, default=None, help="LM feed-forward width (default: the demo's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="LM row length (default: the demo's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="LM rows per step (default: the demo's)")
+    parser.add_argument("--mesh", default=None, help='LM mesh "dp,fsdp,tp,sp" (default: the demo\'s)')
+    parser.add_argument("--skip-pipeline-and-vq", action="store_true",
+                        help="time the LM step on a fixed batch only")
     args = parser.parse_args()
 
     config = DemoConfig()
     sizes = {"d_model": args.d_model, "num_layers": args.layers, "hidden_size": args.hidden_size}
     lm_config = dataclasses.replace(config.lm, **{k: v for k, v in sizes.items() if v is not None})
-    config = dataclasses.replace(config, lm=lm_config)
+    train = config.lm_train
+    if args.seq_len is not None:
+        train = dataclasses.replace(train, stages=(dataclasses.replace(train.stages[0], seq_len=args.seq_len),))
+    if args.batch_size is not None:
+        train = dataclasses.replace(train, batch_size=args.batch_size)
+    config = dataclasses.replace(config, lm=lm_config, lm_train=train, mesh=args.mesh or config.mesh)
     mesh = make_mesh(config.mesh)
     rows, seq_len, ring = config.lm_train.batch_size, config.lm_train.stages[0].seq_len, mesh.shape["sp"]
     rng = np.random.default_rng(0)
@@ -123,6 +134,13 @@ def main():
     fixed = next(batches())
     result = {"matmul_gflops": matmul_rate(), "tokens_per_step": rows * seq_len, "mesh": dict(mesh.shape)}
     result["fixed_batch_s"], _ = run(lambda: fixed)
+    tokens = result["tokens_per_step"]
+    print(f"demo LM (d_model {config.lm.d_model}, {config.lm.num_layers} layers, hidden {config.lm.hidden_size}) on "
+          f"{result['mesh']}, {rows} x {seq_len} tokens per step; f32 matmul {result['matmul_gflops']:.0f} GFLOP/s")
+    if args.skip_pipeline_and_vq:
+        print(f"  {'fixed batch (no pipeline)':<40} {result['fixed_batch_s']:.3f} s/step  "
+              f"{tokens / result['fixed_batch_s']:>8,.0f} tokens/s")
+        return _write(result, args.json)
     it = batches()
     result["pipeline_s"], result["pipeline_threads"] = run(lambda: next(it))
     # grain's default read options in the row streams, as before this script's change.
@@ -134,9 +152,6 @@ def main():
     result["vq_all_devices_s"] = vq_step_seconds(config, jax.devices(), 3 * args.steps)
     result["vq_one_device_s"] = vq_step_seconds(config, jax.devices()[:1], 3 * args.steps)
 
-    tokens = result["tokens_per_step"]
-    print(f"demo LM (d_model {config.lm.d_model}, {config.lm.num_layers} layers, hidden {config.lm.hidden_size}) on "
-          f"{result['mesh']}, {rows} x {seq_len} tokens per step; f32 matmul {result['matmul_gflops']:.0f} GFLOP/s")
     for name, key, threads in (("fixed batch (no pipeline)", "fixed_batch_s", None),
                                ("pipeline, rows read in the caller", "pipeline_s", "pipeline_threads"),
                                ("pipeline, grain default read options", "grain_defaults_s", "grain_defaults_threads")):
@@ -145,8 +160,12 @@ def main():
     print(f"VQ tokenizer step, {config.vq_batch} videos of {config.num_frames} frames:")
     for name, key in (("data parallel over 8 devices", "vq_all_devices_s"), ("one device", "vq_one_device_s")):
         print(f"  {name:<40} {result[key] * 1e3:.1f} ms/step")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
+    _write(result, args.json)
+
+
+def _write(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
 
 
