@@ -140,7 +140,8 @@ def main():
     if args.skip_pipeline_and_vq:
         print(f"  {'fixed batch (no pipeline)':<40} {result['fixed_batch_s']:.3f} s/step  "
               f"{tokens / result['fixed_batch_s']:>8,.0f} tokens/s")
-        return _write(result, args.json)
+        _write(result, args.json)
+        return
     it = batches()
     result["pipeline_s"], result["pipeline_threads"] = run(lambda: next(it))
     # grain's default read options in the row streams, as before this script's change.

@@ -73,6 +73,7 @@ def main():
     source.add_argument("--workdir", type=Path, help="a demo workdir holding vq.json / vq.eqx")
     source.add_argument("--train", type=Path, metavar="DIR", help="train a VQ with the settings below in DIR")
     defaults = DemoConfig()
+    # These four apply with --train; a --workdir's VQ is read as it was trained.
     parser.add_argument("--codebook-size", type=int, default=defaults.vq.codebook_size)
     parser.add_argument("--hidden", type=int, default=defaults.vq.hidden)
     parser.add_argument("--vq-steps", type=int, default=defaults.vq_steps)
@@ -81,10 +82,9 @@ def main():
     parser.add_argument("--eval-videos", type=int, default=2000, help="held-out videos it is scored on")
     args = parser.parse_args()
 
-    if args.train:
-        vq_config = dataclasses.replace(defaults.vq, codebook_size=args.codebook_size, hidden=args.hidden)
-    else:
-        vq_config = load(args.workdir / "vq").config
+    vq = None if args.train else load(args.workdir / "vq")
+    vq_config = vq.config if vq else dataclasses.replace(defaults.vq, codebook_size=args.codebook_size,
+                                                         hidden=args.hidden)
     lm = dataclasses.replace(defaults.lm, codebook_size=vq_config.codebook_size, codes_per_frame=vq_config.grid**2)
     config = dataclasses.replace(defaults, vq=vq_config, lm=lm, vq_steps=args.vq_steps,
                                  vq_learning_rate=args.vq_learning_rate, train_videos=args.train_videos,
@@ -94,8 +94,6 @@ def main():
         vq = train_vq(config, args.train, progress=False)
         print(f"trained the VQ ({args.vq_steps} steps) in {time.perf_counter() - start:.0f} s")
         save(args.train / "vq", vq)
-    else:
-        vq = load(args.workdir / "vq")
     print(f"VQ: {vq.config.grid}x{vq.config.grid} codes per frame, codebook {vq.config.codebook_size}, hidden "
           f"{vq.config.hidden}")
     readback = evaluate_vq(vq, config)
