@@ -10,7 +10,9 @@ Prints, for the held-out videos of the demo's `MovingShapes` (seed 1):
 - a linear bag-of-codes probe: multinomial logistic regression from each video's code counts (log(1 + count) per
   code, both frames together) to its shape, fit on the training videos' codes (full batch, Adam, 1,500 steps) and
   scored on held-out ones. It ignores where the codes are, so it is a floor on what the codes say about the shape,
-  and a yardstick for the LM's caption accuracy, which must learn the same thing from one pass over the data.
+  and a yardstick for the LM's caption accuracy, which must learn the same thing from one pass over the data;
+- with `--probe-sizes 1000,3000`, the same probe fit on only the first N training videos, for each N: how many
+  labelled videos the codes need, beside the ~20,000 captioned ones the demo's LM sees.
 
 With `--train DIR` it first trains the VQ as the demo would, with the flags' settings, in `DIR` (and saves it there
 as `DIR/vq.json`), printing the training's wall time.
@@ -80,6 +82,8 @@ def main():
     parser.add_argument("--vq-learning-rate", type=float, default=defaults.vq_learning_rate)
     parser.add_argument("--train-videos", type=int, default=defaults.train_videos, help="videos the probe fits on")
     parser.add_argument("--eval-videos", type=int, default=2000, help="held-out videos it is scored on")
+    parser.add_argument("--probe-sizes", default="", metavar="N,N,...",
+                        help="also fit the probe on only the first N training videos, for each N (a learning curve)")
     args = parser.parse_args()
 
     vq = None if args.train else load(args.workdir / "vq")
@@ -101,10 +105,13 @@ def main():
           + ", ".join(f"{k} {v:.1%}" for k, v in readback.items()))
     train, held_out = encode(vq, videos(config, "train")), encode(vq, videos(config, "eval"))
     labels = [np.array([r["shape"][0] for r in records]) for records in (train, held_out)]
-    fit, score = linear_probe(bag_of_codes(train, vq.config.codebook_size), labels[0],
-                              bag_of_codes(held_out, vq.config.codebook_size), labels[1], classes=3)
+    train_x, held_out_x = bag_of_codes(train, vq.config.codebook_size), bag_of_codes(held_out, vq.config.codebook_size)
+    fit, score = linear_probe(train_x, labels[0], held_out_x, labels[1], classes=3)
     print(f"linear bag-of-codes shape probe: {fit:.1%} on the {len(train)} training videos, {score:.1%} on "
           f"{len(held_out)} held-out ones (chance 33.3%)")
+    for n in (int(n) for n in args.probe_sizes.split(",") if n):
+        _, score = linear_probe(train_x[:n], labels[0][:n], held_out_x, labels[1], classes=3)
+        print(f"  fit on the first {n} training videos: {score:.1%} held out")
 
 
 if __name__ == "__main__":
