@@ -82,7 +82,8 @@ def main():
     parser.add_argument("--vq-learning-rate", type=float, default=defaults.vq_learning_rate)
     parser.add_argument("--train-videos", type=int, default=defaults.train_videos, help="videos the probe fits on")
     parser.add_argument("--eval-videos", type=int, default=2000, help="held-out videos it is scored on")
-    parser.add_argument("--probe-sizes", default="", metavar="N,N,...",
+    parser.add_argument("--probe-sizes", type=lambda text: [int(n) for n in text.split(",") if n], default=[],
+                        metavar="N,N,...",
                         help="also fit the probe on only the first N training videos, for each N (a learning curve)")
     args = parser.parse_args()
 
@@ -109,7 +110,7 @@ def main():
     fit, score = linear_probe(train_x, labels[0], held_out_x, labels[1], classes=3)
     print(f"linear bag-of-codes shape probe: {fit:.1%} on the {len(train)} training videos, {score:.1%} on "
           f"{len(held_out)} held-out ones (chance 33.3%)")
-    for n in (int(n) for n in args.probe_sizes.split(",") if n):
+    for n in args.probe_sizes:
         _, score = linear_probe(train_x[:n], labels[0][:n], held_out_x, labels[1], classes=3)
         print(f"  fit on the first {n} training videos: {score:.1%} held out")
 
